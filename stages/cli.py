@@ -1,0 +1,153 @@
+"""The ``xpsr`` command line: argument parsing, config resolution and error formatting only.
+
+Every command resolves its stage config (params.yaml < CLI options), prints it, and calls the
+stage's ``run``. Heavy libraries (torch, transformers, diffusers) are imported inside commands
+so that ``xpsr --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+app = typer.Typer(
+    name="xpsr",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="XPSR: build super-resolution training data, caption it, train and run XPSR.",
+)
+
+_state = {"debug": os.environ.get("XPSR_DEBUG", "") not in ("", "0")}
+
+ParamsOption = typer.Option(None, "--params", help="Params file (default: ./params.yaml when present).")
+SetOption = typer.Option(None, "--set", help="Override any config field: --set name=value (repeatable).")
+OverwriteOption = typer.Option(False, "--overwrite", help="Replace outputs made with a different config.")
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def user_command(function: Callable) -> Callable:
+    """Turn errors a user can cause into a one-paragraph message and a non-zero exit."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        from xpsr_core.errors import UserError
+
+        try:
+            return function(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except UserError as error:
+            if _state["debug"]:
+                raise
+            _fail(str(error))
+        except KeyboardInterrupt:
+            _fail("interrupted. Finished shards are kept; rerun the same command to resume.", code=130)
+        except OSError as error:
+            if _state["debug"] or error.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENOENT):
+                raise
+            where = f" ({error.filename})" if error.filename else ""
+            _fail(f"{error.strerror}{where}. Nothing half-written was left under a final name; fix the cause and rerun to resume.")
+
+    return wrapper
+
+
+def _resolve(config_cls, section: str, params: Optional[Path], options: dict, sets: Optional[List[str]]):
+    from xpsr_core.config import _merge, load_params, parse_overrides, resolve_config
+
+    overrides = _merge({k: v for k, v in options.items() if v is not None}, parse_overrides(sets))
+    config = resolve_config(config_cls, section, load_params(params), overrides)
+    from stages.common import console
+
+    console.print(f"[bold]{section}[/] config: " + json.dumps(config.resolved()), highlight=False, soft_wrap=True)
+    return config
+
+
+@app.command("demo-data")
+@user_command
+def demo_data(
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the sample photographs."),
+    params: Optional[Path] = ParamsOption,
+    sets: Optional[List[str]] = SetOption,
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """Write the real photographs that scikit-image ships into a raw-image folder."""
+    from stages import demo_data as stage
+
+    config = _resolve(stage.DemoDataConfig, "demo_data", params, {"out": out, "overwrite": overwrite or None}, sets)
+    stage.run(config)
+
+
+@app.command()
+@user_command
+def shard(
+    inputs: Optional[List[str]] = typer.Argument(None, help="Image folders as PATH or NAME=PATH (NAME: dataset name; default: folder name)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the HR shards."),
+    crop_size: Optional[int] = typer.Option(None, "--crop-size", help="HR crop size in pixels (512 in the paper)."),
+    crop_mode: Optional[str] = typer.Option(None, "--crop-mode", help="random | grid"),
+    crops_per_image: Optional[int] = typer.Option(None, "--crops-per-image", help="Random crops per image."),
+    small_images: Optional[str] = typer.Option(None, "--small-images", help="pad | skip images smaller than the crop."),
+    images_per_shard: Optional[int] = typer.Option(None, "--images-per-shard"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Worker processes."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    params: Optional[Path] = ParamsOption,
+    sets: Optional[List[str]] = SetOption,
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """Cut image folders into HR crops stored as webdataset shards, with an index row per file."""
+    from stages import shard as stage
+
+    parsed = [stage.parse_input_spec(spec) for spec in inputs] if inputs else None
+    options = dict(
+        inputs=parsed, out=out, crop_size=crop_size, crop_mode=crop_mode, crops_per_image=crops_per_image,
+        small_images=small_images, images_per_shard=images_per_shard, workers=workers, seed=seed,
+        overwrite=overwrite or None,
+    )
+    config = _resolve(stage.ShardConfig, "shard", params, options, sets)
+    stage.run(config)
+
+
+@app.command()
+@user_command
+def degrade(
+    input_dir: Optional[Path] = typer.Option(None, "--in", help="Folder of HR shards (output of `xpsr shard`)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the LR/HR pair shards."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    usm_hr: Optional[bool] = typer.Option(None, "--usm/--no-usm", help="USM-sharpen the HR target (default on)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Worker processes (CPU)."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    params: Optional[Path] = ParamsOption,
+    sets: Optional[List[str]] = SetOption,
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """Synthesize LR images with the Real-ESRGAN second-order degradation into pair shards."""
+    from stages import degrade as stage
+
+    options = dict(
+        input_dir=input_dir, out=out, device=device, batch_size=batch_size, usm_hr=usm_hr, workers=workers,
+        seed=seed, overwrite=overwrite or None,
+    )
+    config = _resolve(stage.DegradeConfig, "degrade", params, options, sets)
+    stage.run(config)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

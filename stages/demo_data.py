@@ -1,0 +1,66 @@
+"""Stage demo-data: the real photographs scikit-image ships, written as the default raw input."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from xpsr_core.config import StageConfig, runtime_field
+from xpsr_core.errors import UserError
+from xpsr_core.io.atomic import atomic_write_bytes, atomic_write_json
+from xpsr_core.io.images import encode_png
+from xpsr_core.io.outputs import prepare_output_dir
+
+# Real photographs bundled inside the scikit-image wheel (no download needed).
+DEMO_IMAGES = (
+    "astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "motorcycle_right",
+    "hubble_deep_field", "retina", "immunohistochemistry", "camera", "moon", "grass", "gravel", "brick",
+)
+
+
+class DemoDataConfig(StageConfig):
+    out: Path = runtime_field(Path("data/raw/demo"), "Folder for the photographs.")
+    images: list[str] = Field(default=list(DEMO_IMAGES), min_length=1, description="scikit-image sample names.")
+    overwrite: bool = runtime_field(False, "Replace a folder made with a different image list.")
+
+    @field_validator("images")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        unknown = sorted(set(names) - set(DEMO_IMAGES))
+        if unknown:
+            raise ValueError(f"unknown sample image(s) {unknown}; choose from {list(DEMO_IMAGES)}")
+        return names
+
+
+def load_sample(name: str):
+    """One scikit-image sample as an H x W x 3 uint8 array (grayscale replicated)."""
+    import numpy as np
+    import skimage.data
+
+    try:
+        if name.startswith("motorcycle_"):
+            pixels = skimage.data.stereo_motorcycle()[0 if name.endswith("left") else 1]
+        else:
+            pixels = getattr(skimage.data, name)()
+    except Exception as error:  # a sample that would need a download
+        raise UserError(f"scikit-image sample '{name}' is not available offline: {error}") from None
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
+    return np.ascontiguousarray(pixels[..., :3].astype(np.uint8))
+
+
+def run(config: DemoDataConfig) -> dict:
+    started = time.perf_counter()
+    out = prepare_output_dir(config.out, "demo_data", config, overwrite=config.overwrite)
+    written = []
+    for name in config.images:
+        target = out / f"{name}.png"
+        if not target.exists():
+            atomic_write_bytes(target, encode_png(load_sample(name)))
+        written.append(target.name)
+    report = {"stage": "demo_data", "images": len(written), "out": str(out), "seconds": round(time.perf_counter() - started, 3)}
+    atomic_write_json(out / "report.json", report)
+    return report

@@ -1,0 +1,111 @@
+"""Shared fixtures: small real photographs and a corpus of bad image files built on the fly."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def photo(name: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A real scikit-image photograph (optionally resized), H x W x 3 uint8."""
+    from stages.demo_data import load_sample
+
+    pixels = load_sample(name)
+    if size:
+        pixels = np.asarray(Image.fromarray(pixels).resize(size, Image.BICUBIC))
+    return pixels
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory) -> Path:
+    """Six small real photographs in a nested folder, as a user's dataset would be."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "sub").mkdir()
+    for i, name in enumerate(["astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry"]):
+        target = root / ("sub" if i % 2 else "") / f"{name}.png"
+        Image.fromarray(photo(name, (96 + 8 * i, 80 + 4 * i))).save(target)
+    return root
+
+
+def _png_with_claimed_size(width: int, height: int) -> bytes:
+    """A valid 8x8 PNG whose IHDR claims width x height (a decompression-bomb header)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data[12:29]  # chunk type + 13 bytes of IHDR data
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+# file name -> (expected status, expected size after orientation or None)
+BAD_CORPUS_EXPECTED = {
+    "zero_bytes.jpg": ("empty_file", None),
+    "truncated.jpg": ("decode_error", None),
+    "text_file.png": ("decode_error", None),
+    "sixteen_bit.png": ("ok", (72, 64)),
+    "cmyk.jpg": ("ok", (72, 64)),
+    "palette_transparent.png": ("ok", (72, 64)),
+    "grayscale.png": ("ok", (72, 64)),
+    "rgba.png": ("ok", (72, 64)),
+    "exif_rotated.jpg": ("ok", (64, 96)),  # stored 96x64 with orientation 6 -> shown 64x96
+    "one_pixel.png": ("too_small", None),
+    "bomb_header.png": ("too_large", None),
+    "no_permission.jpg": ("unreadable", None),
+}
+
+
+@pytest.fixture
+def bad_corpus(tmp_path, monkeypatch) -> Path:
+    """Every kind of bad input the shard stage must record instead of crashing on."""
+    root = tmp_path / "bad"
+    root.mkdir()
+    base = photo("coffee", (72, 64))
+    (root / "zero_bytes.jpg").write_bytes(b"")
+    jpeg = io.BytesIO()
+    Image.fromarray(photo("astronaut", (200, 200))).save(jpeg, format="JPEG", quality=90)
+    (root / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (root / "text_file.png").write_text("this is not an image\n")
+    gray8 = np.asarray(Image.fromarray(base).convert("L"))
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(root / "sixteen_bit.png")
+    Image.fromarray(base).convert("CMYK").save(root / "cmyk.jpg", format="JPEG")
+    palette = Image.fromarray(base).convert("P", palette=Image.ADAPTIVE, colors=16)
+    palette.save(root / "palette_transparent.png", transparency=0)
+    Image.fromarray(gray8).save(root / "grayscale.png")
+    rgba = Image.fromarray(base).convert("RGBA")
+    alpha = np.full((64, 72), 255, np.uint8)
+    alpha[:, :36] = 0  # left half fully transparent -> white after compositing
+    rgba.putalpha(Image.fromarray(alpha))
+    rgba.save(root / "rgba.png")
+    rotated = Image.fromarray(photo("chelsea", (96, 64)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(root / "exif_rotated.jpg", format="JPEG", exif=exif.tobytes())
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(root / "one_pixel.png")
+    (root / "bomb_header.png").write_bytes(_png_with_claimed_size(100_000, 100_000))
+    locked = root / "no_permission.jpg"
+    Image.fromarray(base).save(locked, format="JPEG")
+    locked.chmod(0)
+    if os.geteuid() == 0:
+        # root ignores file modes, so make the kernel's answer for this one file what a user would get
+        real_read_bytes = Path.read_bytes
+
+        def read_bytes(self: Path) -> bytes:
+            if self.name == locked.name:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_read_bytes(self)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    yield root
+    locked.chmod(0o644)

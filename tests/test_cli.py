@@ -1,0 +1,103 @@
+"""The command line: fast help, and user errors as one message with a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from stages.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def outside_the_project(tmp_path, monkeypatch):
+    """Run where no params.yaml exists, so only the defaults and the options given apply."""
+    monkeypatch.chdir(tmp_path)
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    text = result.output + (result.stderr if hasattr(result, "stderr") else "")
+    assert result.exit_code != 0, text
+    assert "Traceback" not in text
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Error:" in text
+    for fragment in fragments:
+        assert fragment in text, (fragment, text)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["shard", "--help"], ["degrade", "--help"], []])
+def test_help_does_not_import_torch(argv):
+    code = (
+        "import sys; from typer.testing import CliRunner; from stages.cli import app; "
+        f"r = CliRunner().invoke(app, {argv!r}); "
+        "assert 'Usage' in r.output, r.output; "
+        "heavy = [m for m in ('torch', 'transformers', 'diffusers', 'basicsr') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(root)})
+
+
+def test_missing_input_folder(tmp_path):
+    assert_user_error(invoke("shard", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")), "does not exist")
+
+
+def test_bad_value(tmp_path):
+    (tmp_path / "in").mkdir()
+    result = invoke("shard", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--crop-mode", "diagonal")
+    assert_user_error(result, "crop_mode", "diagonal")
+    assert_user_error(invoke("shard", str(tmp_path / "in"), "--crop-size", "-3"), "crop_size")
+
+
+def test_malformed_override_and_params(tmp_path):
+    assert_user_error(invoke("shard", "--set", "crop_size"), "name=value")
+    assert_user_error(invoke("shard", "--params", str(tmp_path / "missing.yaml")), "does not exist")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("shard: [unclosed\n")
+    assert_user_error(invoke("shard", "--params", str(bad)), "not valid YAML")
+    assert_user_error(invoke("shard", "--set", "no_such_field=1", str(tmp_path)), "no_such_field")
+
+
+def test_unwritable_output(photo_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert_user_error(invoke("shard", str(photo_dir), "--out", str(blocker / "out")), "Cannot write")
+
+
+def test_failure_ratio_is_a_clean_error(bad_corpus, tmp_path):
+    result = invoke("shard", str(bad_corpus), "--out", str(tmp_path / "out"), "--set", "max_failure_ratio=0.2", "--set", "min_size=8")
+    assert_user_error(result, "failed", "max_failure_ratio")
+
+
+def test_degrade_needs_finished_shards(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_user_error(invoke("degrade", "--in", str(tmp_path / "empty"), "--out", str(tmp_path / "pairs")), "xpsr shard")
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    from xpsr_core.errors import UserError
+
+    result = invoke("--debug", "shard", str(tmp_path / "nowhere"))
+    assert isinstance(result.exception, UserError)
+
+
+def test_shard_command_end_to_end(photo_dir, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("shard", f"mine={photo_dir}", "--out", str(out), "--crop-size", "32", "--images-per-shard", "3")
+    assert result.exit_code == 0, result.output
+    import json
+
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["config"]["crop_size"] == 32 and saved["config"]["inputs"][0]["dataset"] == "mine"
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 3}

@@ -1,0 +1,21 @@
+"""Rank sharding for multi-process stages started by torchrun or accelerate launch.
+
+Each rank takes the shards whose number is congruent to its rank; results merge by shard id,
+so no shard is processed twice and the union equals a single-process run.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def rank_and_world() -> tuple[int, int]:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"inconsistent RANK={rank} / WORLD_SIZE={world} in the environment")
+    return rank, world
+
+
+def shards_for_rank(shards: list[int], rank: int, world: int) -> list[int]:
+    return [s for s in shards if s % world == rank]

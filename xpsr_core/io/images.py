@@ -1,0 +1,135 @@
+"""Decoding untrusted image files into RGB uint8 arrays, with a status for every failure.
+
+Conversions to RGB (deterministic, documented in the README):
+- EXIF orientation is applied first, so crops are in the orientation a viewer shows.
+- 16-bit grayscale (PIL modes I;16*, I) is scaled to 8 bits with round(v / 257).
+- Grayscale (L) and bilevel (1) images are replicated to three channels.
+- Images with transparency (RGBA, LA, PA, P with a transparency entry) are composited
+  over a white background.
+- CMYK and YCbCr use Pillow's fixed conversion (no ICC colour management).
+- Any other mode (float images, multi-band scientific formats) is rejected as
+  ``unsupported_mode``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+
+# statuses recorded in shard indexes
+OK = "ok"
+EMPTY_FILE = "empty_file"
+UNREADABLE = "unreadable"
+DECODE_ERROR = "decode_error"
+TOO_LARGE = "too_large"
+TOO_SMALL = "too_small"
+UNSUPPORTED_MODE = "unsupported_mode"
+
+
+class ImageRejected(Exception):
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # H x W x 3, uint8
+    source_mode: str
+    source_size: tuple[int, int]  # (width, height) as stored, before EXIF rotation
+    exif_transposed: bool
+
+
+def find_images(root: Path) -> list[Path]:
+    """Every image file below ``root`` (recursive), sorted by relative path for determinism."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_file_bytes(path: Path) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except PermissionError as error:
+        raise ImageRejected(UNREADABLE, f"permission denied: {error.strerror}") from None
+    except OSError as error:
+        raise ImageRejected(UNREADABLE, f"cannot read file: {error.strerror or error}") from None
+    if not data:
+        raise ImageRejected(EMPTY_FILE, "file is empty (0 bytes)")
+    return data
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ImageRejected(UNSUPPORTED_MODE, f"integer image with values outside 16 bits (mode {mode})")
+        gray = np.round(values / 257.0).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=2), "RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in ("L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV"):
+        return image.convert("RGB")
+    raise ImageRejected(UNSUPPORTED_MODE, f"image mode {mode} has no defined RGB conversion")
+
+
+def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+    """Decode bytes to RGB uint8; raise ImageRejected with a status for anything unusable."""
+    previous_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # our own size guard below replaces Pillow's bomb check
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageRejected(TOO_LARGE, f"header claims {width}x{height} pixels, over the limit of {max_pixels}")
+        image.load()
+        source_mode = image.mode
+        transposed = _orientation(image) not in (None, 1)
+        rgb = _to_rgb(ImageOps.exif_transpose(image))
+        pixels = np.asarray(rgb, dtype=np.uint8).copy()
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError:
+        raise ImageRejected(DECODE_ERROR, "not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ImageRejected(DECODE_ERROR, f"cannot decode image: {error}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
+    return DecodedImage(pixels=pixels, source_mode=source_mode, source_size=(width, height), exif_transposed=transposed)
+
+
+def _orientation(image: Image.Image) -> int | None:
+    try:
+        return image.getexif().get(0x0112)
+    except Exception:  # malformed EXIF blocks are treated as "no orientation"
+        return None
+
+
+def load_image(path: Path, max_pixels: int) -> DecodedImage:
+    return decode_image(read_file_bytes(path), max_pixels)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """Lossless, deterministic PNG bytes for an H x W x 3 uint8 array."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
