@@ -149,5 +149,70 @@ def degrade(
     stage.run(config)
 
 
+@app.command()
+@user_command
+def caption(
+    images: Optional[Path] = typer.Argument(None, help="A folder of images to caption (default: the pair shards' LR images)."),
+    input_dir: Optional[Path] = typer.Option(None, "--in", help="Folder of pair shards (output of `xpsr degrade`)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Manifest folder, or a .parquet file when captioning a folder."),
+    model: Optional[str] = typer.Option(None, "--model", help="Captioner folder or hub id (llava-hf layout)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Base SD folder whose CLIP tokenizer counts tokens."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per generate() call."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N"),
+    params: Optional[Path] = ParamsOption,
+    sets: Optional[List[str]] = SetOption,
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """Caption every LR image with the paper's content and quality instructions into Parquet manifests."""
+    from stages import caption as stage
+
+    options = dict(
+        images=images, input_dir=input_dir, out=out, model=model, base_model=base_model, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, dtype=dtype, device=device, overwrite=overwrite or None,
+    )
+    config = _resolve(stage.CaptionConfig, "caption", params, options, sets)
+    stage.run(config)
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Write the offline model zoo (random weights in the real folder layouts).")
+app.add_typer(models_app, name="models")
+
+
+def _models_command(kind: str, out: Optional[Path], seed: Optional[int], params: Optional[Path], sets: Optional[List[str]], overwrite: bool) -> None:
+    from stages import models as stage
+
+    options = dict(kind=kind, out=out, seed=seed, overwrite=overwrite or None)
+    config = _resolve(stage.ModelsConfig, "models", params, options, sets)
+    stage.run(config)
+
+
+@models_app.command("tiny")
+@user_command
+def models_tiny(
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for sd15/ and captioner/ (default models/tiny)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random weights."),
+    params: Optional[Path] = ParamsOption,
+    sets: Optional[List[str]] = SetOption,
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """A tiny random SD-1.5 (diffusers layout) and LLaVA captioner (llava-hf layout) with real tokenizers."""
+    _models_command("tiny", out, seed, params, sets, overwrite)
+
+
+@models_app.command("sd15-shaped")
+@user_command
+def models_sd15_shaped(
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for sd15/ and captioner/."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random weights."),
+    params: Optional[Path] = ParamsOption,
+    sets: Optional[List[str]] = SetOption,
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """SD-1.5 and LLaVA-1.5-7B shapes with random fp16 weights (for GPU speed/memory benchmarks)."""
+    _models_command("sd15-shaped", out, seed, params, sets, overwrite)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -110,17 +110,23 @@ def print_summary(report: dict) -> None:
     if report.get("samples_per_s"):
         parts.append(f"{report['samples_per_s']:.1f} samples/s")
     console.print(f"[bold green]{report['stage']}[/] done: " + ", ".join(parts))
+    if report.get("captions_per_s"):
+        console.print(f"  {report['captions_per_s']:.2f} captions/s")
+    if "truncated_share" in report:
+        console.print(f"  share of captions over the CLIP token limit: {report['truncated_share']}")
     failures = {k: v for k, v in report["status_counts"].items() if k != "ok"}
     if failures:
         console.print("  failures by status: " + ", ".join(f"{k}={v}" for k, v in failures.items()))
 
 
 def run_sharded_stage(stage: str, out: Path, n_shards: int, work: Callable[[int], dict], workers: int,
-                      start_method: str, max_failure_ratio: float, what: str) -> dict:
+                      start_method: str, max_failure_ratio: float, what: str,
+                      enrich: Callable[[dict, list[dict]], None] | None = None) -> dict:
     """The loop every shard stage shares: this rank's unfinished shards, summary, sizes.json, report.
 
     ``work(shard)`` builds one shard and writes its stats file last. sizes.json appears once every
     shard of every rank is done (whichever rank finishes last writes it; the content is the same).
+    ``enrich(report, stats)`` may add stage-specific totals before the report is written.
     """
     from xpsr_core.dist import rank_and_world, shards_for_rank
     from xpsr_core.io.atomic import atomic_write_json
@@ -132,7 +138,10 @@ def run_sharded_stage(stage: str, out: Path, n_shards: int, work: Callable[[int]
     todo = [s for s in mine if not is_done(out, s)]
     label = f"{stage} (rank {rank}/{world})" if world > 1 else stage
     processed = run_over_shards(label, todo, work, workers, start_method=start_method)
-    report = summarize(stage, [read_stats(out, s) for s in mine], processed, time.perf_counter() - started)
+    all_stats = [read_stats(out, s) for s in mine]
+    report = summarize(stage, all_stats, processed, time.perf_counter() - started)
+    if enrich is not None:
+        enrich(report, all_stats)
     if all(is_done(out, s) for s in range(n_shards)):
         write_sizes(out, {s: read_stats(out, s)["samples"] for s in range(n_shards)})
     atomic_write_json(out / (f"report.rank{rank}.json" if world > 1 else "report.json"), report)

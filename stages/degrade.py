@@ -68,6 +68,7 @@ def degrade_shard(config: DegradeConfig, in_dir: Path, out: Path, threads: int, 
 
     torch.set_num_threads(threads)
     scale = config.degradation.scale
+    minimum = config.degradation.min_hr_size()
     rows: list[dict] = []
     ready: list[tuple[str, dict, np.ndarray]] = []
     for sample in read_shard(tar_path(in_dir, shard)):
@@ -79,8 +80,9 @@ def degrade_shard(config: DegradeConfig, in_dir: Path, out: Path, threads: int, 
             rows.append({"key": key, "status": DECODE_ERROR, "error": f"cannot decode HR sample: {error}"})
             continue
         height, width = hr.shape[:2]
-        if height % scale or width % scale:
-            rows.append({"key": key, "status": BAD_SIZE, "error": f"HR {width}x{height} is not divisible by scale {scale}"})
+        if height % scale or width % scale or height != width or height < minimum:
+            reason = f"HR must be square, divisible by the scale {scale} and at least {minimum} px for these settings"
+            rows.append({"key": key, "status": BAD_SIZE, "error": f"HR is {width}x{height}; {reason}"})
             continue
         ready.append((key, meta, hr))
 
@@ -120,7 +122,7 @@ def degrade_shard(config: DegradeConfig, in_dir: Path, out: Path, threads: int, 
 
 def run(config: DegradeConfig) -> dict:
     from stages.common import run_sharded_stage
-    from xpsr_core.io.outputs import prepare_output_dir
+    from xpsr_core.io.outputs import CONFIG_FILE, prepare_output_dir
     from xpsr_core.io.shards import SIZES_FILE, read_sizes
 
     in_dir = Path(config.input_dir)
@@ -134,6 +136,13 @@ def run(config: DegradeConfig) -> dict:
 
         if not torch.cuda.is_available():
             raise UserError(f"--device {config.device} was asked for, but PyTorch sees no CUDA GPU on this machine. Use --device cpu.")
+    hr_config = in_dir / CONFIG_FILE
+    crop = json.loads(hr_config.read_text()).get("settings", {}).get("crop_size") if hr_config.is_file() else None
+    if crop is not None and (crop < config.degradation.min_hr_size() or crop % config.degradation.scale):
+        raise UserError(
+            f"The HR shards in {in_dir} hold {crop} px crops; these degradation settings need crops of at least "
+            f"{config.degradation.min_hr_size()} px divisible by {config.degradation.scale}. Reshard with a larger --crop-size."
+        )
     n_shards = max(read_sizes(in_dir), default=-1) + 1
     out = prepare_output_dir(config.out, STAGE, config, overwrite=config.overwrite)
     workers = 1 if config.device.startswith("cuda") else config.workers

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from xpsr_core.config import StageConfig, runtime_field
 from xpsr_core.errors import UserError
+from xpsr_core.io.images import DEFAULT_MAX_PIXELS
 
 STAGE = "shard"
 
@@ -39,7 +40,7 @@ class ShardConfig(StageConfig):
     min_size: int = Field(32, ge=1, description="Images whose shorter side is under this are too small even to pad.")
     hflip: bool = Field(True, description="Random horizontal flip per crop.")
     images_per_shard: int = Field(256, ge=1, le=10_000)
-    max_pixels: int = Field(89_478_485, ge=1, description="Decompression-bomb guard on the header's width x height.")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Decompression-bomb guard on the header's width x height.")
     seed: int = 0
     max_failure_ratio: float = runtime_field(0.5, "Fail the run when more than this share of inputs fail.", ge=0, le=1)
     workers: int = runtime_field(1, "Worker processes.", ge=1, le=256)

@@ -109,3 +109,23 @@ def bad_corpus(tmp_path, monkeypatch) -> Path:
         monkeypatch.setattr(Path, "read_bytes", read_bytes)
     yield root
     locked.chmod(0o644)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """The tiny model zoo (SD-1.5 layout + llava-hf captioner), built once per test session."""
+    from xpsr_core.zoo import write_zoo
+
+    return write_zoo(tmp_path_factory.mktemp("zoo") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def pair_shards(photo_dir, tmp_path_factory) -> Path:
+    """LR/HR pair shards of the six test photographs (96 px HR, 24 px LR), three shards of two."""
+    from stages import degrade, shard
+
+    hr = tmp_path_factory.mktemp("hr")
+    shard.run(shard.ShardConfig(inputs=[{"path": str(photo_dir), "dataset": "photos"}], out=hr, crop_size=96, images_per_shard=2))
+    pairs = tmp_path_factory.mktemp("pairs")
+    degrade.run(degrade.DegradeConfig(input_dir=hr, out=pairs, batch_size=2))
+    return pairs

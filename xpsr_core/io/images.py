@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 
 # statuses recorded in shard indexes

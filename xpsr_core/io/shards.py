@@ -46,7 +46,8 @@ def stats_path(folder: Path, shard: int) -> Path:
 
 
 def is_done(folder: Path, shard: int) -> bool:
-    return stats_path(folder, shard).exists() and tar_path(folder, shard).exists()
+    """The stats file is written after everything else of the shard, so it alone marks it done."""
+    return stats_path(folder, shard).exists()
 
 
 def read_stats(folder: Path, shard: int) -> dict:

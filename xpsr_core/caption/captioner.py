@@ -1,0 +1,148 @@
+"""Batched content and quality captions from a LLaVA-style model.
+
+Any image-text-to-text model whose processor ships a chat template loads through transformers'
+Auto classes (llava-hf LLaVA-1.5 by default, LLaVA-NeXT and similar alike). For each image the
+two instructions of the paper are rendered with the chat template and run in the same batch,
+left-padded, so a batch of B images is one generate() call over 2B prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import UserError
+
+# The paper's two instructions (section 3.3).
+CONTENT_INSTRUCTION = "Please provide a descriptive summary of the content of this image"
+QUALITY_INSTRUCTION = (
+    "Please describe the quality of this image and evaluate it based on factors such as clarity, color, noise, and lighting"
+)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 128
+    do_sample: bool = False  # greedy by default so reruns are identical
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams,
+                  "repetition_penalty": self.repetition_penalty}
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def model_revision(path: str | Path) -> str:
+    """A revision id for a model: the hub commit when known, else a hash of the folder's config and weight files."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return "hub"
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".safetensors", ".bin", ".txt")):
+        file = folder / name
+        digest.update(name.encode())
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
+        else:  # weights are large: their size stands in for their content
+            digest.update(str(file.stat().st_size).encode())
+    return "local-" + digest.hexdigest()[:16]
+
+
+class Captioner:
+    """Loads a captioning model once and captions batches of PIL images with several instructions."""
+
+    def __init__(self, model: str | Path, dtype: str = "float32", device: str = "cpu", settings: GenerationSettings | None = None):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.model_id = str(model)
+        self.settings = settings or GenerationSettings()
+        self.device = device
+        try:
+            self.processor = AutoProcessor.from_pretrained(model)
+            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UserError(
+                f"Cannot load a captioner from {model}: {str(error).splitlines()[0] if str(error) else type(error).__name__}. "
+                "It must be an image-text-to-text model folder in the Hugging Face layout (config.json, weights, "
+                "processor and tokenizer files with a chat template), e.g. llava-hf/llava-1.5-7b-hf; "
+                "`xpsr models tiny --out DIR` builds a tiny one."
+            ) from None
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        has_template = getattr(self.processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+        if tokenizer is None or not has_template:
+            raise UserError(f"The captioner at {model} has no chat template; prompts cannot be built for it.")
+        tokenizer.padding_side = "left"  # generation continues from the right edge of every prompt
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model.to(device).eval()
+        self.revision = model_revision(model)
+
+    def prompt(self, instruction: str) -> str:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    def caption(self, images: Sequence, instructions: Sequence[str]) -> list[list[str]]:
+        """Captions[i][j] for image i and instruction j; all prompts of an image share one batch.
+
+        On a GPU out-of-memory error the batch is split in halves and retried.
+        """
+        prompts = [self.prompt(text) for text in instructions]
+        items = [(image, prompt) for image in images for prompt in prompts]
+        texts = self._generate(items)
+        width = len(prompts)
+        return [texts[i * width : (i + 1) * width] for i in range(len(images))]
+
+    def _generate(self, items: list) -> list[str]:
+        import torch
+
+        try:
+            inputs = self.processor(images=[i for i, _ in items], text=[p for _, p in items], padding=True, return_tensors="pt")
+            inputs = inputs.to(self.device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            with torch.inference_mode():
+                output = self.model.generate(**inputs, **self.settings.generate_kwargs(), pad_token_id=self.processor.tokenizer.pad_token_id)
+        except Exception as error:
+            if not _is_out_of_memory(error) or len(items) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(items) // 2
+            return self._generate(items[:half]) + self._generate(items[half:])
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def clip_token_counter(base_model: str | Path) -> tuple[Callable[[str], int], int]:
+    """(count, limit): the base model's CLIP tokenizer's token count of a text (BOS/EOS included) and its limit."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(base_model)
+    source = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise UserError(f"Cannot load the base model's CLIP tokenizer from {source}: {error}") from None
+    limit = int(tokenizer.model_max_length)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, truncation=False)["input_ids"])
+
+    return count, limit
