@@ -176,6 +176,32 @@ def caption(
     stage.run(config)
 
 
+@app.command()
+@user_command
+def embed(
+    pairs_dir: Optional[Path] = typer.Option(None, "--pairs", help="Folder of pair shards."),
+    captions_dir: Optional[Path] = typer.Option(None, "--captions", help="Folder of caption manifests."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the training shards."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Base SD folder or hub id."),
+    encode_latents: Optional[bool] = typer.Option(None, "--latents/--no-latents", help="Pre-encode HR VAE latents."),
+    drop_missing: Optional[bool] = typer.Option(None, "--drop-missing", help="Leave out keys lacking an image or caption."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N"),
+    params: Optional[Path] = ParamsOption,
+    sets: Optional[List[str]] = SetOption,
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """Join pairs and captions by key and pre-encode CLIP embeddings (and HR latents) into training shards."""
+    from stages import embed as stage
+
+    options = dict(
+        pairs_dir=pairs_dir, captions_dir=captions_dir, out=out, base_model=base_model, encode_latents=encode_latents,
+        drop_missing=drop_missing, batch_size=batch_size, device=device, overwrite=overwrite or None,
+    )
+    config = _resolve(stage.EmbedConfig, "embed", params, options, sets)
+    stage.run(config)
+
+
 models_app = typer.Typer(no_args_is_help=True, help="Write the offline model zoo (random weights in the real folder layouts).")
 app.add_typer(models_app, name="models")
 
