@@ -202,6 +202,32 @@ def embed(
     stage.run(config)
 
 
+@app.command()
+@user_command
+def train(
+    train_dir: Optional[Path] = typer.Option(None, "--data", help="Folder of training shards (output of `xpsr embed`)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (checkpoints, logs, final export)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Frozen SD-1.5 folder or hub id."),
+    max_train_steps: Optional[int] = typer.Option(None, "--max-train-steps"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per process."),
+    learning_rate: Optional[float] = typer.Option(None, "--lr"),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | fp16 | bf16"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoint folder."),
+    params: Optional[Path] = ParamsOption,
+    sets: Optional[List[str]] = SetOption,
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """Train XPSR (ControlNet + SFA + Conditional Attention + DFC); works under `accelerate launch`."""
+    from stages import train as stage
+
+    options = dict(
+        train_dir=train_dir, out=out, base_model=base_model, max_train_steps=max_train_steps, batch_size=batch_size,
+        learning_rate=learning_rate, mixed_precision=mixed_precision, resume=resume, overwrite=overwrite or None,
+    )
+    config = _resolve(stage.TrainConfig, "train", params, options, sets)
+    stage.run(config)
+
+
 models_app = typer.Typer(no_args_is_help=True, help="Write the offline model zoo (random weights in the real folder layouts).")
 app.add_typer(models_app, name="models")
 

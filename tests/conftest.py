@@ -129,3 +129,15 @@ def pair_shards(photo_dir, tmp_path_factory) -> Path:
     pairs = tmp_path_factory.mktemp("pairs")
     degrade.run(degrade.DegradeConfig(input_dir=hr, out=pairs, batch_size=2))
     return pairs
+
+
+@pytest.fixture(scope="session")
+def train_shards(tiny_models, pair_shards, tmp_path_factory) -> Path:
+    """Training shards (pre-encoded prompts and latents) of the six test pairs."""
+    from stages import caption, embed
+
+    captions = tmp_path_factory.mktemp("train-captions")
+    caption.run(caption.CaptionConfig(input_dir=pair_shards, out=captions, model=str(tiny_models.captioner), base_model=str(tiny_models.sd), max_new_tokens=6, batch_size=4))
+    out = tmp_path_factory.mktemp("train-shards")
+    embed.run(embed.EmbedConfig(pairs_dir=pair_shards, captions_dir=captions, out=out, base_model=str(tiny_models.sd), batch_size=4))
+    return out

@@ -1,0 +1,1 @@
+"""Training XPSR: streamed training shards, the step function, checkpoints and logs."""

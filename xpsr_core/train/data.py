@@ -1,0 +1,112 @@
+"""Streaming training shards to the training loop, deterministically and resumably.
+
+Shards are split by rank (``shards[rank::world]``) and then by dataloader worker, so no two
+processes ever read the same shard. Within its partition each worker either resamples shards
+with replacement (``resampled``, open_clip style, an endless stream) or walks seeded
+permutations epoch after epoch. Samples pass through a seeded shuffle buffer, then the worker
+batches and decodes them. Every random choice is seeded by (seed, rank, worker), so the stream of
+batches is a fixed function of the configuration: resuming at batch N skips N batches' worth of
+raw samples (before decoding) and continues exactly where an uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..encoding import npy_load
+from ..errors import UserError
+from ..io.images import decode_png
+from ..seeding import derive_seed
+
+
+def shard_partition(shards: Sequence[Path], rank: int, world: int, worker: int, workers: int) -> list[Path]:
+    """The shards one (rank, worker) pair reads; disjoint across all pairs."""
+    if len(shards) < world * workers:
+        raise UserError(
+            f"{len(shards)} training shards cannot feed {world} processes x {workers} dataloader workers: every worker "
+            "needs at least one shard of its own. Write more, smaller shards (embed from more shards) or use fewer workers."
+        )
+    return list(shards[rank::world])[worker::workers]
+
+
+def _shard_urls(shards: list[Path], rng: random.Random, resampled: bool) -> Iterator[dict]:
+    while True:
+        if resampled:
+            yield {"url": str(rng.choice(shards))}
+        else:
+            order = list(shards)
+            rng.shuffle(order)
+            for shard in order:
+                yield {"url": str(shard)}
+
+
+def decode_training_sample(sample: dict, scale: int, online: bool) -> dict:
+    """Raw tar fields -> tensors: LR condition upsampled to HR size in [0, 1], HR in [-1, 1], embeddings."""
+    lr = torch.from_numpy(decode_png(sample["lr.png"])).permute(2, 0, 1).float() / 255.0
+    hr = torch.from_numpy(decode_png(sample["hr.png"])).permute(2, 0, 1).float() / 127.5 - 1.0
+    condition = F.interpolate(lr[None], scale_factor=scale, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    item = {"key": sample["__key__"], "condition": condition, "hr": hr}
+    if online:  # the reference practice: captions are encoded in the training loop
+        meta = json.loads(sample["json"])
+        item["content_text"] = meta["captions"]["content"]
+        item["quality_text"] = meta["captions"]["quality"]
+    else:
+        item["content"] = torch.from_numpy(npy_load(sample["content.npy"]).astype(np.float32))
+        item["quality"] = torch.from_numpy(npy_load(sample["quality.npy"]).astype(np.float32))
+        if "latent.npy" in sample:
+            item["latent_moments"] = torch.from_numpy(npy_load(sample["latent.npy"]))
+    return item
+
+
+def collate(items: list[dict]) -> dict:
+    batch = {"keys": [item["key"] for item in items]}
+    for name in items[0]:
+        if name == "key":
+            continue
+        values = [item[name] for item in items]
+        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch
+
+
+class TrainingStream(torch.utils.data.IterableDataset):
+    """Endless batches for one rank; use with ``DataLoader(stream, batch_size=None, num_workers=W)``."""
+
+    def __init__(self, shards: Sequence[Path], batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 shuffle_buffer: int = 256, resampled: bool = True, skip_batches: int = 0, scale: int = 4,
+                 online_encoding: bool = False):
+        super().__init__()
+        self.shards = sorted(Path(s) for s in shards)
+        if not self.shards:
+            raise UserError("No training shards were found. Run `xpsr embed` first.")
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.shuffle_buffer, self.resampled, self.skip_batches = shuffle_buffer, resampled, skip_batches
+        self.scale, self.online_encoding = scale, online_encoding
+
+    def check_workers(self, workers: int) -> None:
+        shard_partition(self.shards, self.rank, self.world, 0, max(workers, 1))
+
+    def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = shard_partition(self.shards, self.rank, self.world, worker, workers)
+        tag = f"{self.rank}-{worker}-{workers}"
+        urls = _shard_urls(mine, random.Random(derive_seed(self.seed, "train-shards", tag)), self.resampled)
+        samples = wds.tarfile_to_samples()(urls)
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(derive_seed(self.seed, "train-shuffle", tag)))(samples)
+        # the DataLoader hands out batches round-robin: batch i comes from worker i % workers
+        done_here = len(range(worker, self.skip_batches, workers))
+        for _ in range(done_here * self.batch_size):
+            next(samples)
+        while True:
+            raw = [next(samples) for _ in range(self.batch_size)]
+            yield collate([decode_training_sample(s, self.scale, self.online_encoding) for s in raw])

@@ -1,0 +1,324 @@
+"""The XPSR training loop on accelerate: one process or many, CPU or GPUs, exact resume.
+
+Frozen SD-1.5 parts run in the mixed-precision dtype; the trainable parts (ControlNet with SFA,
+Conditional Attention, DFC heads) stay in float32 under autocast. Checkpoints hold only the
+trainable parts, the optimizer, the LR schedule and the step; every per-step random draw
+(timesteps, noise, latent samples) comes from a generator seeded by (seed, step, micro-batch,
+rank), and the data stream skips what earlier steps consumed, so ``--resume latest`` continues
+bit-for-bit where an uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..io.atomic import atomic_write_json
+from ..seeding import derive_seed
+from .data import TrainingStream
+from .settings import TrainConfig
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+LOG_FILE = "train_log.tsv"
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good state was checkpointed."""
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"{path} is not a training checkpoint ({STATE_FILE} missing). Use --resume latest or a {CHECKPOINT_PREFIX}N folder.")
+    return path
+
+
+def rotate_checkpoints(run_dir: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+
+
+def parameter_digest(model) -> str:
+    """sha256 over the trainable parameters (to check that ranks hold identical weights)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, prepare_run_dir=None):
+        """``prepare_run_dir(config)`` runs on the main process only, before the others go on."""
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+        self.config = config
+        self.run_dir = Path(config.out)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=config.sfa_mode in ("high", "low"))
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            cpu=config.device == "cpu",
+            log_with="tensorboard" if config.tensorboard else None,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+            kwargs_handlers=[ddp],
+        )
+        if prepare_run_dir is not None and self.accelerator.is_main_process:
+            prepare_run_dir(config)
+        self.accelerator.wait_for_everyone()
+        self._build()
+
+    # ------------------------------------------------------------------ setup
+
+    def _build(self) -> None:
+        from accelerate.utils import set_seed
+        from diffusers.optimization import get_scheduler
+
+        from ..encoding import encode_prompts
+        from ..models import XPSRModel, XPSRSettings, load_base_sd
+
+        config, accelerator = self.config, self.accelerator
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+        components = ("unet", "scheduler", "text_encoder", "tokenizer") + (("vae",) if config.online_encoding or self._needs_vae() else ())
+        base = load_base_sd(config.base_model, dtype=self.weight_dtype, device=accelerator.device, components=components)
+        self.base = base
+        self.scheduler = base.scheduler
+        set_seed(config.seed)  # the new modules' initial weights (DFC heads, projections) are seeded too
+        settings = XPSRSettings(sfa_mode=config.sfa_mode, conditional_attention=config.conditional_attention,
+                                dfc_pixel=config.dfc_pixel, dfc_latent=config.dfc_latent)
+        model = XPSRModel.build(base.unet, settings)
+        for module in model.trainable_modules().values():
+            module.to(accelerator.device).float()
+        if config.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        self.use_dfc = model.dfc_heads is not None and config.dfc_weight > 0
+        self.optimizer = torch.optim.AdamW(
+            list(model.trainable_parameters()), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay, eps=config.adam_epsilon,
+        )
+        self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.warmup_steps,
+                                          num_training_steps=config.max_train_steps)
+        self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        accelerator.register_for_checkpointing(self.lr_scheduler)
+        accelerator.register_save_state_pre_hook(self._save_hook)
+        accelerator.register_load_state_pre_hook(self._load_hook)
+        with torch.no_grad():
+            prompts = encode_prompts(base.text_encoder, base.tokenizer, ["", config.negative_prompt])
+        self.empty_prompt = prompts[0].to(accelerator.device)
+        if not config.online_encoding:  # pre-encoded shards: the text encoder is no longer needed
+            base.text_encoder = None
+
+    def _needs_vae(self) -> bool:
+        first = sorted(Path(self.config.train_dir).glob("*.tar"))[:1]
+        if not first:
+            return False
+        from ..io.shards import read_shard
+
+        return "latent.npy" not in next(read_shard(first[0]), {})
+
+    def _trainable(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _save_hook(self, models, weights, output_dir) -> None:
+        # only the trainable parts are saved (not the frozen UNet), in from_pretrained layout
+        if self.accelerator.is_main_process:
+            for model in models:
+                self.accelerator.unwrap_model(model).save_trainable(Path(output_dir) / "xpsr")
+        weights.clear()
+
+    def _load_hook(self, models, input_dir) -> None:
+        from safetensors.torch import load_file
+
+        while models:
+            model = self.accelerator.unwrap_model(models.pop())
+            for name, module in model.trainable_modules().items():
+                state = load_file(Path(input_dir) / "xpsr" / name / "diffusion_pytorch_model.safetensors")
+                module.load_state_dict(state)
+
+    # ------------------------------------------------------------------ one step
+
+    def _generator(self, step: int, micro: int) -> torch.Generator:
+        generator = torch.Generator(device=self.accelerator.device)
+        generator.manual_seed(derive_seed(self.config.seed, "train-step", f"{step}-{micro}-{self.accelerator.process_index}"))
+        return generator
+
+    def _latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        from ..encoding import encode_latent_moments, sample_latent
+
+        moments = batch.get("latent_moments")
+        if moments is None:  # online: the VAE runs every step
+            moments = encode_latent_moments(self.base.vae, batch["hr"])
+        return sample_latent(moments.to(self.accelerator.device), self.base.vae_scaling_factor, generator)
+
+    def _embeddings(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.online_encoding:
+            from ..encoding import encode_prompts
+
+            content = encode_prompts(self.base.text_encoder, self.base.tokenizer, batch["content_text"])
+            quality = encode_prompts(self.base.text_encoder, self.base.tokenizer, batch["quality_text"])
+        else:
+            content, quality = batch["content"], batch["quality"]
+        device = self.accelerator.device
+        content, quality = content.to(device), quality.to(device)
+        if not self.config.use_high_prompt:
+            content = self.empty_prompt.expand_as(content)
+        return content, quality
+
+    def loss(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        from ..models import training_loss
+
+        device = self.accelerator.device
+        generator = self._generator(step, micro)
+        latents = self._latents(batch, generator)
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        steps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        content, quality = self._embeddings(batch)
+        hr = batch["hr"].to(device)
+        with self.accelerator.autocast():
+            output = self.model(noisy.to(self.weight_dtype), timesteps, content.to(self.weight_dtype), quality.to(self.weight_dtype),
+                                batch["condition"].to(device), hr_image=hr, hr_latent=latents, return_dfc=self.use_dfc)
+        return training_loss(output.sample, target, output.dfc if self.use_dfc else None, self.config.dfc_weight)
+
+    # ------------------------------------------------------------------ the loop
+
+    def save_checkpoint(self, step: int) -> Path:
+        path = self.run_dir / f"{CHECKPOINT_PREFIX}{step}"
+        self.accelerator.save_state(str(path))
+        if self.accelerator.is_main_process:
+            atomic_write_json(path / STATE_FILE, {"global_step": step})  # written last: the checkpoint is complete
+            rotate_checkpoints(self.run_dir, self.config.checkpoints_total_limit)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def train(self) -> dict:
+        config, accelerator = self.config, self.accelerator
+        start_step = 0
+        checkpoint = resolve_resume(self.run_dir, config.resume)
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            start_step = json.loads((checkpoint / STATE_FILE).read_text())["global_step"]
+        shards = sorted(Path(config.train_dir).glob("*.tar"))
+        stream = TrainingStream(
+            shards, config.batch_size, config.seed, rank=accelerator.process_index, world=accelerator.num_processes,
+            shuffle_buffer=config.shuffle_buffer, resampled=config.resampled,
+            skip_batches=start_step * config.gradient_accumulation_steps, online_encoding=config.online_encoding,
+        )
+        stream.check_workers(config.num_workers)
+        loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers))
+        if config.tensorboard:
+            accelerator.init_trackers("xpsr", config={k: v for k, v in config.resolved().items() if isinstance(v, (int, float, str, bool))})
+        log_path = self.run_dir / LOG_FILE
+        keys_log = (self.run_dir / "logs" / f"keys.rank{accelerator.process_index}.tsv")
+        keys_log.parent.mkdir(parents=True, exist_ok=True)
+        if start_step == 0:
+            keys_log.write_text("")
+            if accelerator.is_main_process:
+                log_path.write_text("")
+        history: list[dict] = []
+        samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+        self.model.train()
+        started = time.perf_counter()
+        for step in range(start_step, config.max_train_steps):
+            step_start = time.perf_counter()
+            logs_sum: dict[str, float] = {}
+            for micro in range(config.gradient_accumulation_steps):
+                batch = next(loader)
+                with keys_log.open("a") as handle:
+                    handle.write(f"{step}\t{micro}\t{','.join(batch['keys'])}\n")
+                with accelerator.accumulate(self.model):
+                    loss, logs = self.loss(batch, step, micro)
+                    bad = torch.tensor([0.0 if math.isfinite(logs["loss"]) else 1.0], device=accelerator.device)
+                    if accelerator.reduce(bad, reduction="sum").item() > 0:
+                        self._diverged(step, logs)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                for name, value in logs.items():
+                    logs_sum[name] = logs_sum.get(name, 0.0) + value / config.gradient_accumulation_steps
+            self.lr_scheduler.step()
+            done = step + 1
+            seconds = time.perf_counter() - step_start
+            row = {"step": done, **logs_sum, "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": samples_per_step / seconds}
+            history.append(row)
+            if done % config.log_every == 0 or done == config.max_train_steps:
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=done)
+                if accelerator.is_main_process:
+                    self._append_log(log_path, row)
+            if done % config.checkpointing_steps == 0 or done == config.max_train_steps:
+                self.save_checkpoint(done)
+        total = time.perf_counter() - started
+        return self._finish(history, start_step, total)
+
+    def _append_log(self, path: Path, row: dict) -> None:
+        columns = list(row)
+        new = not path.exists() or path.stat().st_size == 0
+        with path.open("a") as handle:
+            if new:
+                handle.write("\t".join(columns) + "\n")
+            handle.write("\t".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + "\n")
+
+    def _diverged(self, step: int, logs: dict) -> None:
+        path = self.save_checkpoint(step)  # parameters are still those after the last good step
+        raise TrainingDiverged(
+            f"The training loss became {logs['loss']} at step {step + 1} (eps loss {logs.get('loss_eps')}). Training stopped; "
+            f"the last good state is saved in {path}. Lower the learning rate, use bf16 instead of fp16, or check the data, "
+            "then resume with --resume latest."
+        )
+
+    def _finish(self, history: list[dict], start_step: int, seconds: float) -> dict:
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        final = self.run_dir / "final"
+        if accelerator.is_main_process:
+            self._trainable().save_trainable(final, include_dfc=False)
+        tail = history[-max(1, len(history) // 10):] if history else []
+        report = {
+            "stage": "train",
+            "steps": self.config.max_train_steps,
+            "steps_this_run": len(history),
+            "resumed_from": start_step,
+            "processes": accelerator.num_processes,
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(sum(r["samples_per_s"] for r in history) / len(history), 3) if history else None,
+            "final_loss": round(sum(r["loss"] for r in tail) / len(tail), 6) if tail else None,
+            "first_loss": round(history[0]["loss"], 6) if history else None,
+            "parameter_digest": parameter_digest(self._trainable()),
+            "final_export": str(final),
+        }
+        if self.config.tensorboard:
+            accelerator.end_training()
+        return report
+
+
+def train(config: TrainConfig, prepare_run_dir=None) -> dict:
+    return Trainer(config, prepare_run_dir).train()

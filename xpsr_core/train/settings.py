@@ -1,0 +1,55 @@
+"""Every knob of XPSR training (flat, so `dvc exp run -S train.max_train_steps=...` reaches it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from ..config import StageConfig, runtime_field
+from ..encoding import NEGATIVE_PROMPT
+
+
+class TrainConfig(StageConfig):
+    train_dir: Path = runtime_field(Path("data/shards/train"), "Training shards from `xpsr embed`.")
+    base_model: str = Field("models/tiny/sd15", description="Frozen SD-1.5 folder or hub id.")
+    out: Path = runtime_field(Path("models/xpsr"), "Run folder: checkpoints, logs, final export.")
+    metrics_file: Optional[Path] = runtime_field(Path("metrics/train.json"), "Final training metrics for DVC.")
+    # architecture and the paper's ablations
+    sfa_mode: Literal["parallel", "serial", "high", "low"] = "parallel"
+    conditional_attention: bool = True
+    dfc_pixel: bool = True
+    dfc_latent: bool = True
+    dfc_weight: float = Field(0.05, ge=0, description="lambda in L = L_eps + lambda * L_DFC.")
+    use_high_prompt: bool = Field(True, description="Condition on the content caption (off: the empty prompt).")
+    # optimisation
+    learning_rate: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1, description="Per process; the paper's global batch is 32.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    # runtime: extending a run (then resuming) must not count as a different configuration
+    max_train_steps: int = runtime_field(100_000, "Optimizer steps to train for (the paper: 100k).", ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # data
+    resampled: bool = Field(True, description="Resample shards with replacement (else seeded epochs).")
+    shuffle_buffer: int = Field(256, ge=1)
+    num_workers: int = Field(0, ge=0, description="Dataloader workers per process (shards >= processes x workers).")
+    online_encoding: bool = Field(False, description="Encode captions and HR latents in the loop (the paper code's practice; slower).")
+    negative_prompt: str = NEGATIVE_PROMPT
+    # checkpoints and logs
+    checkpointing_steps: int = runtime_field(500, "Save a resumable checkpoint every N steps.", ge=1)
+    checkpoints_total_limit: Optional[int] = runtime_field(3, "Keep only the newest N checkpoints.", ge=1)
+    resume: Optional[str] = runtime_field(None, "'latest' or a checkpoint folder to continue from.")
+    log_every: int = runtime_field(1, "Log every N steps.", ge=1)
+    tensorboard: bool = runtime_field(True, "Also log to TensorBoard through accelerate.")
+    device: Literal["auto", "cpu"] = runtime_field("auto", "auto: GPUs when present; cpu forces the CPU.")
+    overwrite: bool = runtime_field(False, "Start over in a run folder made with a different config.")
