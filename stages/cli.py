@@ -25,7 +25,7 @@ app = typer.Typer(
     help="XPSR: build super-resolution training data, caption it, train and run XPSR.",
 )
 
-_state = {"debug": os.environ.get("XPSR_DEBUG", "") not in ("", "0")}
+_state = {"debug": False}
 
 ParamsOption = typer.Option(None, "--params", help="Params file (default: ./params.yaml when present).")
 SetOption = typer.Option(None, "--set", help="Override any config field: --set name=value (repeatable).")
@@ -33,9 +33,8 @@ OverwriteOption = typer.Option(False, "--overwrite", help="Replace outputs made 
 
 
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
-    if debug:
-        _state["debug"] = True
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (or set XPSR_DEBUG=1).")) -> None:
+    _state["debug"] = debug or os.environ.get("XPSR_DEBUG", "") not in ("", "0")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -225,6 +224,122 @@ def train(
         learning_rate=learning_rate, mixed_precision=mixed_precision, resume=resume, overwrite=overwrite or None,
     )
     config = _resolve(stage.TrainConfig, "train", params, options, sets)
+    stage.run(config)
+
+
+def _sr_options(
+    base_model, xpsr, pipeline, captions, captioner, manifest, content, quality, scale, steps, scheduler,
+    guidance_scale, negative_prompt, color_fix, tile_size, tile_overlap, vae_tile_size, seed, dtype, device,
+) -> dict:
+    return dict(
+        base_model=base_model, xpsr=xpsr, pipeline=pipeline, captions=captions, captioner=captioner, manifest=manifest,
+        content_caption=content, quality_caption=quality, scale=scale, steps=steps, scheduler=scheduler,
+        guidance_scale=guidance_scale, negative_prompt=negative_prompt, color_fix=color_fix, tile_size=tile_size,
+        tile_overlap=tile_overlap, vae_tile_size=vae_tile_size, seed=seed, dtype=dtype, device=device,
+    )
+
+
+BaseModelOption = typer.Option(None, "--base-model", help="Frozen SD-1.5 folder or hub id.")
+XPSROption = typer.Option(None, "--xpsr", help="Trained XPSR folder (a run's final/, or a run folder).")
+PipelineOption = typer.Option(None, "--pipeline", help="A saved XPSR pipeline folder (instead of --base-model/--xpsr).")
+CaptionsOption = typer.Option(None, "--captions", help="captioner | manifest | given")
+CaptionerOption = typer.Option(None, "--captioner", help="Captioner folder or hub id (llava-hf layout).")
+ManifestOption = typer.Option(None, "--manifest", help="Caption manifest (.parquet file or folder) for --captions manifest.")
+ContentOption = typer.Option(None, "--content", help="High-level caption for every image (--captions given).")
+QualityOption = typer.Option(None, "--quality", help="Low-level caption for every image (--captions given).")
+ScaleOption = typer.Option(None, "--scale", help="Upscaling factor (4 in the paper).")
+StepsOption = typer.Option(None, "--steps", help="Sampling steps (20 in the paper).")
+SchedulerOption = typer.Option(None, "--scheduler", help="ddpm | ddim | dpm-solver | unipc | euler")
+GuidanceOption = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale (5.5 in the paper).")
+NegativeOption = typer.Option(None, "--negative-prompt", help="Replaces the content caption in the guidance branch.")
+ColorFixOption = typer.Option(None, "--color-fix", help="adain | wavelet | none")
+TileOption = typer.Option(None, "--tile-size", help="Latent tile in output pixels (default: the model's native size).")
+TileOverlapOption = typer.Option(None, "--tile-overlap", help="Latent tile overlap in pixels.")
+VaeTileOption = typer.Option(None, "--vae-tile-size", help="VAE tile in pixels.")
+SeedOption = typer.Option(None, "--seed")
+DtypeOption = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (half precision on a GPU).")
+DeviceOption = typer.Option(None, "--device", help="cpu | cuda | cuda:N")
+
+
+@app.command()
+@user_command
+def sr(
+    inputs: Optional[List[str]] = typer.Argument(None, help="Image files, folders or glob patterns (quote globs)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the SR PNGs and their JSON sidecars."),
+    base_model: Optional[str] = BaseModelOption,
+    xpsr: Optional[str] = XPSROption,
+    pipeline: Optional[str] = PipelineOption,
+    captions: Optional[str] = CaptionsOption,
+    captioner: Optional[str] = CaptionerOption,
+    manifest: Optional[Path] = ManifestOption,
+    content: Optional[str] = ContentOption,
+    quality: Optional[str] = QualityOption,
+    scale: Optional[int] = ScaleOption,
+    steps: Optional[int] = StepsOption,
+    scheduler: Optional[str] = SchedulerOption,
+    guidance_scale: Optional[float] = GuidanceOption,
+    negative_prompt: Optional[str] = NegativeOption,
+    color_fix: Optional[str] = ColorFixOption,
+    tile_size: Optional[int] = TileOption,
+    tile_overlap: Optional[int] = TileOverlapOption,
+    vae_tile_size: Optional[int] = VaeTileOption,
+    seed: Optional[int] = SeedOption,
+    dtype: Optional[str] = DtypeOption,
+    device: Optional[str] = DeviceOption,
+    params: Optional[Path] = ParamsOption,
+    sets: Optional[List[str]] = SetOption,
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """Super-resolve images with XPSR (captions from the captioner, a manifest, or given); PNG + JSON per image."""
+    from stages import sr as stage
+
+    options = _sr_options(base_model, xpsr, pipeline, captions, captioner, manifest, content, quality, scale, steps, scheduler,
+                          guidance_scale, negative_prompt, color_fix, tile_size, tile_overlap, vae_tile_size, seed, dtype, device)
+    options.update(inputs=inputs or None, out=out, overwrite=overwrite or None)
+    config = _resolve(stage.SRConfig, "sr", params, options, sets)
+    stage.run(config)
+
+
+@app.command()
+@user_command
+def evaluate(
+    pairs_dir: Optional[Path] = typer.Option(None, "--pairs", help="Validation pair shards (lr.png / hr.png per key)."),
+    lr_dir: Optional[Path] = typer.Option(None, "--lr-dir", help="Folder of LR images (with --hr-dir)."),
+    hr_dir: Optional[Path] = typer.Option(None, "--hr-dir", help="Folder of HR images matched by relative path."),
+    sr_dir: Optional[Path] = typer.Option(None, "--sr-dir", help="Score existing SR images instead of generating them."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for per_image.parquet, metrics.json, grid.png."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many pairs."),
+    base_model: Optional[str] = BaseModelOption,
+    xpsr: Optional[str] = XPSROption,
+    pipeline: Optional[str] = PipelineOption,
+    captions: Optional[str] = CaptionsOption,
+    captioner: Optional[str] = CaptionerOption,
+    manifest: Optional[Path] = ManifestOption,
+    content: Optional[str] = ContentOption,
+    quality: Optional[str] = QualityOption,
+    scale: Optional[int] = ScaleOption,
+    steps: Optional[int] = StepsOption,
+    scheduler: Optional[str] = SchedulerOption,
+    guidance_scale: Optional[float] = GuidanceOption,
+    negative_prompt: Optional[str] = NegativeOption,
+    color_fix: Optional[str] = ColorFixOption,
+    tile_size: Optional[int] = TileOption,
+    tile_overlap: Optional[int] = TileOverlapOption,
+    vae_tile_size: Optional[int] = VaeTileOption,
+    seed: Optional[int] = SeedOption,
+    dtype: Optional[str] = DtypeOption,
+    device: Optional[str] = DeviceOption,
+    params: Optional[Path] = ParamsOption,
+    sets: Optional[List[str]] = SetOption,
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """Score XPSR on LR/HR pairs: Y-channel PSNR/SSIM, optional LPIPS/DISTS/FID/MANIQA/MUSIQ/CLIPIQA, sample grid."""
+    from stages import evaluate as stage
+
+    options = _sr_options(base_model, xpsr, pipeline, captions, captioner, manifest, content, quality, scale, steps, scheduler,
+                          guidance_scale, negative_prompt, color_fix, tile_size, tile_overlap, vae_tile_size, seed, dtype, device)
+    options.update(pairs_dir=pairs_dir, lr_dir=lr_dir, hr_dir=hr_dir, sr_dir=sr_dir, out=out, limit=limit, overwrite=overwrite or None)
+    config = _resolve(stage.EvaluateConfig, "evaluate", params, options, sets)
     stage.run(config)
 
 

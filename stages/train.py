@@ -44,7 +44,7 @@ def run(config: TrainConfig) -> dict:
     from xpsr_core.dist import rank_and_world
     from xpsr_core.io.atomic import atomic_write_json
     from xpsr_core.io.shards import SIZES_FILE
-    from xpsr_core.train.loop import train
+    from xpsr_core.train.loop import LOG_FILE, train
 
     if not (Path(config.train_dir) / SIZES_FILE).is_file():
         raise UserError(f"{config.train_dir} is not a finished training-shard folder (no {SIZES_FILE}). Run `xpsr embed` first.")
@@ -57,6 +57,8 @@ def run(config: TrainConfig) -> dict:
             Path(config.metrics_file).parent.mkdir(parents=True, exist_ok=True)
             metrics = {k: report[k] for k in ("steps", "final_loss", "first_loss", "samples_per_s", "seconds", "processes")}
             atomic_write_json(Path(config.metrics_file), metrics)
+            # the loss curves beside the metrics, for `dvc plots` (the run folder is a DVC output)
+            shutil.copyfile(run_dir / LOG_FILE, Path(config.metrics_file).with_name(LOG_FILE))
         console.print(
             f"[bold green]train[/] done: step {report['steps']} ({report['steps_this_run']} this run, from {report['resumed_from']}), "
             f"loss {report['first_loss']} -> {report['final_loss']}, {report['samples_per_s']} samples/s, "

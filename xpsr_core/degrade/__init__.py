@@ -1,0 +1,26 @@
+"""Real-ESRGAN second-order degradation: settings, per-sample parameter sampling, batched application.
+
+    from xpsr_core.degrade import DegradationSettings, sample_degradation, degrade_batch
+    params = [sample_degradation(numpy_rng(seed, "degrade", key), settings, 512) for key in keys]
+    hr_target, lr = degrade_batch(hr, params, settings)      # hr: [B, 3, 512, 512] in [0, 1]
+    records = [p.to_record() for p in params]               # the sampled scalars, per sample
+
+basicsr is imported only through ``compat`` (it needs a torchvision shim first).
+"""
+
+from .pipeline import degrade_batch, filter2d, gaussian_kernel_1d, resize, usm_sharpen
+from .sampling import DegradationParams, KernelParams, StageParams, sample_degradation
+from .settings import DegradationSettings
+
+__all__ = [
+    "DegradationParams",
+    "DegradationSettings",
+    "KernelParams",
+    "StageParams",
+    "degrade_batch",
+    "filter2d",
+    "gaussian_kernel_1d",
+    "resize",
+    "sample_degradation",
+    "usm_sharpen",
+]

@@ -1,0 +1,125 @@
+"""Load a Stable Diffusion 1.x base model: one function for the tiny zoo folder and real checkpoints.
+
+``load_base_sd`` accepts a local diffusers folder (``model_index.json`` + ``unet/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``) or, when the user is online, a hub id such as
+``stable-diffusion-v1-5/stable-diffusion-v1-5``. Each component goes through its library's own
+``from_pretrained``. The frozen parts come back in eval mode with ``requires_grad`` off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..errors import UserError
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_CONFIG_FILES = {
+    "unet": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "tokenizer": ("tokenizer_config.json", "vocab.json", "tokenizer.json"),
+    "scheduler": ("scheduler_config.json",),
+}
+
+
+@dataclass
+class BaseSD:
+    """The parts of a Stable Diffusion base model XPSR uses (absent ones are None)."""
+
+    source: str
+    unet: Any = None
+    vae: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+    scheduler: Any = None
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor) if self.vae is not None else 0.18215
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not os.path.isabs(text)
+
+
+def _check_local_folder(folder: Path, components: Sequence[str]) -> None:
+    hint = "Point the params at a diffusers Stable Diffusion 1.x folder, or write the tiny one with `xpsr models tiny --out DIR`."
+    if not folder.is_dir():
+        raise UserError(f"The base model folder {folder} does not exist or is not a folder. {hint}")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"{folder} is not a diffusers model folder: model_index.json is missing. {hint}")
+    try:
+        json.loads(index.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{index} is not readable JSON ({error}). {hint}") from None
+    for name in components:
+        sub = folder / name
+        if not sub.is_dir():
+            raise UserError(f"The base model folder {folder} has no {name}/ subfolder. {hint}")
+        if not any((sub / f).is_file() for f in _CONFIG_FILES[name]):
+            raise UserError(f"{sub} holds no {' or '.join(_CONFIG_FILES[name])}; the folder is incomplete. {hint}")
+
+
+def _component_loaders():
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return {
+        "unet": UNet2DConditionModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+        "tokenizer": CLIPTokenizer,
+        "scheduler": DDPMScheduler,
+    }
+
+
+def load_base_sd(
+    path_or_id: str | os.PathLike,
+    dtype: Any = None,
+    device: Any = "cpu",
+    components: Sequence[str] = COMPONENTS,
+    variant: Optional[str] = None,
+) -> BaseSD:
+    """Load the requested SD-1.x components from a local folder or a hub id (same code path).
+
+    ``dtype`` (a torch dtype, default float32) applies to unet, vae and text encoder. Errors a
+    user can cause (missing or malformed folder, unreachable hub id) raise ``UserError``.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise ValueError(f"unknown SD components {unknown}; choose from {COMPONENTS}")
+    source = str(path_or_id)
+    local = Path(os.path.expanduser(source))
+    if local.exists() or not _looks_like_hub_id(source):
+        _check_local_folder(local, components)
+        source = str(local)
+    loaders = _component_loaders()
+    base = BaseSD(source=source)
+    for name in components:
+        cls = loaders[name]
+        kwargs: dict = {"subfolder": name}
+        if name in ("unet", "vae", "text_encoder"):
+            kwargs["torch_dtype" if name != "text_encoder" else "dtype"] = dtype
+            if variant:
+                kwargs["variant"] = variant
+        try:
+            component = cls.from_pretrained(source, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(
+                f"Could not load the {name} of the base model {source}: {first_line}. Check that the folder is a "
+                f"complete diffusers Stable Diffusion 1.x folder (or that the hub id is right and you are online)."
+            ) from None
+        if name in ("unet", "vae", "text_encoder"):
+            component = component.to(device).eval().requires_grad_(False)
+        setattr(base, name, component)
+    return base

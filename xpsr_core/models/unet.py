@@ -1,0 +1,197 @@
+"""Conditional Attention in the UNet decoder, added without touching the frozen SD weights.
+
+The diffusers ``UNet2DConditionModel`` is used as loaded (its weights keep their names, so real
+SD-1.5 checkpoints load unchanged). The new modules live in a separate
+:class:`XPSRConditionalAttention` model (own config, own ``save_pretrained`` folder) and
+:func:`xpsr_unet_forward` runs the UNet with them: it calls the UNet's own embeddings, down
+blocks and mid block unchanged, and walks the decoder layer by layer so that after each decoder
+layer (resnet, then the block's cross-attention transformer when it has one) the hidden states
+attend to the ControlNet residual that fed that layer's skip connection:
+
+``h = h + to_out(SDPA(norm_q(h) Wq, norm_kv(r) Wk, norm_kv(r) Wv))`` with ``to_out`` zero at init,
+
+one such layer for every decoder layer (``layers_per_block + 1`` per up block, all up blocks).
+The UNet sees only the high-level prompt embedding c_h. With ``conditional_attention=None`` the
+function computes exactly what diffusers' ``UNet2DConditionModel.forward`` computes with ControlNet
+residuals.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from .controlnet import match_device_dtype
+
+from .sfa import TokenCrossAttention
+
+
+def _skip_channels(unet) -> list[int]:
+    """Channels of the skip tensors in the order the UNet pushes them (conv_in first)."""
+    channels = [unet.conv_in.out_channels]
+    for block in unet.down_blocks:
+        channels.extend(resnet.out_channels for resnet in block.resnets)
+        if getattr(block, "downsamplers", None) is not None:
+            channels.append(block.downsamplers[0].out_channels)
+    return channels
+
+
+def decoder_layout(unet) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(query channels, skip channels, heads, up-block index) for every decoder layer."""
+    skips = _skip_channels(unet)
+    blocks = len(unet.up_blocks)
+    heads_cfg = unet.config.get("num_attention_heads") or unet.config.attention_head_dim
+    heads_cfg = list(heads_cfg) if isinstance(heads_cfg, (list, tuple)) else [heads_cfg] * blocks
+    heads_rev = list(reversed(heads_cfg))
+    query, context, heads, owner = [], [], [], []
+    for i, block in enumerate(unet.up_blocks):
+        for resnet in block.resnets:
+            query.append(resnet.out_channels)
+            context.append(skips.pop())
+            heads.append(int(heads_rev[i]))
+            owner.append(i)
+    return query, context, heads, owner
+
+
+class XPSRConditionalAttention(ModelMixin, ConfigMixin):
+    """One zero-initialised cross-attention per UNet decoder layer (K/V: the ControlNet residual)."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(self, query_channels: Sequence[int] = (), context_channels: Sequence[int] = (), heads: Sequence[int] = ()):
+        super().__init__()
+        if not (len(query_channels) == len(context_channels) == len(heads)):
+            raise ValueError("query_channels, context_channels and heads must have one entry per decoder layer")
+        self.layers = nn.ModuleList(
+            TokenCrossAttention(q, c, h) for q, c, h in zip(query_channels, context_channels, heads)
+        )
+        self.gradient_checkpointing = False
+
+    @classmethod
+    def from_unet(cls, unet) -> "XPSRConditionalAttention":
+        query, context, heads, _ = decoder_layout(unet)
+        model = cls(query_channels=query, context_channels=context, heads=heads)
+        return match_device_dtype(model, unet)
+
+    def output_projections(self) -> list[nn.Module]:
+        return [layer.output_projection for layer in self.layers]
+
+    def apply(self, index: int, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # noqa: A003
+        layer = self.layers[index]
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(layer, hidden_states, residual)
+        return layer(hidden_states, residual)
+
+
+def xpsr_unet_forward(
+    unet,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    encoder_hidden_states: torch.Tensor,
+    down_block_additional_residuals: Optional[Sequence[torch.Tensor]] = None,
+    mid_block_additional_residual: Optional[torch.Tensor] = None,
+    conditional_attention: Optional[XPSRConditionalAttention] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    encoder_attention_mask: Optional[torch.Tensor] = None,
+    cross_attention_kwargs: Optional[dict[str, Any]] = None,
+) -> torch.Tensor:
+    """Noise prediction of a diffusers SD UNet with ControlNet residuals and Conditional Attention."""
+    residuals = list(down_block_additional_residuals) if down_block_additional_residuals is not None else None
+    if conditional_attention is not None and residuals is None:
+        raise ValueError("Conditional Attention needs the ControlNet residuals")
+    if conditional_attention is not None and len(conditional_attention.layers) != sum(len(b.resnets) for b in unet.up_blocks):
+        raise ValueError("Conditional Attention was built for a UNet with a different decoder")
+
+    up_factor = 2 ** unet.num_upsamplers
+    forward_upsample_size = any(dim % up_factor for dim in sample.shape[-2:])
+    if attention_mask is not None:
+        attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+    if encoder_attention_mask is not None:
+        encoder_attention_mask = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+    if unet.config.center_input_sample:
+        sample = 2 * sample - 1.0
+
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+
+    sample = unet.conv_in(sample)
+    skips = [sample]
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            sample, res = block(
+                hidden_states=sample,
+                temb=emb,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask,
+                cross_attention_kwargs=cross_attention_kwargs,
+                encoder_attention_mask=encoder_attention_mask,
+            )
+        else:
+            sample, res = block(hidden_states=sample, temb=emb)
+        skips.extend(res)
+
+    if residuals is not None:
+        if len(residuals) != len(skips):
+            raise ValueError(f"expected {len(skips)} ControlNet residuals, got {len(residuals)}")
+        skips = [s + r for s, r in zip(skips, residuals)]
+
+    if getattr(unet.mid_block, "has_cross_attention", False):
+        sample = unet.mid_block(
+            sample,
+            emb,
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=attention_mask,
+            cross_attention_kwargs=cross_attention_kwargs,
+            encoder_attention_mask=encoder_attention_mask,
+        )
+    elif unet.mid_block is not None:
+        sample = unet.mid_block(sample, emb)
+    if mid_block_additional_residual is not None:
+        sample = sample + mid_block_additional_residual
+
+    layer_index = 0
+    upsample_size = None
+    for i, block in enumerate(unet.up_blocks):
+        is_final = i == len(unet.up_blocks) - 1
+        count = len(block.resnets)
+        block_skips, skips = skips[-count:], skips[:-count]
+        block_residuals = None
+        if residuals is not None:
+            block_residuals, residuals = residuals[-count:], residuals[:-count]
+        if not is_final and forward_upsample_size:
+            upsample_size = skips[-1].shape[2:]
+        attentions = getattr(block, "attentions", None)
+        checkpoint = torch.is_grad_enabled() and getattr(block, "gradient_checkpointing", False)
+        for j, resnet in enumerate(block.resnets):
+            skip = block_skips[-1 - j]
+            sample = torch.cat([sample, skip], dim=1)
+            if checkpoint:
+                sample = block._gradient_checkpointing_func(resnet, sample, emb)
+            else:
+                sample = resnet(sample, emb)
+            if attentions is not None:
+                sample = attentions[j](
+                    sample,
+                    encoder_hidden_states=encoder_hidden_states,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    attention_mask=attention_mask,
+                    encoder_attention_mask=encoder_attention_mask,
+                    return_dict=False,
+                )[0]
+            if conditional_attention is not None:
+                sample = conditional_attention.apply(layer_index, sample, block_residuals[-1 - j])
+            layer_index += 1
+        if getattr(block, "upsamplers", None) is not None:
+            for upsampler in block.upsamplers:
+                sample = upsampler(sample, upsample_size)
+
+    if unet.conv_norm_out is not None:
+        sample = unet.conv_act(unet.conv_norm_out(sample))
+    return unet.conv_out(sample)

@@ -1,0 +1,263 @@
+"""The trainable XPSR model around a frozen SD-1.5 UNet: what training and inference call.
+
+``XPSRModel`` holds
+
+* ``unet``: the diffusers ``UNet2DConditionModel`` (frozen, weights untouched),
+* ``controlnet``: :class:`XPSRControlNet` (trainable; SFA inside),
+* ``conditional_attention``: :class:`XPSRConditionalAttention` (trainable; may be None),
+* ``dfc_heads``: :class:`DFCHeads` (trainable, training only; may be None).
+
+Trainable parts save as ``controlnet/``, ``conditional_attention/``, ``dfc_heads/`` (each a
+diffusers ``save_pretrained`` folder with its config) plus ``xpsr.json``; see
+:meth:`XPSRModel.save_trainable` / :meth:`XPSRModel.from_base` (``trainable=DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from .controlnet import XPSRControlNet
+from .dfc import DFC_WEIGHT, DFCHeads, DFCLoss
+from .loading import BaseSD, load_base_sd
+from .unet import XPSRConditionalAttention, xpsr_unet_forward
+
+TRAINABLE_FILE = "xpsr.json"
+PARTS = ("controlnet", "conditional_attention", "dfc_heads")
+
+
+@dataclass
+class XPSRSettings:
+    """Architecture switches (the paper's ablations)."""
+
+    sfa_mode: str = "parallel"  # parallel (SFA) | serial | high | low
+    conditional_attention: bool = True
+    dfc_pixel: bool = True
+    dfc_latent: bool = True
+    conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)
+    fusion_heads: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "XPSRSettings":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "conditioning_embedding_out_channels" in known:
+            known["conditioning_embedding_out_channels"] = tuple(known["conditioning_embedding_out_channels"])
+        return cls(**known)
+
+
+@dataclass
+class XPSROutput:
+    sample: torch.Tensor  # noise prediction
+    dfc: Optional[DFCLoss] = None
+    residuals: Optional[tuple] = field(default=None, repr=False)
+
+
+class XPSRModel(nn.Module):
+    def __init__(
+        self,
+        unet,
+        controlnet: XPSRControlNet,
+        conditional_attention: Optional[XPSRConditionalAttention] = None,
+        dfc_heads: Optional[DFCHeads] = None,
+        settings: Optional[XPSRSettings] = None,
+    ):
+        super().__init__()
+        self.unet = unet
+        self.unet.requires_grad_(False)
+        self.controlnet = controlnet
+        self.conditional_attention = conditional_attention
+        self.dfc_heads = dfc_heads
+        self.settings = settings or XPSRSettings(
+            sfa_mode=controlnet.config.sfa_mode,
+            conditional_attention=conditional_attention is not None,
+            dfc_pixel=bool(dfc_heads is not None and len(dfc_heads.pixel_heads)),
+            dfc_latent=bool(dfc_heads is not None and len(dfc_heads.latent_heads)),
+            conditioning_embedding_out_channels=tuple(controlnet.config.conditioning_embedding_out_channels),
+            fusion_heads=controlnet.config.fusion_heads,
+        )
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def build(cls, unet, settings: Optional[XPSRSettings] = None, with_dfc: bool = True, latent_channels: Optional[int] = None) -> "XPSRModel":
+        """Fresh trainable parts initialised from ``unet`` (step 0 equals plain ControlNet + UNet)."""
+        settings = settings or XPSRSettings()
+        controlnet = XPSRControlNet.from_unet(
+            unet,
+            sfa_mode=settings.sfa_mode,
+            conditioning_embedding_out_channels=settings.conditioning_embedding_out_channels,
+            fusion_heads=settings.fusion_heads,
+        )
+        conditional = XPSRConditionalAttention.from_unet(unet) if settings.conditional_attention else None
+        heads = None
+        if with_dfc and (settings.dfc_pixel or settings.dfc_latent):
+            heads = DFCHeads.from_controlnet(
+                controlnet,
+                latent_channels=latent_channels or unet.config.out_channels,
+                use_pixel=settings.dfc_pixel,
+                use_latent=settings.dfc_latent,
+            )
+        return cls(unet, controlnet, conditional, heads, settings)
+
+    @classmethod
+    def from_base(
+        cls,
+        base: str | Path | BaseSD,
+        settings: Optional[XPSRSettings] = None,
+        trainable: Optional[str | Path] = None,
+        with_dfc: bool = True,
+        dtype: Any = None,
+        device: Any = "cpu",
+    ) -> "XPSRModel":
+        """Build (or, with ``trainable=DIR``, load) XPSR on a base SD folder / hub id / loaded base.
+
+        Folders and hub ids go through :func:`load_base_sd`, the one loader for tiny and real models.
+        """
+        if not isinstance(base, BaseSD):
+            base = load_base_sd(base, dtype=dtype, device=device, components=("unet",))
+        if trainable is not None:
+            return cls.load_trainable(trainable, base.unet, with_dfc=with_dfc, dtype=dtype, device=device)
+        model = cls.build(base.unet, settings, with_dfc=with_dfc)
+        return model.to(device=device, dtype=dtype or base.unet.dtype)
+
+    # ------------------------------------------------------------------ persistence
+
+    def save_trainable(self, folder: str | Path, include_dfc: bool = True) -> Path:
+        """Write each trainable part with ``save_pretrained`` (safetensors + config) and ``xpsr.json``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.controlnet.save_pretrained(folder / "controlnet", safe_serialization=True)
+        if self.conditional_attention is not None:
+            self.conditional_attention.save_pretrained(folder / "conditional_attention", safe_serialization=True)
+        if include_dfc and self.dfc_heads is not None:
+            self.dfc_heads.save_pretrained(folder / "dfc_heads", safe_serialization=True)
+        settings = asdict(self.settings)
+        settings["conditioning_embedding_out_channels"] = list(settings["conditioning_embedding_out_channels"])
+        meta = {
+            "settings": settings,
+            "parts": [p for p in PARTS if (folder / p).is_dir()],
+        }
+        (folder / TRAINABLE_FILE).write_text(json.dumps(meta, indent=2))
+        return folder
+
+    @classmethod
+    def load_trainable(cls, folder: str | Path, unet, with_dfc: bool = True, dtype: Any = None, device: Any = "cpu") -> "XPSRModel":
+        folder = Path(folder)
+        meta_file = folder / TRAINABLE_FILE
+        if not meta_file.is_file():
+            raise UserError(f"{folder} is not an XPSR checkpoint folder: {TRAINABLE_FILE} is missing. Point at a folder written by XPSRModel.save_trainable (a training checkpoint's 'xpsr' folder).")
+        try:
+            meta = json.loads(meta_file.read_text())
+            settings = XPSRSettings.from_dict(meta.get("settings", {}))
+        except (OSError, ValueError, TypeError) as error:
+            raise UserError(f"{meta_file} is not a valid XPSR settings file ({error}).") from None
+        dtype = dtype or unet.dtype
+
+        def load(part: str, model_cls):
+            try:
+                return model_cls.from_pretrained(folder / part, torch_dtype=dtype).to(device)
+            except (OSError, ValueError, KeyError, RuntimeError) as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise UserError(f"Could not load the XPSR {part} from {folder / part}: {first}.") from None
+
+        controlnet = load("controlnet", XPSRControlNet)
+        conditional = load("conditional_attention", XPSRConditionalAttention) if settings.conditional_attention else None
+        heads = None
+        if with_dfc and (folder / "dfc_heads").is_dir():
+            heads = load("dfc_heads", DFCHeads)
+        return cls(unet.to(device=device, dtype=dtype), controlnet, conditional, heads, settings)
+
+    # ------------------------------------------------------------------ training helpers
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        parts = {"controlnet": self.controlnet}
+        if self.conditional_attention is not None:
+            parts["conditional_attention"] = self.conditional_attention
+        if self.dfc_heads is not None:
+            parts["dfc_heads"] = self.dfc_heads
+        return parts
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        for module in self.trainable_modules().values():
+            yield from module.parameters()
+
+    def frozen_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.unet.parameters()
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.controlnet.enable_gradient_checkpointing()
+        self.unet.enable_gradient_checkpointing()
+        if self.conditional_attention is not None:
+            self.conditional_attention.enable_gradient_checkpointing()
+
+    def train(self, mode: bool = True) -> "XPSRModel":
+        super().train(mode)
+        self.unet.eval()  # frozen: dropout etc. stay in eval mode
+        return self
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        c_h: torch.Tensor,
+        c_l: Optional[torch.Tensor],
+        condition: torch.Tensor,
+        hr_image: Optional[torch.Tensor] = None,
+        hr_latent: Optional[torch.Tensor] = None,
+        return_dfc: bool = False,
+        conditioning_scale: float = 1.0,
+        controlnet_c_h: Optional[torch.Tensor] = None,
+    ) -> XPSROutput:
+        """Noise prediction (and the DFC loss when ``return_dfc``).
+
+        ``condition``: LR upsampled to the HR size, in [0, 1]. ``c_h``/``c_l``: CLIP embeddings of
+        the high/low-level captions. ``hr_image`` in [-1, 1] and ``hr_latent`` (scaled) are needed
+        only for the DFC. ``controlnet_c_h`` lets classifier-free guidance give the ControlNet a
+        different high-level embedding than the UNet (default: the same ``c_h``).
+        """
+        cn = self.controlnet(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=c_h if controlnet_c_h is None else controlnet_c_h,
+            controlnet_cond=condition,
+            low_level_hidden_states=c_l,
+            conditioning_scale=conditioning_scale,
+            return_features=return_dfc,
+        )
+        sample = xpsr_unet_forward(
+            self.unet,
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=c_h,
+            down_block_additional_residuals=cn.down_block_res_samples,
+            mid_block_additional_residual=cn.mid_block_res_sample,
+            conditional_attention=self.conditional_attention,
+        )
+        dfc = None
+        if return_dfc:
+            if self.dfc_heads is None:
+                raise ValueError("this XPSR model was built without DFC heads")
+            dfc = self.dfc_heads.loss(cn.pixel_features, cn.latent_features, hr_image, hr_latent)
+        return XPSROutput(sample=sample, dfc=dfc)
+
+
+def training_loss(noise_pred: torch.Tensor, target: torch.Tensor, dfc: Optional[DFCLoss], dfc_weight: float = DFC_WEIGHT):
+    """``L = L_eps + dfc_weight * L_DFC`` (eq. 5) and a dict of floats for logging."""
+    diffusion = F.mse_loss(noise_pred.float(), target.float())
+    loss = diffusion
+    logs = {"loss_eps": diffusion.detach().item()}
+    if dfc is not None:
+        loss = loss + dfc_weight * dfc.total
+        logs["loss_dfc"] = dfc.total.detach().item()
+        logs.update({f"dfc_{k}": v.detach().item() for k, v in dfc.terms.items()})
+    logs["loss"] = loss.detach().item()
+    return loss, logs
