@@ -13,7 +13,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -28,6 +28,7 @@ class ShardInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: Path
     dataset: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Name recorded with every sample.")
+    limit: Optional[int] = Field(None, ge=1, description="Use only the first N files in sorted order (e.g. FFHQ's first 5K).")
 
 
 class ShardConfig(StageConfig):
@@ -71,7 +72,7 @@ def list_inputs(config: ShardConfig) -> list[tuple[str, Path, str]]:
         root = Path(source.path)
         if not root.is_dir():
             raise UserError(f"Input folder {root} (dataset '{source.dataset}') does not exist or is not a folder.")
-        files = find_images(root)
+        files = find_images(root)[: source.limit]
         if not files:
             raise UserError(f"Input folder {root} (dataset '{source.dataset}') holds no images (jpg, png, webp, tiff, bmp).")
         items.extend((source.dataset, root, p.relative_to(root).as_posix()) for p in files)

@@ -184,3 +184,11 @@ def test_rank_sharding_splits_work_without_overlap(photo_dir, tmp_path, monkeypa
     single = tmp_path / "single"
     shard_stage.run(make_config({"photos": photo_dir}, single))
     assert output_bytes(out) == output_bytes(single)
+
+
+def test_input_limit_takes_the_first_files_in_sorted_order(photo_dir, tmp_path):
+    config = make_config({"photos": photo_dir}, tmp_path / "out")
+    config.inputs[0].limit = 3
+    shard_stage.run(config)
+    sources = list(index_rows(tmp_path / "out")["source"])
+    assert sources == ["astronaut.png", "camera.png", "chelsea.png"]

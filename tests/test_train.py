@@ -128,3 +128,23 @@ def test_loss_falls_on_a_tiny_overfit_run(tiny_models, train_shards, tmp_path):
     # measured on the tiny zoo (2026-11-26): loss 1.20 -> 0.73 and eps loss 1.09 -> 0.66 over 60 steps
     assert last < 0.85 * first
     assert eps_last < 0.9 * eps_first, "the diffusion loss itself falls, not only the DFC terms"
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {"sfa_mode": "serial", "dfc_latent": False},
+        {"sfa_mode": "high", "use_high_prompt": False, "conditional_attention": False},
+        {"sfa_mode": "low", "dfc_pixel": False, "dfc_weight": 0.5},
+    ],
+)
+def test_ablation_switches_reach_the_model_and_the_loss(tiny_models, train_shards, tmp_path, switches):
+    run_dir = tmp_path / "ablation"
+    train_stage.run(make_config(tiny_models, train_shards, run_dir, max_train_steps=2, checkpointing_steps=1000, **switches))
+    header = (run_dir / "train_log.tsv").read_text().splitlines()[0].split("\t")
+    assert ("dfc_latent_0" in header) == switches.get("dfc_latent", True)
+    assert ("dfc_pixel_0" in header) == switches.get("dfc_pixel", True)
+    settings = json.loads((run_dir / "final/xpsr.json").read_text())["settings"]
+    assert settings["sfa_mode"] == switches["sfa_mode"]
+    assert settings["conditional_attention"] == switches.get("conditional_attention", True)
+    assert (run_dir / "final/conditional_attention").is_dir() == switches.get("conditional_attention", True)
