@@ -76,26 +76,14 @@ def _load(model: str, base_model: str, dtype: str, device: str, generation):
     return Captioner(model, dtype=dtype, device=device, settings=generation), count, limit
 
 
-def _resolve_device(device: str) -> str:
-    import os
-
-    import torch
-
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device} was asked for, but PyTorch sees no CUDA GPU. Use --device cpu.")
-        if device == "cuda" and "LOCAL_RANK" in os.environ:
-            return f"cuda:{os.environ['LOCAL_RANK']}"
-    return device
-
-
 def caption_items(config: CaptionConfig, items: list[dict]) -> list[dict]:
     """Caption decoded items ({"key", "shard", "dataset", "source", "image" or "status"/"error"}) into manifest rows."""
     import torch
 
+    from xpsr_core.dist import rank_device
     from xpsr_core.seeding import derive_seed
 
-    captioner, count, limit = _load(config.model, config.base_model, config.dtype, _resolve_device(config.device), config.generation())
+    captioner, count, limit = _load(config.model, config.base_model, config.dtype, rank_device(config.device), config.generation())
     instructions = [config.content_instruction, config.quality_instruction]
     common = {
         "content_instruction": config.content_instruction, "quality_instruction": config.quality_instruction,
@@ -235,6 +223,7 @@ def add_caption_totals(report: dict, all_stats: list[dict]) -> None:
 
 def run(config: CaptionConfig) -> dict:
     from stages.common import run_sharded_stage
+    from xpsr_core.dist import rank_device
     from xpsr_core.io.outputs import prepare_output_dir
     from xpsr_core.io.shards import SIZES_FILE, read_sizes
 
@@ -247,8 +236,8 @@ def run(config: CaptionConfig) -> dict:
             "or caption a folder of images with `xpsr caption FOLDER --out captions.parquet`."
         )
     n_shards = max(read_sizes(in_dir), default=-1) + 1
+    rank_device(config.device)  # fail before any work when no GPU is there
     out = prepare_output_dir(config.out, STAGE, config, overwrite=config.overwrite)
-    _resolve_device(config.device)
     work = functools.partial(caption_shard, config, out)
     # one process per rank: the model is loaded once and reused for every shard of the rank
     return run_sharded_stage(STAGE, out, n_shards, work, 1, "spawn", config.max_failure_ratio, "images", enrich=add_caption_totals)

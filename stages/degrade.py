@@ -66,7 +66,10 @@ def degrade_shard(config: DegradeConfig, in_dir: Path, out: Path, threads: int, 
     from xpsr_core.io.shards import TarShardWriter, index_path, read_shard, tar_path, write_stats
     from xpsr_core.seeding import numpy_rng
 
+    from xpsr_core.dist import rank_device
+
     torch.set_num_threads(threads)
+    device = rank_device(config.device)
     scale = config.degradation.scale
     minimum = config.degradation.min_hr_size()
     rows: list[dict] = []
@@ -96,7 +99,7 @@ def degrade_shard(config: DegradeConfig, in_dir: Path, out: Path, threads: int, 
             for group in by_size.values():
                 params = [sample_degradation(numpy_rng(config.seed, STAGE, key), config.degradation, hr.shape[0]) for key, _, hr in group]
                 pixels = torch.from_numpy(np.stack([hr for _, _, hr in group])).permute(0, 3, 1, 2)
-                hr_batch = pixels.to(config.device, dtype=torch.float32) / 255.0
+                hr_batch = pixels.to(device, dtype=torch.float32) / 255.0
                 with torch.no_grad():
                     target, lr = degrade_batch(hr_batch, params, config.degradation, usm_hr=config.usm_hr)
                 target8 = (target.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -122,6 +125,7 @@ def degrade_shard(config: DegradeConfig, in_dir: Path, out: Path, threads: int, 
 
 def run(config: DegradeConfig) -> dict:
     from stages.common import run_sharded_stage
+    from xpsr_core.dist import rank_device
     from xpsr_core.io.outputs import CONFIG_FILE, prepare_output_dir
     from xpsr_core.io.shards import SIZES_FILE, read_sizes
 
@@ -131,11 +135,7 @@ def run(config: DegradeConfig) -> dict:
             f"{in_dir} is not a finished HR shard folder (no {SIZES_FILE}). Run `xpsr shard` to completion first, "
             "or point --in at its output folder."
         )
-    if config.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {config.device} was asked for, but PyTorch sees no CUDA GPU on this machine. Use --device cpu.")
+    rank_device(config.device)  # fail before any work when no GPU is there
     hr_config = in_dir / CONFIG_FILE
     crop = json.loads(hr_config.read_text()).get("settings", {}).get("crop_size") if hr_config.is_file() else None
     if crop is not None and (crop < config.degradation.min_hr_size() or crop % config.degradation.scale):

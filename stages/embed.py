@@ -77,8 +77,10 @@ def plan_join(config: EmbedConfig, n_shards: int) -> dict[int, list[str]]:
 
 @functools.lru_cache(maxsize=1)
 def _encoders(base_model: str, device: str, with_vae: bool):
+    from xpsr_core.dist import rank_device
     from xpsr_core.models.loading import load_base_sd
 
+    device = rank_device(device)
     components = ("text_encoder", "tokenizer") + (("vae",) if with_vae else ())
     return load_base_sd(base_model, device=device, components=components)
 

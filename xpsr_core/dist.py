@@ -19,3 +19,21 @@ def rank_and_world() -> tuple[int, int]:
 
 def shards_for_rank(shards: list[int], rank: int, world: int) -> list[int]:
     return [s for s in shards if s % world == rank]
+
+
+def rank_device(device: str) -> str:
+    """The device this process should use: under a launcher, plain ``cuda`` means this rank's GPU.
+
+    Raises UserError when a GPU is asked for and PyTorch sees none.
+    """
+    if not device.startswith("cuda"):
+        return device
+    import torch
+
+    from .errors import UserError
+
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for, but PyTorch sees no CUDA GPU on this machine. Use --device cpu.")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
