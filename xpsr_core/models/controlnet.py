@@ -65,6 +65,21 @@ def match_device_dtype(module: nn.Module, like: nn.Module) -> nn.Module:
     return module
 
 
+def run_down_block(block, sample, emb, encoder_hidden_states, attention_mask=None, cross_attention_kwargs=None,
+                   encoder_attention_mask=None):
+    """One diffusers down block; only blocks with cross-attention receive the text context."""
+    if getattr(block, "has_cross_attention", False):
+        return block(
+            hidden_states=sample,
+            temb=emb,
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=attention_mask,
+            cross_attention_kwargs=cross_attention_kwargs,
+            encoder_attention_mask=encoder_attention_mask,
+        )
+    return block(hidden_states=sample, temb=emb)
+
+
 def _per_block(value, count: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * count
 
@@ -359,16 +374,7 @@ class XPSRControlNet(ModelMixin, ConfigMixin):
         res_samples_all = [sample]
         latent_levels = []
         for index, block in enumerate(self.down_blocks):
-            if getattr(block, "has_cross_attention", False):
-                sample, res = block(
-                    hidden_states=sample,
-                    temb=emb,
-                    encoder_hidden_states=encoder_hidden_states,
-                    attention_mask=attention_mask,
-                    cross_attention_kwargs=kwargs,
-                )
-            else:
-                sample, res = block(hidden_states=sample, temb=emb)
+            sample, res = run_down_block(block, sample, emb, encoder_hidden_states, attention_mask, kwargs)
             res_samples_all.extend(res)
             if index in self.latent_feature_blocks:
                 latent_levels.append(res[len(block.resnets) - 1])

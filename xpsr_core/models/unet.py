@@ -26,7 +26,7 @@ from torch import nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from .controlnet import match_device_dtype
+from .controlnet import match_device_dtype, run_down_block
 
 from .sfa import TokenCrossAttention
 
@@ -124,17 +124,8 @@ def xpsr_unet_forward(
     sample = unet.conv_in(sample)
     skips = [sample]
     for block in unet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            sample, res = block(
-                hidden_states=sample,
-                temb=emb,
-                encoder_hidden_states=encoder_hidden_states,
-                attention_mask=attention_mask,
-                cross_attention_kwargs=cross_attention_kwargs,
-                encoder_attention_mask=encoder_attention_mask,
-            )
-        else:
-            sample, res = block(hidden_states=sample, temb=emb)
+        sample, res = run_down_block(block, sample, emb, encoder_hidden_states, attention_mask, cross_attention_kwargs,
+                                     encoder_attention_mask)
         skips.extend(res)
 
     if residuals is not None:
