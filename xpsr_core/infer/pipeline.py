@@ -1,0 +1,451 @@
+"""XPSR inference: LR image + captions -> SR image.
+
+Sampling (paper section 3.6 / 4.1, DESIGN section 6):
+
+1. The LR image is upsampled (bicubic) by the scale factor; this ``lr_up`` in [0, 1] is the
+   ControlNet condition. It is padded (reflect) to a multiple of the VAE factor times the UNet's
+   down-sampling factor and cropped back at the end.
+2. Start point: the VAE encodes ``lr_up`` (the posterior mean, scaled by the VAE's scaling
+   factor) and the scheduler adds noise for the *first* timestep of its schedule.
+3. Each step predicts the noise with classifier-free guidance: the positive branch sees the
+   content caption c_h, the negative branch the negative prompt in place of c_h; the quality
+   caption c_l is the same in both. Both branches run as one batch of two (``cfg_batched``).
+   The guided noise is ``eps_neg + scale * (eps_pos - eps_neg)`` (diffusers' convention, as in
+   the authors' pipeline; the paper's eq. 6 writes the same family with ``scale - 1``).
+4. Latents larger than the UNet's native size are processed in overlapping tiles blended with
+   Gaussian weights; the VAE encoder/decoder are tiled the same way (:mod:`.tiling`).
+5. The decoded image is colour-corrected to ``lr_up`` (AdaIN, wavelet or none), clamped and
+   quantised to 8 bits.
+
+The scheduler is DDPM with 20 steps by default and swappable (ddim, dpm-solver, unipc, euler)
+from the base model's scheduler config. :meth:`XPSRPipeline.from_pretrained` loads a folder
+written by :meth:`XPSRPipeline.save_pretrained` (an SD folder plus ``xpsr/``) or a base SD folder
+plus a trained XPSR folder; :meth:`XPSRPipeline.from_model` wraps models already in memory
+(the training stage's validation).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..encoding import NEGATIVE_PROMPT, encode_prompts
+from ..errors import UserError
+from .color import COLOR_FIXES, color_fix
+from .tiling import tile_boxes, tiled_apply
+
+PIPELINE_FILE = "xpsr_pipeline.json"
+XPSR_SUBFOLDER = "xpsr"
+
+SCHEDULERS = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm-solver": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+
+
+@dataclass
+class SRSettings:
+    """Every knob of one SR run (recorded in each output's JSON sidecar)."""
+
+    scale: int = 4
+    steps: int = 20
+    scheduler: str = "ddpm"
+    guidance_scale: float = 5.5
+    negative_prompt: str = NEGATIVE_PROMPT
+    cfg_batched: bool = True  # both guidance branches in one forward pass
+    controlnet_negative: bool = True  # the ControlNet also sees the negative prompt (authors' pipeline)
+    conditioning_scale: float = 1.0
+    color_fix: str = "adain"
+    tile_size: Optional[int] = None  # latent tiling, in output pixels (default: the UNet's native size)
+    tile_overlap: Optional[int] = None  # pixels (default: tile_size // 4)
+    vae_tile_size: Optional[int] = None  # VAE tiling, in pixels (default: the VAE's native size)
+    vae_tile_overlap: Optional[int] = None  # pixels (default: vae_tile_size // 4)
+    seed: int = 0
+
+    def validate(self) -> "SRSettings":
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"Unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}.")
+        if self.color_fix not in COLOR_FIXES:
+            raise UserError(f"Unknown colour correction {self.color_fix!r}; choose from {', '.join(COLOR_FIXES)}.")
+        if self.scale < 1 or self.steps < 1:
+            raise UserError("scale and steps must be at least 1.")
+        return self
+
+
+@dataclass
+class SRResult:
+    image: np.ndarray  # H x W x 3 uint8, H = scale * LR height
+    lr_up: np.ndarray  # the bicubic-upsampled LR (the condition), uint8
+    content_caption: str
+    quality_caption: str
+    seed: int
+    settings: dict
+    seconds: float
+    latent_tiles: int
+    info: dict = field(default_factory=dict)
+
+
+def _dtype(value: Any) -> torch.dtype:
+    if value is None:
+        return torch.float32
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return DTYPES[str(value)]
+    except KeyError:
+        raise UserError(f"Unknown dtype {value!r}; choose from {', '.join(DTYPES)}.") from None
+
+
+def make_scheduler(name: str, config) -> Any:
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise UserError(f"Unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}.")
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
+
+
+def to_tensor(image) -> torch.Tensor:
+    """PIL image or H x W x 3 uint8 array -> [1, 3, H, W] float32 in [0, 1]."""
+    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 image, got shape {array.shape}")
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)[None]
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[1, 3, H, W] in [0, 1] -> H x W x 3 uint8 (clamped, rounded)."""
+    return (x[0].float().clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
+    height, width = lr.shape[-2:]
+    return F.interpolate(lr, size=(height * scale, width * scale), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    height, width = x.shape[-2:]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if not pad_h and not pad_w:
+        return x
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
+class XPSRPipeline:
+    """The XPSR model, VAE, text encoder, tokenizer and scheduler, with default :class:`SRSettings`."""
+
+    def __init__(self, model, vae, text_encoder, tokenizer, scheduler, settings: Optional[SRSettings] = None, source: Optional[dict] = None):
+        self.model = model
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.base_scheduler_config = scheduler.config
+        self.settings = (settings or SRSettings()).validate()
+        self.source = source or {}
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.unet_factor = 2 ** (len(model.unet.config.down_block_types) - 1)
+        self.native_size = int(model.unet.config.sample_size) * self.vae_factor
+        self.vae_native_size = int(getattr(vae.config, "sample_size", self.native_size) or self.native_size)
+        self._scheduler_cache: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_model(cls, model, base, settings: Optional[SRSettings] = None) -> "XPSRPipeline":
+        """Wrap an in-memory :class:`XPSRModel` and a :class:`BaseSD` (needs vae, text_encoder, tokenizer, scheduler)."""
+        missing = [n for n in ("vae", "text_encoder", "tokenizer", "scheduler") if getattr(base, n, None) is None]
+        if missing:
+            raise ValueError(f"the base model lacks {', '.join(missing)}; load it with those components")
+        return cls(model, base.vae, base.text_encoder, base.tokenizer, base.scheduler, settings, {"base_model": base.source})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: Optional[str | Path] = None,
+        *,
+        base_model: Optional[str | Path] = None,
+        xpsr: Optional[str | Path] = None,
+        dtype: Any = None,
+        device: str = "cpu",
+        settings: Optional[SRSettings] = None,
+    ) -> "XPSRPipeline":
+        """Load a saved pipeline folder, or a base SD folder/hub id plus trained XPSR parts.
+
+        ``xpsr`` may be the folder written by ``XPSRModel.save_trainable`` or a training run
+        folder holding one as ``final/``.
+        """
+        from ..models.loading import load_base_sd
+        from ..models.xpsr import TRAINABLE_FILE, XPSRModel
+
+        torch_dtype = _dtype(dtype)
+        if torch_dtype == torch.float16 and not str(device).startswith("cuda"):
+            raise UserError("float16 inference needs a CUDA GPU; use float32 (or bfloat16) on the CPU.")
+        saved = {}
+        if pretrained is not None:
+            folder = Path(pretrained)
+            if not (folder / PIPELINE_FILE).is_file():
+                raise UserError(
+                    f"{folder} is not a saved XPSR pipeline ({PIPELINE_FILE} is missing). Pass the base model and the "
+                    "trained XPSR folder separately (--base-model, --xpsr), or a folder written by XPSRPipeline.save_pretrained."
+                )
+            saved = json.loads((folder / PIPELINE_FILE).read_text())
+            base_model = folder
+            xpsr = folder / saved.get("xpsr", XPSR_SUBFOLDER)
+        if base_model is None or xpsr is None:
+            raise UserError("Both a base SD model and a trained XPSR folder are needed (or one saved pipeline folder).")
+        xpsr = Path(xpsr)
+        if not xpsr.exists():
+            raise UserError(
+                f"The XPSR checkpoint folder {xpsr} does not exist. Point --xpsr at a training run's final/ folder "
+                "(or any folder written by XPSRModel.save_trainable)."
+            )
+        if not (xpsr / TRAINABLE_FILE).is_file() and (xpsr / "final" / TRAINABLE_FILE).is_file():
+            xpsr = xpsr / "final"
+        base = load_base_sd(base_model, dtype=torch_dtype, device=device)
+        model = XPSRModel.load_trainable(xpsr, base.unet, with_dfc=False, dtype=torch_dtype, device=device)
+        if settings is None and saved.get("defaults"):
+            settings = SRSettings(**{k: v for k, v in saved["defaults"].items() if k in SRSettings.__dataclass_fields__})
+        pipe = cls(model, base.vae, base.text_encoder, base.tokenizer, base.scheduler, settings,
+                   {"base_model": str(base_model), "xpsr": str(xpsr), "dtype": str(torch_dtype).replace("torch.", "")})
+        return pipe
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write a self-contained folder: the SD parts (diffusers layout), ``xpsr/`` and ``xpsr_pipeline.json``."""
+        from diffusers import StableDiffusionPipeline
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        sd = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.model.unet,
+            scheduler=self._scheduler("ddpm"), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        sd.save_pretrained(folder, safe_serialization=True)
+        self.model.save_trainable(folder / XPSR_SUBFOLDER, include_dfc=False)
+        (folder / PIPELINE_FILE).write_text(json.dumps({"xpsr": XPSR_SUBFOLDER, "defaults": asdict(self.settings)}, indent=2))
+        return folder
+
+    # ------------------------------------------------------------------ pieces
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.controlnet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.controlnet.parameters()).dtype
+
+    def _scheduler(self, name: str):
+        # a fresh object per run: multistep schedulers keep state between steps
+        return make_scheduler(name, self.base_scheduler_config)
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        return encode_prompts(self.text_encoder, self.tokenizer, texts).to(self.device, self.dtype)
+
+    def _vae_tiles(self, settings: SRSettings) -> tuple[int, int]:
+        size = settings.vae_tile_size or self.vae_native_size
+        size = max(self.vae_factor, size - size % self.vae_factor)
+        overlap = settings.vae_tile_overlap if settings.vae_tile_overlap is not None else size // 4
+        overlap -= overlap % self.vae_factor
+        return size, overlap
+
+    def _latent_tiles(self, settings: SRSettings) -> tuple[int, int]:
+        multiple = self.vae_factor * self.unet_factor
+        size = settings.tile_size or self.native_size
+        size = max(multiple, size - size % multiple)
+        overlap = settings.tile_overlap if settings.tile_overlap is not None else size // 4
+        return size // self.vae_factor, overlap // self.vae_factor
+
+    def vae_encode(self, image: torch.Tensor, settings: Optional[SRSettings] = None) -> torch.Tensor:
+        """Scaled latent (posterior mean) of ``image`` in [-1, 1]; tiled above the VAE's tile size."""
+        settings = settings or self.settings
+        tile, overlap = self._vae_tiles(settings)
+        scaling = float(self.vae.config.scaling_factor)
+
+        def encode(x, _box):
+            return self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean.float() * scaling
+
+        return tiled_apply(image, encode, tile, overlap, scale=1 / self.vae_factor)
+
+    def vae_decode(self, latents: torch.Tensor, settings: Optional[SRSettings] = None) -> torch.Tensor:
+        """Image in [-1, 1] of scaled ``latents``; tiled above the VAE's tile size."""
+        settings = settings or self.settings
+        tile, overlap = self._vae_tiles(settings)
+        scaling = float(self.vae.config.scaling_factor)
+
+        def decode(z, _box):
+            return self.vae.decode((z / scaling).to(self.vae.dtype)).sample.float()
+
+        return tiled_apply(latents, decode, tile // self.vae_factor, overlap // self.vae_factor, scale=self.vae_factor)
+
+    def guided_noise(self, latents, timestep, condition, c_h, c_l, c_neg, settings: Optional[SRSettings] = None) -> torch.Tensor:
+        """Classifier-free-guided noise prediction for one latent tile (float32).
+
+        With ``cfg_batched`` both branches run as one batch of two; otherwise as two passes.
+        """
+        settings = settings or self.settings
+        dtype = self.dtype
+        x = latents.to(dtype)
+        cond = condition.to(dtype)
+        batch = x.shape[0]
+        t = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(batch)
+
+        def run(x_in, t_in, c_unet, c_low, cond_in, c_control=None):
+            return self.model(x_in, t_in, c_unet, c_low, cond_in, conditioning_scale=settings.conditioning_scale,
+                              controlnet_c_h=c_control).sample.float()
+
+        if settings.guidance_scale <= 1.0 or c_neg is None:
+            return run(x, t, c_h, c_l, cond)
+        control = None if settings.controlnet_negative else c_h
+        if settings.cfg_batched:
+            c_control = None if control is None else torch.cat([c_h, c_h])
+            out = run(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c_neg, c_h]), torch.cat([c_l, c_l]),
+                      torch.cat([cond, cond]), c_control)
+            negative, positive = out.chunk(2)
+        else:
+            positive = run(x, t, c_h, c_l, cond)
+            negative = run(x, t, c_neg, c_l, cond, control)
+        return negative + settings.guidance_scale * (positive - negative)
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.inference_mode()
+    def upscale(
+        self,
+        lr,
+        content: str = "",
+        quality: str = "",
+        settings: Optional[SRSettings] = None,
+        step_callback: Optional[StepCallback] = None,
+        **overrides,
+    ) -> SRResult:
+        """Super-resolve one LR image (PIL or uint8 array) with its content (c_h) and quality (c_l) captions.
+
+        Runs the model in eval mode and restores its previous mode afterwards (safe to call from a
+        training loop for validation images).
+        """
+        settings = replace(settings or self.settings, **overrides).validate()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._upscale(lr, content, quality, settings, step_callback)
+        finally:
+            if was_training:
+                self.model.train()
+
+    def _upscale(self, lr, content: str, quality: str, settings: SRSettings, step_callback: Optional[StepCallback]) -> SRResult:
+        started = time.perf_counter()
+        device = self.device
+        lr_t = to_tensor(lr).to(device)
+        lr_up = upsample(lr_t, settings.scale)
+        height, width = lr_up.shape[-2:]
+        condition = _pad_to(lr_up, self.vae_factor * self.unet_factor)
+
+        texts = [content, quality] + ([settings.negative_prompt] if settings.guidance_scale > 1.0 else [])
+        embeddings = self.encode_text(texts)
+        c_h, c_l = embeddings[0:1], embeddings[1:2]
+        c_neg = embeddings[2:3] if settings.guidance_scale > 1.0 else None
+
+        scheduler = self._scheduler(settings.scheduler)
+        scheduler.set_timesteps(settings.steps, device=device)
+        timesteps = scheduler.timesteps
+        generator = torch.Generator("cpu").manual_seed(int(settings.seed))
+
+        z_lr = self.vae_encode(condition * 2 - 1, settings)
+        noise = torch.randn(z_lr.shape, generator=generator, dtype=torch.float32).to(device)
+        latents = scheduler.add_noise(z_lr, noise, timesteps[:1])
+
+        tile, overlap = self._latent_tiles(settings)
+        n_tiles = len(tile_boxes(latents.shape[-2], latents.shape[-1], tile, tile, overlap))
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        factor = self.vae_factor
+        for index, t in enumerate(timesteps):
+            model_input = scheduler.scale_model_input(latents, t)
+
+            def predict(tile_latents, box, t=t):
+                y0, y1, x0, x1 = box
+                tile_condition = condition[..., y0 * factor : y1 * factor, x0 * factor : x1 * factor]
+                return self.guided_noise(tile_latents, t, tile_condition, c_h, c_l, c_neg, settings)
+
+            noise_pred = tiled_apply(model_input, predict, tile, overlap, scale=1)
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample.float()
+            if step_callback is not None:
+                step_callback(index + 1, len(timesteps))
+
+        image = (self.vae_decode(latents, settings)[..., :height, :width] + 1) / 2
+        image = color_fix(image, lr_up, settings.color_fix)
+        return SRResult(
+            image=to_uint8(image),
+            lr_up=to_uint8(lr_up),
+            content_caption=content,
+            quality_caption=quality,
+            seed=int(settings.seed),
+            settings=asdict(settings),
+            seconds=time.perf_counter() - started,
+            latent_tiles=n_tiles,
+            info={"start_timestep": int(timesteps[0]), "lr_size": [int(lr_t.shape[-1]), int(lr_t.shape[-2])],
+                  "sr_size": [int(width), int(height)]},
+        )
+
+    def __call__(
+        self,
+        images: Sequence,
+        content_captions: Optional[Sequence[str]] = None,
+        quality_captions: Optional[Sequence[str]] = None,
+        seeds: Optional[Sequence[int]] = None,
+        step_callback: Optional[StepCallback] = None,
+        **overrides,
+    ) -> list[SRResult]:
+        """Super-resolve several images (one at a time: their sizes may differ)."""
+        count = len(images)
+        content_captions = list(content_captions or [""] * count)
+        quality_captions = list(quality_captions or [""] * count)
+        results = []
+        for index, image in enumerate(images):
+            extra = dict(overrides)
+            if seeds is not None:
+                extra["seed"] = seeds[index]
+            results.append(self.upscale(image, content_captions[index], quality_captions[index], step_callback=step_callback, **extra))
+        return results
+
+
+def tiles_for(pipe: XPSRPipeline, height: int, width: int, settings: Optional[SRSettings] = None) -> int:
+    """How many latent tiles an output of ``height`` x ``width`` pixels takes."""
+    settings = settings or pipe.settings
+    multiple = pipe.vae_factor * pipe.unet_factor
+    tile, overlap = pipe._latent_tiles(settings)
+    lh, lw = math.ceil(height / multiple) * multiple // pipe.vae_factor, math.ceil(width / multiple) * multiple // pipe.vae_factor
+    return len(tile_boxes(lh, lw, tile, tile, overlap))
+
+
+def validation_grid(pipe: XPSRPipeline, samples: Sequence[dict], **overrides):
+    """A stacked LR-upsampled | SR | HR grid (PIL image) for training validation.
+
+    ``samples``: dicts with ``lr`` (PIL or uint8 array), optional ``hr``, ``content`` and
+    ``quality`` captions and ``seed``. ``overrides`` are :class:`SRSettings` fields (e.g. ``steps``).
+    """
+    from .grid import make_grid, stack_rows
+
+    rows = []
+    for index, sample in enumerate(samples):
+        extra = dict(overrides)
+        extra.setdefault("seed", sample.get("seed", index))
+        result = pipe.upscale(sample["lr"], sample.get("content", ""), sample.get("quality", ""), **extra)
+        rows.append(make_grid(result.lr_up, result.image, sample.get("hr")))
+    return stack_rows(rows)
