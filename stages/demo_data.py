@@ -21,11 +21,13 @@ DEMO_IMAGES = (
 
 
 class DemoDataConfig(StageConfig):
-    out: Path = runtime_field(Path("data/raw/demo"), "Folder for the photographs.")
+    out: Path = runtime_field(Path("data/raw/demo"), "Folder for the training photographs.")
+    val_out: Path = runtime_field(Path("data/raw/demo-val"), "Folder for the held-out validation photographs.")
     images: list[str] = Field(default=list(DEMO_IMAGES), min_length=1, description="scikit-image sample names.")
+    val_images: list[str] = Field(default=["coffee", "chelsea"], description="Held out of training, written to val_out.")
     overwrite: bool = runtime_field(False, "Replace a folder made with a different image list.")
 
-    @field_validator("images")
+    @field_validator("images", "val_images")
     @classmethod
     def _known(cls, names: list[str]) -> list[str]:
         unknown = sorted(set(names) - set(DEMO_IMAGES))
@@ -54,13 +56,17 @@ def load_sample(name: str):
 
 def run(config: DemoDataConfig) -> dict:
     started = time.perf_counter()
-    out = prepare_output_dir(config.out, "demo_data", config, overwrite=config.overwrite)
-    written = []
-    for name in config.images:
-        target = out / f"{name}.png"
-        if not target.exists():
-            atomic_write_bytes(target, encode_png(load_sample(name)))
-        written.append(target.name)
-    report = {"stage": "demo_data", "images": len(written), "out": str(out), "seconds": round(time.perf_counter() - started, 3)}
-    atomic_write_json(out / "report.json", report)
+    held_out = set(config.val_images)
+    counts = {}
+    for folder, names in ((config.out, [n for n in config.images if n not in held_out]), (config.val_out, config.val_images)):
+        if not names:
+            continue
+        out = prepare_output_dir(folder, "demo_data", config, overwrite=config.overwrite)
+        for name in names:
+            target = out / f"{name}.png"
+            if not target.exists():
+                atomic_write_bytes(target, encode_png(load_sample(name)))
+        counts[str(out)] = len(names)
+    report = {"stage": "demo_data", "images": counts, "seconds": round(time.perf_counter() - started, 3)}
+    atomic_write_json(Path(config.out) / "report.json", report)
     return report

@@ -173,6 +173,7 @@ def aggregate(rows: list[dict], runs, fid_value: Optional[dict], config: Evaluat
 
 def run(config: EvaluateConfig) -> dict:
     import pyarrow as pa
+    import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
     from PIL import Image
 
@@ -272,6 +273,8 @@ def run(config: EvaluateConfig) -> dict:
     table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
     with atomic_path(out / "per_image.parquet") as tmp:
         pq.write_table(table, tmp)
+    with atomic_path(out / "per_image.csv") as tmp:  # the numeric columns, for `dvc plots`
+        pa_csv.write_csv(table.select([c for c in columns if c not in ("content_caption", "quality_caption", "error")]), tmp)
     summary = aggregate(rows, runs, fid_value, config, crop)
     summary["seconds"] = round(time.perf_counter() - started, 3)
     atomic_write_json(out / "metrics.json", summary)

@@ -101,3 +101,41 @@ def test_shard_command_end_to_end(photo_dir, tmp_path):
     saved = json.loads((out / "config.json").read_text())
     assert saved["config"]["crop_size"] == 32 and saved["config"]["inputs"][0]["dataset"] == "mine"
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 3}
+
+
+def test_demo_data_holds_out_validation_photographs(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from stages.demo_data import DEMO_IMAGES, load_sample
+
+    result = invoke("demo-data", "--out", str(tmp_path / "train"), "--set", f"val_out={tmp_path / 'val'}")
+    assert result.exit_code == 0, result.output
+    train = sorted(p.stem for p in (tmp_path / "train").glob("*.png"))
+    val = sorted(p.stem for p in (tmp_path / "val").glob("*.png"))
+    assert val == ["chelsea", "coffee"] and not set(val) & set(train)
+    assert sorted(train + val) == sorted(DEMO_IMAGES)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "val" / "coffee.png")), load_sample("coffee"))
+
+
+def test_every_params_file_resolves_for_every_stage():
+    """params.yaml and the paper preset validate against the stage configs (no typo survives)."""
+    from pathlib import Path
+
+    from stages import caption, degrade, demo_data, embed, evaluate, models, shard, sr, train
+    from xpsr_core.config import load_params, resolve_config
+
+    sections = {
+        "demo_data": demo_data.DemoDataConfig, "models": models.ModelsConfig, "shard": shard.ShardConfig,
+        "degrade": degrade.DegradeConfig, "caption": caption.CaptionConfig, "embed": embed.EmbedConfig,
+        "train": train.TrainConfig, "sr": sr.SRConfig, "evaluate": evaluate.EvaluateConfig,
+    }
+    root = Path(__file__).resolve().parents[1]
+    for name in ("params.yaml", "params-paper.yaml"):
+        params = load_params(root / name)
+        assert set(params) <= set(sections), f"{name} has unknown sections {set(params) - set(sections)}"
+        for section in params:
+            resolve_config(sections[section], section, params)
+    paper = load_params(root / "params-paper.yaml")
+    assert paper["train"]["learning_rate"] == 5e-5 and paper["train"]["weight_decay"] == 0.01
+    assert paper["shard"]["crop_size"] == 512 and paper["train"]["dfc_weight"] == 0.05

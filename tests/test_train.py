@@ -148,3 +148,18 @@ def test_ablation_switches_reach_the_model_and_the_loss(tiny_models, train_shard
     assert settings["sfa_mode"] == switches["sfa_mode"]
     assert settings["conditional_attention"] == switches.get("conditional_attention", True)
     assert (run_dir / "final/conditional_attention").is_dir() == switches.get("conditional_attention", True)
+
+
+def test_validation_grids_are_written_and_do_not_perturb_training(tiny_models, train_shards, tmp_path):
+    from PIL import Image
+
+    plain = train_stage.run(make_config(tiny_models, train_shards, tmp_path / "plain", max_train_steps=2, checkpointing_steps=1000))
+    validated = train_stage.run(make_config(
+        tiny_models, train_shards, tmp_path / "validated", max_train_steps=2, checkpointing_steps=1000,
+        validation_steps=1, validation_samples=2, validation_inference_steps=2,
+    ))
+    grids = sorted((tmp_path / "validated/validation").glob("*.png"))
+    assert [g.name for g in grids] == ["step-0000001.png", "step-0000002.png"]
+    width, height = Image.open(grids[0]).size
+    assert 3 * 96 <= width < 3 * 96 + 16 and 2 * 96 <= height < 2 * 96 + 16, "two rows of LR-upsampled | SR | HR at 96 px"
+    assert validated["parameter_digest"] == plain["parameter_digest"]

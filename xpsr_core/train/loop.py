@@ -101,7 +101,8 @@ class Trainer:
 
         config, accelerator = self.config, self.accelerator
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-        components = ("unet", "scheduler", "text_encoder", "tokenizer") + (("vae",) if config.online_encoding or self._needs_vae() else ())
+        needs_vae = config.online_encoding or config.validation_steps > 0 or self._needs_vae()
+        components = ("unet", "scheduler", "text_encoder", "tokenizer") + (("vae",) if needs_vae else ())
         base = load_base_sd(config.base_model, dtype=self.weight_dtype, device=accelerator.device, components=components)
         self.base = base
         self.scheduler = base.scheduler
@@ -127,8 +128,8 @@ class Trainer:
         with torch.no_grad():
             prompts = encode_prompts(base.text_encoder, base.tokenizer, ["", config.negative_prompt])
         self.empty_prompt = prompts[0].to(accelerator.device)
-        if not config.online_encoding:  # pre-encoded shards: the text encoder is no longer needed
-            base.text_encoder = None
+        if not config.online_encoding and not config.validation_steps:
+            base.text_encoder = None  # pre-encoded shards and no validation: the text encoder is not needed
 
     def _needs_vae(self) -> bool:
         first = sorted(Path(self.config.train_dir).glob("*.tar"))[:1]
@@ -276,8 +277,48 @@ class Trainer:
                     self._append_log(log_path, row)
             if done % config.checkpointing_steps == 0 or done == config.max_train_steps:
                 self.save_checkpoint(done)
+            if config.validation_steps and (done % config.validation_steps == 0 or done == config.max_train_steps):
+                self.validate(done)
         total = time.perf_counter() - started
         return self._finish(history, start_step, total)
+
+    def validation_samples(self) -> list[dict]:
+        """The first samples of the first training shard, with their captions (fixed across the run)."""
+        from ..io.images import decode_png
+        from ..io.shards import read_shard
+
+        first = sorted(Path(self.config.train_dir).glob("*.tar"))[0]
+        samples = []
+        for sample in read_shard(first):
+            captions = json.loads(sample["json"]).get("captions", {})
+            samples.append({"lr": decode_png(sample["lr.png"]), "hr": decode_png(sample["hr.png"]),
+                            "content": captions.get("content", ""), "quality": captions.get("quality", "")})
+            if len(samples) == self.config.validation_samples:
+                break
+        return samples
+
+    def validate(self, step: int) -> Path | None:
+        """Super-resolve the validation samples with the current weights; save and log the grid."""
+        import dataclasses
+
+        import numpy as np
+        from diffusers import DDPMScheduler
+
+        from ..infer.pipeline import XPSRPipeline, validation_grid
+
+        path = None
+        if self.accelerator.is_main_process:
+            # a scheduler of its own: sampling sets timesteps that training must not see
+            base = dataclasses.replace(self.base, scheduler=DDPMScheduler.from_config(self.scheduler.config))
+            pipe = XPSRPipeline.from_model(self._trainable(), base)
+            grid = validation_grid(pipe, self.validation_samples(), steps=self.config.validation_inference_steps)
+            path = self.run_dir / "validation" / f"step-{step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
+            if self.config.tensorboard:
+                self.accelerator.get_tracker("tensorboard").log_images({"validation": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
+        self.accelerator.wait_for_everyone()
+        return path
 
     def _append_log(self, path: Path, row: dict) -> None:
         columns = list(row)
