@@ -9,7 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import subprocess
+
 from conftest import BAD_CORPUS_EXPECTED
+from xpsr_core.io.atomic import HOST
 from stages import shard as shard_stage
 from xpsr_core.errors import FailureRatioExceeded, UserError
 from xpsr_core.io.images import decode_png
@@ -121,19 +124,37 @@ def test_one_and_two_workers_give_identical_bytes(photo_dir, tmp_path):
     assert len(one) == 3 * 3 + 1 and one == two
 
 
+def _finished_pid() -> int:
+    """The pid of a process that has exited (a crashed writer)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_leftovers_of_live_writers_are_kept(tmp_path):
+    from xpsr_core.io.atomic import remove_temporaries
+
+    (tmp_path / f"00000.tar.tmp-{HOST}-{_finished_pid()}").write_bytes(b"dead writer")
+    live = tmp_path / f"00001.tar.tmp-{HOST}-{__import__('os').getpid()}"
+    live.write_bytes(b"another rank still writing")
+    assert remove_temporaries(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [live.name]
+
+
 def test_interrupted_run_resumes_to_identical_bytes(photo_dir, tmp_path, monkeypatch):
     reference = tmp_path / "reference"
     shard_stage.run(make_config({"photos": photo_dir}, reference))
 
     out = tmp_path / "interrupted"
     real_build = shard_stage.build_shard
+    dead_pid = _finished_pid()
     calls = {"n": 0}
 
     def crash_after_one(config, folder, items, shard):
         calls["n"] += 1
         if calls["n"] == 2:
             # die mid-shard: a half-written tar is left behind under a temporary name
-            (folder / f"{shard:05d}.tar.tmp-999").write_bytes(b"partial")
+            (folder / f"{shard:05d}.tar.tmp-{HOST}-{dead_pid}").write_bytes(b"partial")
             raise RuntimeError("simulated crash")
         return real_build(config, folder, items, shard)
 
@@ -192,3 +213,18 @@ def test_input_limit_takes_the_first_files_in_sorted_order(photo_dir, tmp_path):
     shard_stage.run(config)
     sources = list(index_rows(tmp_path / "out")["source"])
     assert sources == ["astronaut.png", "camera.png", "chelsea.png"]
+
+
+def test_other_ranks_wait_for_rank_zero_to_prepare_the_folder(photo_dir, tmp_path, monkeypatch):
+    from xpsr_core.io.outputs import prepare_output_dir
+
+    config = make_config({"photos": photo_dir}, tmp_path / "out")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(UserError, match="waited"):
+        prepare_output_dir(tmp_path / "out", "shard", config, wait_seconds=0.5)
+    assert not (tmp_path / "out" / "config.json").exists(), "rank 1 never writes the record"
+    monkeypatch.setenv("RANK", "0")
+    prepare_output_dir(tmp_path / "out", "shard", config)
+    monkeypatch.setenv("RANK", "1")
+    assert prepare_output_dir(tmp_path / "out", "shard", config, wait_seconds=0.5) == tmp_path / "out"

@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any, Iterator
 
 TMP_MARK = ".tmp-"
+HOST = socket.gethostname().replace(".", "_").replace("-", "_")
 
 
 def temporary_sibling(path: Path) -> Path:
-    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    """``NAME.tmp-HOST-PID``: whose write it is, so only dead writers' leftovers are removed."""
+    return path.with_name(f"{path.name}{TMP_MARK}{HOST}-{os.getpid()}")
 
 
 @contextlib.contextmanager
@@ -44,10 +47,27 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, dumps_json(obj).encode())
 
 
+def _writer_alive(leftover: Path) -> bool:
+    host, _, pid = leftover.name.rpartition(TMP_MARK)[2].rpartition("-")
+    if host != HOST or not pid.isdigit():
+        return host != HOST  # another machine's writer (shared filesystem): not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_temporaries(folder: Path) -> int:
-    """Delete leftovers of writes that never finished (a crash between write and rename)."""
+    """Delete leftovers of writes that never finished (a crash between write and rename).
+
+    Files of writers that are still running (another rank sharing the folder) are left alone.
+    """
     removed = 0
     for leftover in Path(folder).glob(f"*{TMP_MARK}*"):
-        leftover.unlink()
-        removed += 1
+        if not _writer_alive(leftover):
+            leftover.unlink(missing_ok=True)
+            removed += 1
     return removed

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 from ..config import StageConfig
@@ -23,7 +25,7 @@ def ensure_writable_dir(folder: Path, what: str = "output folder") -> Path:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".xpsr-write-probe"
+        probe = folder / f".xpsr-write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
@@ -36,10 +38,28 @@ def _changed_fields(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def prepare_output_dir(folder: Path, stage: str, config: StageConfig, overwrite: bool = False) -> Path:
-    """Make ``folder`` ready for ``stage`` under ``config``; refuse to mix outputs of different configs."""
+def prepare_output_dir(folder: Path, stage: str, config: StageConfig, overwrite: bool = False, wait_seconds: float = 600) -> Path:
+    """Make ``folder`` ready for ``stage`` under ``config``; refuse to mix outputs of different configs.
+
+    Under a multi-process launcher only rank 0 checks, clears and records the folder; the other
+    ranks wait until the record shows this config, so no rank deletes another's fresh work.
+    """
+    from ..dist import rank_and_world
+
     folder = ensure_writable_dir(folder)
     record = folder / CONFIG_FILE
+    rank, world = rank_and_world()
+    if rank > 0 and world > 1:
+        deadline = time.monotonic() + wait_seconds
+        while time.monotonic() < deadline:
+            try:
+                if json.loads(record.read_text()).get("config_hash") == config.output_hash():
+                    return folder
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise UserError(f"Rank {rank} waited {wait_seconds:.0f} s for rank 0 to prepare {folder} with this configuration; "
+                        "check rank 0's error, or that every rank got the same config.")
     settings = config.output_settings()
     if record.exists():
         try:
