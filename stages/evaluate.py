@@ -5,8 +5,8 @@ two folders matched by relative path (extension ignored). With ``sr_dir`` the SR
 read from a folder (matched the same way) instead of being generated.
 
 Outputs in ``out``: ``per_image.parquet`` (one row per pair: metrics, captions, status),
-``metrics.json`` (aggregates for DVC; every optional metric either has a value or
-``computed: false`` with the reason), ``grid.png`` (LR upsampled | SR | HR rows) and, with
+``metrics.json`` (the numbers, for DVC), ``metric_details.json`` (every metric either
+has a value or ``computed: false`` with the reason), ``grid.png`` (LR upsampled | SR | HR rows) and, with
 ``save_sr``, the SR images under ``sr/``.
 """
 
@@ -277,7 +277,11 @@ def run(config: EvaluateConfig) -> dict:
         pa_csv.write_csv(table.select([c for c in columns if c not in ("content_caption", "quality_caption", "error")]), tmp)
     summary = aggregate(rows, runs, fid_value, config, crop)
     summary["seconds"] = round(time.perf_counter() - started, 3)
-    atomic_write_json(out / "metrics.json", summary)
+    # metrics.json holds numbers only (what `dvc metrics show` tabulates); which metrics were
+    # not computed, and why, goes beside it
+    details = {k: summary[k] for k in ("metrics", "not_computed")}
+    atomic_write_json(out / "metrics.json", {k: v for k, v in summary.items() if k not in details})
+    atomic_write_json(out / "metric_details.json", details)
     if grid_rows:
         with atomic_path(out / "grid.png") as tmp:
             stack_rows(grid_rows).save(tmp, format="PNG")

@@ -163,3 +163,13 @@ def test_validation_grids_are_written_and_do_not_perturb_training(tiny_models, t
     width, height = Image.open(grids[0]).size
     assert 3 * 96 <= width < 3 * 96 + 16 and 2 * 96 <= height < 2 * 96 + 16, "two rows of LR-upsampled | SR | HR at 96 px"
     assert validated["parameter_digest"] == plain["parameter_digest"]
+
+
+def test_bf16_mixed_precision_with_gradient_checkpointing_trains_in_fp32(tiny_models, train_shards, tmp_path):
+    report = train_stage.run(make_config(
+        tiny_models, train_shards, tmp_path / "bf16", max_train_steps=2, checkpointing_steps=1000,
+        mixed_precision="bf16", gradient_checkpointing=True,
+    ))
+    assert report["final_loss"] is not None and report["final_loss"] == report["final_loss"]  # finite, not NaN
+    exported = load_file(tmp_path / "bf16/final/controlnet/diffusion_pytorch_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in exported.values()), "trainable parts stay in float32"
