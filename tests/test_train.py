@@ -173,3 +173,10 @@ def test_bf16_mixed_precision_with_gradient_checkpointing_trains_in_fp32(tiny_mo
     assert report["final_loss"] is not None and report["final_loss"] == report["final_loss"]  # finite, not NaN
     exported = load_file(tmp_path / "bf16/final/controlnet/diffusion_pytorch_model.safetensors")
     assert all(t.dtype == torch.float32 for t in exported.values()), "trainable parts stay in float32"
+
+
+def test_unquoted_yaml_no_means_no_mixed_precision(tmp_path):
+    from xpsr_core.config import resolve_config
+
+    params = __import__("yaml").safe_load("train:\n  mixed_precision: no\n")
+    assert resolve_config(train_stage.TrainConfig, "train", params).mixed_precision == "no"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..config import StageConfig, runtime_field
 from ..encoding import NEGATIVE_PROMPT
@@ -56,3 +56,9 @@ class TrainConfig(StageConfig):
     tensorboard: bool = runtime_field(True, "Also log to TensorBoard through accelerate.")
     device: Literal["auto", "cpu"] = runtime_field("auto", "auto: GPUs when present; cpu forces the CPU.")
     overwrite: bool = runtime_field(False, "Start over in a run folder made with a different config.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        # YAML 1.1 reads an unquoted `no` (as tools like `dvc exp run -S` write it back) as False
+        return "no" if value is False else value
