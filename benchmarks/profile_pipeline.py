@@ -1,10 +1,11 @@
 """Wall time and peak memory of each `dvc repro` stage on the embedded default.
 
-Runs every stage of dvc.yaml once more (forced, dependencies not rerun: `dvc repro -s -f STAGE`)
-in pipeline order under /usr/bin/time and prints, per stage, wall seconds, the peak RSS of the
-largest process it started, and its share of the total.
+Runs the stages of dvc.yaml one at a time in pipeline order (`dvc repro -s STAGE`) under
+/usr/bin/time and prints, per stage, wall seconds, the peak RSS of the largest process it
+started, and its share of the total. Run it in a fresh clone, instead of `dvc repro`: stages
+that resume (shard, degrade, caption, embed, train) would find finished outputs otherwise.
 
-    python benchmarks/profile_pipeline.py            # from a checkout where `dvc repro` has run
+    python benchmarks/profile_pipeline.py
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import yaml
 
 def main() -> None:
     stages = list(yaml.safe_load(Path("dvc.yaml").read_text())["stages"])
+    if Path("dvc.lock").exists():
+        sys.exit("dvc.lock exists: the pipeline has run here already. Profile a fresh clone.")
     rows = []
     for stage in stages:
         with tempfile.NamedTemporaryFile("r", suffix=".time") as timing:
             result = subprocess.run(
-                ["/usr/bin/time", "-f", "%e %M", "-o", timing.name, "dvc", "repro", "-s", "-f", stage],
+                ["/usr/bin/time", "-f", "%e %M", "-o", timing.name, "dvc", "repro", "-s", stage],
                 capture_output=True, text=True,
             )
             if result.returncode != 0:
