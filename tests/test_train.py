@@ -17,6 +17,16 @@ from xpsr_core.errors import UserError
 from xpsr_core.train.loop import TrainingDiverged, list_checkpoints
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each run builds its own Accelerator; accelerate keeps one global state per process."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def make_config(tiny_models, train_shards, out, **changes) -> train_stage.TrainConfig:
     values = dict(
         train_dir=train_shards, out=out, base_model=str(tiny_models.sd), batch_size=2, max_train_steps=6,
