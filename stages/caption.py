@@ -138,17 +138,10 @@ def write_manifest(path: Path, rows: list[dict]) -> None:
 
 
 def manifest_stats(shard: int, rows: list[dict]) -> dict:
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    return {
-        "shard": shard,
-        "inputs": len(rows),
-        "samples": counts.get(OK, 0),
-        "failed": len(rows) - counts.get(OK, 0),
-        "status_counts": dict(sorted(counts.items())),
-        "truncated": {kind: sum(bool(r[f"{kind}_truncated"]) for r in rows) for kind in CAPTION_KINDS},
-    }
+    from stages.common import shard_stats
+
+    truncated = {kind: sum(bool(r[f"{kind}_truncated"]) for r in rows) for kind in CAPTION_KINDS}
+    return shard_stats(shard, (r["status"] for r in rows), sum(r["status"] == OK for r in rows), truncated=truncated)
 
 
 def caption_shard(config: CaptionConfig, out: Path, shard: int) -> dict:

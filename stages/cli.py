@@ -69,9 +69,9 @@ def user_command(function: Callable) -> Callable:
 
 
 def _resolve(config_cls, section: str, params: Optional[Path], options: dict, sets: Optional[List[str]]):
-    from xpsr_core.config import _merge, load_params, parse_overrides, resolve_config
+    from xpsr_core.config import deep_merge, load_params, parse_overrides, resolve_config
 
-    overrides = _merge({k: v for k, v in options.items() if v is not None}, parse_overrides(sets))
+    overrides = deep_merge({k: v for k, v in options.items() if v is not None}, parse_overrides(sets))
     config = resolve_config(config_cls, section, load_params(params), overrides)
     from stages.common import console
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+from collections import Counter
 import time
 from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -62,6 +63,20 @@ def run_over_shards(
                 for future in as_completed(futures):
                     record(futures[future], future.result())
     return [results[s] for s in sorted(results)]
+
+
+def shard_stats(shard: int, statuses: Iterable[str], samples: int, **extra) -> dict:
+    """A shard's stats file (its done marker): inputs, samples written, failures, counts by status."""
+    counts = Counter(statuses)
+    inputs = sum(counts.values())
+    return {
+        "shard": shard,
+        "inputs": inputs,
+        "samples": samples,
+        "failed": inputs - counts.get("ok", 0),
+        "status_counts": dict(sorted(counts.items())),
+        **extra,
+    }
 
 
 def summarize(stage: str, all_stats: Iterable[dict], processed: list[dict], seconds: float) -> dict:

@@ -60,13 +60,13 @@ def degrade_shard(config: DegradeConfig, in_dir: Path, out: Path, threads: int, 
     import pyarrow.parquet as pq
     import torch
 
+    from stages.common import shard_stats
     from xpsr_core.degrade import degrade_batch, sample_degradation
+    from xpsr_core.dist import rank_device
     from xpsr_core.io.atomic import atomic_path
     from xpsr_core.io.images import decode_png, encode_png
     from xpsr_core.io.shards import TarShardWriter, index_path, read_shard, tar_path, write_stats
     from xpsr_core.seeding import numpy_rng
-
-    from xpsr_core.dist import rank_device
 
     torch.set_num_threads(threads)
     device = rank_device(config.device)
@@ -114,11 +114,7 @@ def degrade_shard(config: DegradeConfig, in_dir: Path, out: Path, threads: int, 
     columns = ["key", "status", "error"] + sorted({c for row in rows for c in row} - {"key", "status", "error"})
     with atomic_path(index_path(out, shard)) as tmp:
         pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]), tmp)
-    failed = sum(row["status"] != OK for row in rows)
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    stats = {"shard": shard, "inputs": len(rows), "samples": samples, "failed": failed, "status_counts": dict(sorted(counts.items()))}
+    stats = shard_stats(shard, (row["status"] for row in rows), samples)
     write_stats(out, shard, stats)
     return stats
 

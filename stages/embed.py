@@ -97,7 +97,8 @@ def embed_shard(config: EmbedConfig, out: Path, keep: dict[int, list[str]], shar
     base = _encoders(config.base_model, config.device, config.encode_latents)
     captions = _read_captions(config.captions_dir, shard)
     wanted = set(keep[shard])
-    samples = [s for s in read_shard(tar_path(config.pairs_dir, shard)) if s["__key__"] in wanted]
+    pairs = list(read_shard(tar_path(config.pairs_dir, shard)))
+    samples = [s for s in pairs if s["__key__"] in wanted]
     with TarShardWriter(tar_path(out, shard)) as writer:
         for start in range(0, len(samples), config.batch_size):
             batch = samples[start : start + config.batch_size]
@@ -123,7 +124,7 @@ def embed_shard(config: EmbedConfig, out: Path, keep: dict[int, list[str]], shar
                     fields["latent.npy"] = npy_bytes(moments[i])
                 writer.write(sample["__key__"], fields)
         written = writer.count
-    dropped = len(_tar_keys(tar_path(config.pairs_dir, shard))) - written
+    dropped = len(pairs) - written
     stats = {"shard": shard, "inputs": written + dropped, "samples": written, "failed": 0, "dropped": dropped,
              "status_counts": {"ok": written, **({"dropped": dropped} if dropped else {})}}
     write_stats(out, shard, stats)

@@ -87,6 +87,7 @@ def build_shard(config: ShardConfig, out: Path, items: list[tuple[str, Path, str
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from stages.common import shard_stats
     from xpsr_core import crops as cropping
     from xpsr_core.io import images
     from xpsr_core.io.atomic import atomic_path
@@ -138,16 +139,7 @@ def build_shard(config: ShardConfig, out: Path, items: list[tuple[str, Path, str
     table = pa.Table.from_pylist(rows, schema=_index_schema())
     with atomic_path(index_path(out, shard)) as tmp:
         pq.write_table(table, tmp)
-    status_counts: dict[str, int] = {}
-    for row in rows:
-        status_counts[row["status"]] = status_counts.get(row["status"], 0) + 1
-    stats = {
-        "shard": shard,
-        "inputs": len(rows),
-        "samples": samples,
-        "failed": len(rows) - status_counts.get(images.OK, 0),
-        "status_counts": dict(sorted(status_counts.items())),
-    }
+    stats = shard_stats(shard, (row["status"] for row in rows), samples)
     write_stats(out, shard, stats)
     return stats
 

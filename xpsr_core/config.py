@@ -85,11 +85,11 @@ def parse_overrides(items: list[str] | None) -> dict:
     return result
 
 
-def _merge(base: dict, extra: Mapping) -> dict:
+def deep_merge(base: dict, extra: Mapping) -> dict:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -103,7 +103,7 @@ def resolve_config(
 ) -> Config:
     """Build a stage config from params[section], then explicit overrides, and validate it."""
     values = dict((params or {}).get(section) or {})
-    values = _merge(values, {k: v for k, v in (overrides or {}).items() if v is not None})
+    values = deep_merge(values, {k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return cls.model_validate(values)
     except ValidationError as error:

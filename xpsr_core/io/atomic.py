@@ -49,8 +49,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def _writer_alive(leftover: Path) -> bool:
     host, _, pid = leftover.name.rpartition(TMP_MARK)[2].rpartition("-")
-    if host != HOST or not pid.isdigit():
-        return host != HOST  # another machine's writer (shared filesystem): not ours to judge
+    if host != HOST:
+        return True  # another machine's writer (shared filesystem): not ours to judge
+    if not pid.isdigit():
+        return False  # not a name this code writes: a stale leftover
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
