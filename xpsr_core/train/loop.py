@@ -102,7 +102,10 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
         needs_vae = config.online_encoding or config.validation_steps > 0 or self._needs_vae()
-        components = ("unet", "scheduler", "text_encoder", "tokenizer") + (("vae",) if needs_vae else ())
+        # the text encoder: captions encoded in the loop, validation, or the empty prompt of the
+        # "no high-level prompt" ablation
+        needs_text = config.online_encoding or config.validation_steps > 0 or not config.use_high_prompt
+        components = ("unet", "scheduler") + (("text_encoder", "tokenizer") if needs_text else ()) + (("vae",) if needs_vae else ())
         base = load_base_sd(config.base_model, dtype=self.weight_dtype, device=accelerator.device, components=components)
         self.base = base
         self.scheduler = base.scheduler
@@ -125,11 +128,9 @@ class Trainer:
         accelerator.register_for_checkpointing(self.lr_scheduler)
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
-        with torch.no_grad():
-            prompts = encode_prompts(base.text_encoder, base.tokenizer, ["", config.negative_prompt])
-        self.empty_prompt = prompts[0].to(accelerator.device)
-        if not config.online_encoding and not config.validation_steps:
-            base.text_encoder = None  # pre-encoded shards and no validation: the text encoder is not needed
+        self.empty_prompt = None
+        if not config.use_high_prompt:
+            self.empty_prompt = encode_prompts(base.text_encoder, base.tokenizer, [""])[0].to(accelerator.device)
 
     def _needs_vae(self) -> bool:
         first = sorted(Path(self.config.train_dir).glob("*.tar"))[:1]
@@ -311,7 +312,8 @@ class Trainer:
             # a scheduler of its own: sampling sets timesteps that training must not see
             base = dataclasses.replace(self.base, scheduler=DDPMScheduler.from_config(self.scheduler.config))
             pipe = XPSRPipeline.from_model(self._trainable(), base)
-            grid = validation_grid(pipe, self.validation_samples(), steps=self.config.validation_inference_steps)
+            grid = validation_grid(pipe, self.validation_samples(), steps=self.config.validation_inference_steps,
+                                   negative_prompt=self.config.negative_prompt)
             path = self.run_dir / "validation" / f"step-{step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)

@@ -44,7 +44,7 @@ class TrainConfig(StageConfig):
     shuffle_buffer: int = Field(256, ge=1)
     num_workers: int = Field(0, ge=0, description="Dataloader workers per process (shards >= processes x workers).")
     online_encoding: bool = Field(False, description="Encode captions and HR latents in the loop (the paper code's practice; slower).")
-    negative_prompt: str = NEGATIVE_PROMPT
+    negative_prompt: str = Field(NEGATIVE_PROMPT, description="Replaces the content caption in the validation grids' guidance.")
     # checkpoints and logs
     checkpointing_steps: int = runtime_field(500, "Save a resumable checkpoint every N steps.", ge=1)
     checkpoints_total_limit: Optional[int] = runtime_field(3, "Keep only the newest N checkpoints.", ge=1)
