@@ -54,12 +54,6 @@ class EvaluateConfig(SRModelConfig):
 # ---------------------------------------------------------------------------- pairs
 
 
-def _decode(data: bytes) -> np.ndarray:
-    from xpsr_core.io.images import decode_png
-
-    return decode_png(data)
-
-
 def load_pairs(config: EvaluateConfig) -> list[dict]:
     """[{key, name, lr, hr} or {key, name, error}] in key order (at most ``limit``)."""
     from xpsr_core.io import images as image_io
@@ -102,7 +96,7 @@ def load_pairs(config: EvaluateConfig) -> list[dict]:
         for sample in read_shard(tar_path(folder, shard)):
             pair = {"key": sample["__key__"], "name": sample["__key__"]}
             try:
-                pair["lr"], pair["hr"] = _decode(sample["lr.png"]), _decode(sample["hr.png"])
+                pair["lr"], pair["hr"] = image_io.decode_png(sample["lr.png"]), image_io.decode_png(sample["hr.png"])
             except Exception as error:
                 pair["error"] = f"cannot decode the pair: {error}"
             pairs.append(pair)
