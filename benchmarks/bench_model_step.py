@@ -75,7 +75,7 @@ def build_variants(unet, device, dtype):
 
     variants = {}
     torch.manual_seed(0)
-    controlnet = ControlNetModel.from_unet(unet)  # follows the UNet's device and dtype
+    controlnet = ControlNetModel.from_unet(unet).to(device, dtype)  # from_unet builds on the CPU in float32
     variants["diffusers"] = ("diffusers", controlnet, False)
     settings = {
         "xpsr-plain": XPSRSettings(sfa_mode="high", conditional_attention=False, dfc_pixel=False, dfc_latent=False),

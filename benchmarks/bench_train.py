@@ -4,20 +4,23 @@ The reference is the paper code's practice: every step runs the CLIP text encode
 captions and the VAE encoder on the HR batch. Ours reads the fp16 embeddings and the VAE
 posterior moments that `xpsr embed` stored. Same model, data, batch and steps, one process.
 
-    python benchmarks/bench_train.py --data data/shards/train --base-model models/tiny/sd15 [--steps 30 --batch 4]
-    python benchmarks/bench_train.py --mid [--pairs data/shards/pairs --captions manifests/captions]
+    python benchmarks/bench_train.py --data data/shards/train --base-model models/tiny/sd15 [--steps 30 --batches 4]
+    python benchmarks/bench_train.py --build mid [--pairs data/shards/pairs --captions manifests/captions]
+    python benchmarks/bench_train.py --build sd15 --mixed-precision bf16 --batches 4 8 --workers 4   # on a GPU
 
-``--mid`` builds a base model with SD-1.5's proportions at a fifth to a quarter of its width (UNet 1/5, VAE and text encoder 1/4; 
-the tiny zoo's VAE and text encoder are relatively much smaller than
-SD-1.5's), embeds the pair shards with it, and compares on that.
-
-On a GPU add --mixed-precision bf16 and point --base-model at `xpsr models sd15-shaped` output
-(training shards embedded with that model).
+``--build mid`` builds a base model with SD-1.5's proportions at a fifth to a quarter of its width
+(UNet 1/5, VAE and text encoder 1/4; the tiny zoo's VAE and text encoder are relatively much smaller
+than SD-1.5's), embeds the pair shards with it, and compares on that. ``--build sd15`` does the same
+with SD-1.5's real shapes (random weights drawn on the GPU when there is one); give it pair shards
+with 512 px HR crops for the paper's setting. ``--json`` also writes every figure to a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +31,13 @@ from xpsr_core.train.loop import Trainer
 from xpsr_core.train.settings import TrainConfig
 
 
-def samples_per_second(data: Path, base_model: str, steps: int, batch: int, online: bool, mixed_precision: str) -> tuple[float, float]:
+def samples_per_second(data: Path, base_model: str, steps: int, batch: int, online: bool, mixed_precision: str,
+                       workers: int) -> tuple[float, float]:
     out = Path(tempfile.mkdtemp())
     config = TrainConfig(
         train_dir=data, base_model=base_model, out=out, batch_size=batch, max_train_steps=steps + 2, online_encoding=online,
         checkpointing_steps=10**9, tensorboard=False, metrics_file=None, mixed_precision=mixed_precision, shuffle_buffer=8,
+        num_workers=workers,
     )
     trainer = Trainer(config)
     if torch.cuda.is_available():
@@ -42,29 +47,46 @@ def samples_per_second(data: Path, base_model: str, steps: int, batch: int, onli
     columns = (out / "train_log.tsv").read_text().splitlines()[0].split("\t")
     rates = [float(line.split("\t")[columns.index("samples_per_s")]) for line in log][2:]  # skip warm-up steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    del trainer, report
     # harmonic mean of per-step rates = total samples / total time
     return len(rates) / sum(1 / r for r in rates), peak
 
 
-def mid_size_data(pairs: Path, captions: Path) -> tuple[Path, str]:
-    """A quarter-width SD-1.5-proportioned base model, and training shards embedded with it."""
+def measured_apart(args, batch: int, online: bool) -> tuple[float, float]:
+    """``samples_per_second`` in a fresh process, so one run's leftovers never count in the other's peak memory."""
+    result = Path(tempfile.mkdtemp()) / "case.json"
+    subprocess.run([sys.executable, __file__, "--case", "online" if online else "ours", "--data", str(args.data),
+                    "--base-model", args.base_model, "--steps", str(args.steps), "--batches", str(batch),
+                    "--mixed-precision", args.mixed_precision, "--workers", str(args.workers), "--json", str(result)], check=True)
+    measured = json.loads(result.read_text())
+    return measured["rate"], measured["peak"]
+
+
+def built_data(kind: str, pairs: Path, captions: Path, tokenizer: Path | None) -> tuple[Path, str]:
+    """A base model of SD-1.5's proportions (``mid``: a quarter width) or shapes (``sd15``), and training shards embedded with it."""
     import dataclasses
 
     from stages import embed
     from xpsr_core.zoo import SD15_SHAPED, write_sd
 
-    preset = dataclasses.replace(
-        SD15_SHAPED,
-        name="mid",
-        dtype="float32",
-        unet={**SD15_SHAPED.unet, "block_out_channels": (64, 128, 256, 256), "cross_attention_dim": 192, "sample_size": 32},
-        vae={**SD15_SHAPED.vae, "block_out_channels": (32, 64, 128, 128), "sample_size": 256},
-        text_encoder={**SD15_SHAPED.text_encoder, "hidden_size": 192, "intermediate_size": 768, "projection_dim": 192},
-    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "mid":
+        preset = dataclasses.replace(
+            SD15_SHAPED,
+            name="mid",
+            dtype="float32",
+            unet={**SD15_SHAPED.unet, "block_out_channels": (64, 128, 256, 256), "cross_attention_dim": 192, "sample_size": 32},
+            vae={**SD15_SHAPED.vae, "block_out_channels": (32, 64, 128, 128), "sample_size": 256},
+            text_encoder={**SD15_SHAPED.text_encoder, "hidden_size": 192, "intermediate_size": 768, "projection_dim": 192},
+        )
+    else:
+        preset = SD15_SHAPED
     root = Path(tempfile.mkdtemp())
-    sd = write_sd(root / "sd15", preset)
-    embed.run(embed.EmbedConfig(pairs_dir=pairs, captions_dir=captions, out=root / "train", base_model=str(sd), batch_size=8))
+    started = time.perf_counter()
+    sd = write_sd(root / "sd15", preset, device=device, tokenizer_from=tokenizer)
+    print(f"built the {kind} base model in {time.perf_counter() - started:.1f} s", flush=True)
+    started = time.perf_counter()
+    embed.run(embed.EmbedConfig(pairs_dir=pairs, captions_dir=captions, out=root / "train", base_model=str(sd), batch_size=8, device=device))
+    print(f"embedded the pair shards in {time.perf_counter() - started:.1f} s", flush=True)
     return root / "train", str(sd)
 
 
@@ -73,20 +95,36 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data/shards/train"))
     parser.add_argument("--base-model", default="models/tiny/sd15")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batches", type=int, nargs="+", default=[4])
     parser.add_argument("--mixed-precision", default="no")
-    parser.add_argument("--mid", action="store_true", help="SD-1.5 proportions at a quarter width (see above)")
+    parser.add_argument("--workers", type=int, default=0, help="dataloader workers (the training shards must number at least this)")
+    parser.add_argument("--build", choices=["mid", "sd15"], help="build a base model and embed --pairs/--captions with it (see above)")
     parser.add_argument("--pairs", type=Path, default=Path("data/shards/pairs"))
     parser.add_argument("--captions", type=Path, default=Path("manifests/captions"))
+    parser.add_argument("--tokenizer", type=Path, help="with --build: copy this CLIP tokenizer folder (where open_clip is not installed)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--case", choices=["online", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.mid:
-        args.data, args.base_model = mid_size_data(args.pairs, args.captions)
-    online, online_peak = samples_per_second(args.data, args.base_model, args.steps, args.batch, True, args.mixed_precision)
-    ours, ours_peak = samples_per_second(args.data, args.base_model, args.steps, args.batch, False, args.mixed_precision)
-    print(f"base model: {args.base_model}  batch {args.batch}  steps {args.steps} (+2 warm-up)  precision {args.mixed_precision}")
-    print(f"encode on the fly (reference): {online:8.3f} samples/s   peak GPU {online_peak:.2f} GiB")
-    print(f"pre-encoded (xpsr train)     : {ours:8.3f} samples/s   peak GPU {ours_peak:.2f} GiB")
-    print(f"speed-up                     : {ours / online:8.2f}x")
+    if args.case:  # one measurement, in a process of its own (see measured_apart)
+        rate, peak = samples_per_second(args.data, args.base_model, args.steps, args.batches[0], args.case == "online",
+                                        args.mixed_precision, args.workers)
+        args.json.write_text(json.dumps({"rate": rate, "peak": peak}))
+        return
+    if args.build:
+        args.data, args.base_model = built_data(args.build, args.pairs, args.captions, args.tokenizer)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"base model: {args.build or args.base_model}  steps {args.steps} (+2 warm-up)  precision {args.mixed_precision}  "
+          f"workers {args.workers}  device {device}")
+    rows = []
+    for batch in args.batches:
+        online, online_peak = measured_apart(args, batch, True)
+        ours, ours_peak = measured_apart(args, batch, False)
+        rows.append(dict(batch=batch, online=online, online_peak_gib=online_peak, ours=ours, ours_peak_gib=ours_peak, speedup=ours / online))
+        print(f"batch {batch}: encode on the fly (reference) {online:8.3f} samples/s  peak GPU {online_peak:6.2f} GiB | "
+              f"pre-encoded (xpsr train) {ours:8.3f} samples/s  peak GPU {ours_peak:6.2f} GiB | speed-up {ours / online:5.2f}x", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "base_model": args.build or args.base_model, "steps": args.steps,
+                                         "mixed_precision": args.mixed_precision, "workers": args.workers, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

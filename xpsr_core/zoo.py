@@ -380,15 +380,22 @@ def build_sd_components(preset: ZooPreset, seed: int = 0, device: str = "cpu"):
     return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), scheduler=scheduler)
 
 
-def write_sd(folder: Path, preset: ZooPreset, seed: int = 0) -> Path:
-    """Write a diffusers SD-1.5 folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+def write_sd(folder: Path, preset: ZooPreset, seed: int = 0, device: str = "cpu", tokenizer_from: Path | None = None) -> Path:
+    """Write a diffusers SD-1.5 folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+
+    ``device="cuda"`` draws the random weights on the GPU (seconds instead of minutes at SD-1.5 size).
+    ``tokenizer_from`` reuses a CLIP tokenizer folder instead of building one from open_clip's vocabulary.
+    """
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
-    tokenizer_dir = write_clip_tokenizer(folder / "tokenizer")
+    if tokenizer_from is None:
+        tokenizer_dir = write_clip_tokenizer(folder / "tokenizer")
+    else:
+        tokenizer_dir = Path(tokenizer_from)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    parts = build_sd_components(preset, seed=seed)
+    parts = build_sd_components(preset, seed=seed, device=device)
     pipe = StableDiffusionPipeline(
         tokenizer=tokenizer,
         safety_checker=None,

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU checks of one lent-GPU session, run from the repository root on the device machine:
+#   training samples/s and peak memory, pre-encoded vs encoding on the fly, SD-1.5 shapes, bf16,
+#   512 px, batch 4 and 8 (issue 5); then one XPSR model step against diffusers' ControlNet (issue 3).
+# Prepared on the CPU machine first (basicsr and open_clip are not on the device image):
+#   xpsr shard data/raw/demo --out gpu_bench/hr --crop-size 512 --crops-per-image 2 --images-per-shard 2
+#   xpsr degrade --set input_dir=gpu_bench/hr --set out=gpu_bench/pairs
+#   xpsr caption --set input_dir=gpu_bench/pairs --set out=gpu_bench/captions
+#   cp -r models/tiny/sd15/tokenizer gpu_bench/tokenizer
+# and the wheels of the packages the image lacks in .whl/ (diffusers, webdataset, pydantic, ...).
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT/gpu.txt"
+timeout "${TRAIN_TIMEOUT:-360}" python3 benchmarks/bench_train.py --build sd15 --pairs gpu_bench/pairs --captions gpu_bench/captions \
+    --tokenizer gpu_bench/tokenizer --mixed-precision bf16 --batches 4 8 --steps "${TRAIN_STEPS:-10}" --workers 4 \
+    --json "$OUT/train.json" 2>&1 | grep -v Warning | tee "$OUT/train.log"
+if [ "${MODEL_STEP:-1}" = 1 ]; then
+    timeout "${STEP_TIMEOUT:-120}" python3 benchmarks/bench_model_step.py --device cuda --configs sd15 --dtype bfloat16 --repeats 5 2>&1 | tee "$OUT/model_step.log"
+fi
