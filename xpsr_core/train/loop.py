@@ -167,13 +167,13 @@ class Trainer:
         generator.manual_seed(derive_seed(self.config.seed, "train-step", f"{step}-{micro}-{self.accelerator.process_index}"))
         return generator
 
-    def _latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def _latents(self, batch: dict, hr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         from ..encoding import encode_latent_moments, sample_latent
 
         moments = batch.get("latent_moments")
         if moments is None:  # online: the VAE runs every step
-            moments = encode_latent_moments(self.base.vae, batch["hr"])
-        return sample_latent(moments.to(self.accelerator.device), self.base.vae_scaling_factor, generator)
+            moments = encode_latent_moments(self.base.vae, hr)
+        return sample_latent(moments.to(self.accelerator.device, non_blocking=True), self.base.vae_scaling_factor, generator)
 
     def _embeddings(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.online_encoding:
@@ -184,7 +184,7 @@ class Trainer:
         else:
             content, quality = batch["content"], batch["quality"]
         device = self.accelerator.device
-        content, quality = content.to(device), quality.to(device)
+        content, quality = content.to(device, non_blocking=True), quality.to(device, non_blocking=True)
         if not self.config.use_high_prompt:
             content = self.empty_prompt.expand_as(content)
         return content, quality
@@ -192,9 +192,12 @@ class Trainer:
     def loss(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict]:
         from ..models import training_loss
 
+        from .data import images_on_device
+
         device = self.accelerator.device
         generator = self._generator(step, micro)
-        latents = self._latents(batch, generator)
+        condition, hr = images_on_device(batch, device)
+        latents = self._latents(batch, hr, generator)
         noise = torch.randn(latents.shape, generator=generator, device=device)
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=device)
@@ -204,10 +207,9 @@ class Trainer:
         else:
             target = noise
         content, quality = self._embeddings(batch)
-        hr = batch["hr"].to(device)
         with self.accelerator.autocast():
             output = self.model(noisy.to(self.weight_dtype), timesteps, content.to(self.weight_dtype), quality.to(self.weight_dtype),
-                                batch["condition"].to(device), hr_image=hr, hr_latent=latents, return_dfc=self.use_dfc)
+                                condition, hr_image=hr, hr_latent=latents, return_dfc=self.use_dfc)
         return training_loss(output.sample, target, output.dfc if self.use_dfc else None, self.config.dfc_weight)
 
     # ------------------------------------------------------------------ the loop
@@ -235,7 +237,9 @@ class Trainer:
             skip_batches=start_step * config.gradient_accumulation_steps, online_encoding=config.online_encoding,
         )
         stream.check_workers(config.num_workers)
-        loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers))
+        # pinned batches let the host-to-device copies run asynchronously
+        loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers,
+                                                  pin_memory=accelerator.device.type == "cuda"))
         if config.tensorboard:
             accelerator.init_trackers("xpsr", config={k: v for k, v in config.resolved().items() if isinstance(v, (int, float, str, bool))})
         log_path = self.run_dir / LOG_FILE
