@@ -7,7 +7,10 @@
 #   xpsr degrade --set input_dir=gpu_bench/hr --set out=gpu_bench/pairs
 #   xpsr caption --set input_dir=gpu_bench/pairs --set out=gpu_bench/captions
 #   cp -r models/tiny/sd15/tokenizer gpu_bench/tokenizer
-# and the wheels of the packages the image lacks in .whl/ (diffusers, webdataset, pydantic, ...).
+# and, in .whl/, Python 3.12 wheels of what the GPU image (torch, transformers, accelerate) lacks:
+#   diffusers webdataset braceexpand importlib_metadata pydantic pydantic_core annotated_types
+#   typing_inspection typing_extensions   (pip download --no-deps --only-binary=:all: --python-version 3.12 ...)
+# Both folders are git-ignored (.git/info/exclude) and travel with the command (carry: gpu_bench, .whl).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
