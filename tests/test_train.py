@@ -190,3 +190,9 @@ def test_unquoted_yaml_no_means_no_mixed_precision(tmp_path):
 
     params = __import__("yaml").safe_load("train:\n  mixed_precision: no\n")
     assert resolve_config(train_stage.TrainConfig, "train", params).mixed_precision == "no"
+
+
+def test_fp16_on_the_cpu_is_refused_before_any_model_loads(tiny_models, train_shards, tmp_path):
+    with pytest.raises(UserError, match="fp16 mixed precision needs a GPU"):
+        train_stage.run(make_config(tiny_models, train_shards, tmp_path / "fp16", mixed_precision="fp16"))
+    assert not list((tmp_path / "fp16").glob("checkpoint-*"))

@@ -85,6 +85,9 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
             kwargs_handlers=[ddp],
         )
+        if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
+            # accelerate runs fp16 on the CPU without autocast, so fp16 inputs would meet fp32 weights
+            raise UserError("fp16 mixed precision needs a GPU. On the CPU use mixed_precision=bf16 (or no).")
         if prepare_run_dir is not None and self.accelerator.is_main_process:
             prepare_run_dir(config)
         self.accelerator.wait_for_everyone()
