@@ -194,7 +194,6 @@ class Trainer:
 
     def loss(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict]:
         from ..models import training_loss
-
         from .data import images_on_device
 
         device = self.accelerator.device
