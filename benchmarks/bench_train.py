@@ -51,18 +51,25 @@ def samples_per_second(data: Path, base_model: str, steps: int, batch: int, onli
     return len(rates) / sum(1 / r for r in rates), peak
 
 
-def encoder_ms(data: Path, base_model: str, batch: int, mixed_precision: str, repeats: int = 10) -> float:
+def frozen_encoders(base_model: str, mixed_precision: str):
+    """The VAE and text encoder, loaded as the on-the-fly reference loads them."""
+    from xpsr_core.models import load_base_sd
+    from xpsr_core.train.loop import frozen_weight_dtype
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_base_sd(base_model, dtype=frozen_weight_dtype(mixed_precision), device=device,
+                        components=("vae", "text_encoder", "tokenizer"))
+
+
+def encoder_ms(base, data: Path, batch: int, repeats: int = 10) -> float:
     """Median ms of what pre-encoding takes out of a step: the VAE encoder on the HR batch and the
     text encoder on both captions, alone."""
     import statistics
 
     from xpsr_core.encoding import encode_latent_moments, encode_prompts
-    from xpsr_core.models import load_base_sd
     from xpsr_core.train.data import TrainingStream, images_on_device
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    base = load_base_sd(base_model, dtype=dtype, device=device, components=("vae", "text_encoder", "tokenizer"))
+    device = base.vae.device
     sample = next(iter(TrainingStream(sorted(data.glob("*.tar")), batch, seed=0, shuffle_buffer=1, online_encoding=True)))
     _, hr = images_on_device(sample, device)
 
@@ -71,7 +78,7 @@ def encoder_ms(data: Path, base_model: str, batch: int, mixed_precision: str, re
         encode_latent_moments(base.vae, hr)
         encode_prompts(base.text_encoder, base.tokenizer, sample["content_text"])
         encode_prompts(base.text_encoder, base.tokenizer, sample["quality_text"])
-        if device == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - started) * 1000
 
@@ -143,11 +150,12 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"base model: {args.build or args.base_model}  steps {args.steps} (+2 warm-up)  precision {args.mixed_precision}  "
           f"workers {args.workers}  device {device}")
+    encoders_alone = frozen_encoders(args.base_model, args.mixed_precision)
     rows = []
     for batch in args.batches:
         online, online_peak = measured_apart(args, batch, True)
         ours, ours_peak = measured_apart(args, batch, False)
-        encoders = encoder_ms(args.data, args.base_model, batch, args.mixed_precision)
+        encoders = encoder_ms(encoders_alone, args.data, batch)
         share = encoders / (1000 * batch / online)  # of an on-the-fly step
         rows.append(dict(batch=batch, online=online, online_peak_gib=online_peak, ours=ours, ours_peak_gib=ours_peak, speedup=ours / online,
                          encoders_ms=encoders, encoders_share=share))

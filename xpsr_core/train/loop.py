@@ -58,6 +58,11 @@ def rotate_checkpoints(run_dir: Path, keep: int | None) -> None:
         shutil.rmtree(old)
 
 
+def frozen_weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype the frozen SD parts run in under ``mixed_precision`` (no / fp16 / bf16)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
 def parameter_digest(model) -> str:
     """sha256 over the trainable parameters (to check that ranks hold identical weights)."""
     digest = hashlib.sha256()
@@ -103,7 +108,7 @@ class Trainer:
         from ..models import XPSRModel, XPSRSettings, load_base_sd
 
         config, accelerator = self.config, self.accelerator
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+        self.weight_dtype = frozen_weight_dtype(config.mixed_precision)
         needs_vae = config.online_encoding or config.validation_steps > 0 or self._needs_vae()
         # the text encoder: captions encoded in the loop, validation, or the empty prompt of the
         # "no high-level prompt" ablation
