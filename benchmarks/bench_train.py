@@ -7,12 +7,15 @@ posterior moments that `xpsr embed` stored. Same model, data, batch and steps, o
     python benchmarks/bench_train.py --data data/shards/train --base-model models/tiny/sd15 [--steps 30 --batches 4]
     python benchmarks/bench_train.py --build mid [--pairs data/shards/pairs --captions manifests/captions]
     python benchmarks/bench_train.py --build sd15 --mixed-precision bf16 --batches 4 8 --workers 4   # on a GPU
+    python benchmarks/bench_train.py --flops   # the work alone, any machine, seconds
 
 ``--build mid`` builds a base model with SD-1.5's proportions at a fifth to a quarter of its width
 (UNet 1/5, VAE and text encoder 1/4; the tiny zoo's VAE and text encoder are relatively much smaller
 than SD-1.5's), embeds the pair shards with it, and compares on that. ``--build sd15`` does the same
 with SD-1.5's real shapes (random weights drawn on the GPU when there is one); give it pair shards
 with 512 px HR crops for the paper's setting. ``--json`` also writes every figure to a file.
+``--flops`` counts the work of a training step and of the encoders at tiny, mid and SD-1.5 shapes:
+the speed-up that removing the encoders can give on hardware that runs both equally well.
 """
 
 from __future__ import annotations
@@ -96,16 +99,17 @@ def measured_apart(args, batch: int, online: bool) -> tuple[float, float]:
     return measured["rate"], measured["peak"]
 
 
-def built_data(kind: str, pairs: Path, captions: Path, tokenizer: Path | None) -> tuple[Path, str]:
-    """A base model of SD-1.5's proportions (``mid``: a quarter width) or shapes (``sd15``), and training shards embedded with it."""
+def base_preset(kind: str):
+    """The zoo preset of ``kind``: tiny (the embedded default's), mid (SD-1.5's proportions at a fifth
+    to a quarter of its width, float32) or sd15 (SD-1.5's shapes, float16)."""
     import dataclasses
 
-    from stages import embed
-    from xpsr_core.zoo import SD15_SHAPED, write_sd
+    from xpsr_core.zoo import SD15_SHAPED, TINY
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "tiny":
+        return TINY
     if kind == "mid":
-        preset = dataclasses.replace(
+        return dataclasses.replace(
             SD15_SHAPED,
             name="mid",
             dtype="float32",
@@ -113,8 +117,64 @@ def built_data(kind: str, pairs: Path, captions: Path, tokenizer: Path | None) -
             vae={**SD15_SHAPED.vae, "block_out_channels": (32, 64, 128, 128), "sample_size": 256},
             text_encoder={**SD15_SHAPED.text_encoder, "hidden_size": 192, "intermediate_size": 768, "projection_dim": 192},
         )
-    else:
-        preset = SD15_SHAPED
+    return SD15_SHAPED
+
+
+# HR crop size per base model: the embedded default's crops for tiny and mid, the paper's 512 px for sd15
+FLOP_CASES = {"tiny": 256, "mid": 256, "sd15": 512}
+
+
+def gflop_per_sample(kind: str, hr_size: int) -> tuple[float, float]:
+    """GFLOP per sample of (a training step, the encoders that pre-encoding removes), counted by
+    torch's FlopCounterMode (matmuls, convolutions, attention) on the meta device: no weights are
+    allocated, so SD-1.5's shapes count as quickly as the tiny zoo's.
+
+    The step is the full XPSR model (ControlNet with SFA, Conditional Attention, DFC heads) forward
+    through the frozen UNet, and the backward; the encoders are the VAE encoder on the HR crop and
+    the CLIP text encoder on the two captions."""
+    import dataclasses
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from xpsr_core.models import XPSRModel
+    from xpsr_core.zoo import build_sd_components
+
+    preset = dataclasses.replace(base_preset(kind), dtype="float32")
+    with torch.device("meta"):
+        parts = build_sd_components(preset, device="meta")
+        model = XPSRModel.build(parts["unet"]).train()
+        latent = hr_size // 2 ** (len(preset.vae["block_out_channels"]) - 1)
+        width = preset.unet["cross_attention_dim"]
+        noisy = torch.randn(1, 4, latent, latent)
+        hr = torch.randn(1, 3, hr_size, hr_size)
+        captions = torch.randn(1, 77, width), torch.randn(1, 77, width)
+        tokens = torch.zeros(2, 77, dtype=torch.long)
+        timesteps = torch.zeros(1, dtype=torch.long)
+    counters = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    with counters[0]:
+        out = model(noisy, timesteps, *captions, hr, hr_image=hr, hr_latent=noisy, return_dfc=True)
+        (out.sample.square().mean() + out.dfc.total).backward()
+    with counters[1], torch.no_grad():
+        parts["vae"].encode(hr)
+        parts["text_encoder"](tokens)
+    return tuple(counter.get_total_flops() / 1e9 for counter in counters)
+
+
+def print_flops() -> None:
+    for kind, size in FLOP_CASES.items():
+        step, encoders = gflop_per_sample(kind, size)
+        share = encoders / (step + encoders)
+        print(f"{kind:5s} at {size} px: training step {step:8.1f} GFLOP/sample, encoders {encoders:7.1f} GFLOP/sample = "
+              f"{100 * share:4.1f}% of an on-the-fly step's work: removing them can give at most {1 / (1 - share):.2f}x", flush=True)
+
+
+def built_data(kind: str, pairs: Path, captions: Path, tokenizer: Path | None) -> tuple[Path, str]:
+    """A base model of SD-1.5's proportions (``mid``: a quarter width) or shapes (``sd15``), and training shards embedded with it."""
+    from stages import embed
+    from xpsr_core.zoo import write_sd
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    preset = base_preset(kind)
     root = Path(tempfile.mkdtemp())
     started = time.perf_counter()
     sd = write_sd(root / "sd15", preset, device=device, tokenizer_from=tokenizer)
@@ -138,12 +198,16 @@ def main() -> None:
     parser.add_argument("--captions", type=Path, default=Path("manifests/captions"))
     parser.add_argument("--tokenizer", type=Path, help="with --build: copy this CLIP tokenizer folder (where open_clip is not installed)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--flops", action="store_true", help="only count the work of a step and of the encoders at tiny, mid and SD-1.5 shapes")
     parser.add_argument("--case", choices=["online", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # one measurement, in a process of its own (see measured_apart)
         rate, peak = samples_per_second(args.data, args.base_model, args.steps, args.batches[0], args.case == "online",
                                         args.mixed_precision, args.workers)
         args.json.write_text(json.dumps({"rate": rate, "peak": peak}))
+        return
+    if args.flops:
+        print_flops()
         return
     if args.build:
         args.data, args.base_model = built_data(args.build, args.pairs, args.captions, args.tokenizer)

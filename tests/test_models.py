@@ -385,6 +385,30 @@ def test_save_then_load_gives_bit_identical_outputs(unet, inputs, tiny_models, t
         assert all(torch.equal(v, other[k]) for k, v in module.state_dict().items()), part
 
 
+def test_cpu_models_keep_conv_weights_channels_last_with_unchanged_outputs(unet, inputs, tiny_models):
+    """On the CPU the loader and XPSRModel store 4-D weights channels-last (oneDNN's fast layout, see
+    benchmarks/bench_layout.py); the outputs match those of PyTorch's default layout."""
+    vae = load_base_sd(tiny_models.sd, components=("vae",)).vae
+    model = XPSRModel.build(unet).eval()
+    for module in (unet, vae, model.controlnet, model.dfc_heads):
+        convs = [p for p in module.parameters() if p.dim() == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+
+    def outputs():
+        with torch.no_grad():
+            return vae.encode(inputs["hr_image"]).latent_dist.mean, model(**inputs, return_dfc=True)
+
+    fast_latent, fast = outputs()
+    for module in (vae, model):
+        module.to(memory_format=torch.contiguous_format)
+    plain_latent, plain = outputs()
+    for module in (vae, model):
+        module.to(memory_format=torch.channels_last)  # the shared unet fixture as the loader left it
+    assert torch.allclose(fast_latent, plain_latent, atol=1e-5)
+    assert torch.allclose(fast.sample, plain.sample, atol=1e-5)
+    assert torch.allclose(fast.dfc.total, plain.dfc.total, atol=1e-5)
+
+
 def test_tiny_folder_and_hub_id_go_through_the_same_loader(tiny_models, monkeypatch):
     calls, loads = [], []
     real_loader = xpsr_module.load_base_sd

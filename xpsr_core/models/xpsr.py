@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import UserError
 from .controlnet import XPSRControlNet
 from .dfc import DFC_WEIGHT, DFCHeads, DFCLoss
-from .loading import BaseSD, load_base_sd
+from .loading import BaseSD, channels_last_on_cpu, load_base_sd
 from .unet import XPSRConditionalAttention, xpsr_unet_forward
 
 TRAINABLE_FILE = "xpsr.json"
@@ -69,6 +69,9 @@ class XPSRModel(nn.Module):
         settings: Optional[XPSRSettings] = None,
     ):
         super().__init__()
+        for part in (unet, controlnet, conditional_attention, dfc_heads):
+            if part is not None:
+                channels_last_on_cpu(part)
         self.unet = unet
         self.unet.requires_grad_(False)
         self.controlnet = controlnet
