@@ -72,10 +72,12 @@ def build_variants(unet, device, dtype):
     from diffusers import ControlNetModel
 
     from xpsr_core.models import XPSRModel, XPSRSettings
+    from xpsr_core.models.loading import channels_last_on_cpu
 
     variants = {}
     torch.manual_seed(0)
     controlnet = ControlNetModel.from_unet(unet).to(device, dtype)  # from_unet builds on the CPU in float32
+    channels_last_on_cpu(controlnet)  # the weight layout XPSRModel gives its parts (and the shared UNet)
     variants["diffusers"] = ("diffusers", controlnet, False)
     settings = {
         "xpsr-plain": XPSRSettings(sfa_mode="high", conditional_attention=False, dfc_pixel=False, dfc_latent=False),

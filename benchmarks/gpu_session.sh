@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of one lent-GPU session, run from the repository root on the device machine:
 #   training samples/s and peak memory, pre-encoded vs encoding on the fly, SD-1.5 shapes, bf16,
-#   512 px, batch 4 and 8 (issue 5); then one XPSR model step against diffusers' ControlNet (issue 3).
+#   512 px, batch 4 and 8 (issue 5); a torch.profiler view of a batch-8 training step (host- or
+#   GPU-bound?); then one XPSR model step against diffusers' ControlNet (issue 3).
 # Prepared on the CPU machine first (basicsr and open_clip are not on the device image):
 #   xpsr shard data/raw/demo --out gpu_bench/hr --crop-size 512 --crops-per-image 2 --images-per-shard 2
 #   xpsr degrade --set input_dir=gpu_bench/hr --set out=gpu_bench/pairs
@@ -21,6 +22,11 @@ python3 -c "import torch, diffusers, transformers, accelerate; print('torch', to
 timeout "${TRAIN_TIMEOUT:-360}" python3 benchmarks/bench_train.py --build sd15 --pairs gpu_bench/pairs --captions gpu_bench/captions \
     --tokenizer gpu_bench/tokenizer --mixed-precision bf16 --batches 4 8 --steps "${TRAIN_STEPS:-10}" --workers 4 \
     --json "$OUT/train.json" 2>&1 | grep -v Warning | tee "$OUT/train.log"
+if [ "${PROFILE:-1}" = 1 ]; then
+    timeout "${PROFILE_TIMEOUT:-180}" python3 benchmarks/profile_train_step.py --build sd15 --pairs gpu_bench/pairs \
+        --captions gpu_bench/captions --tokenizer gpu_bench/tokenizer --mixed-precision bf16 --batch 8 --workers 4 \
+        2>&1 | grep -v Warning | tee "$OUT/profile.log"
+fi
 if [ "${MODEL_STEP:-1}" = 1 ]; then
     timeout "${STEP_TIMEOUT:-120}" python3 benchmarks/bench_model_step.py --device cuda --configs sd15 --dtype bfloat16 --repeats 5 2>&1 | tee "$OUT/model_step.log"
 fi

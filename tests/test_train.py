@@ -75,6 +75,15 @@ def test_frozen_parameters_unchanged_and_trainable_ones_trained(tiny_models, tra
     assert not (tmp_path / "run/final/dfc_heads").exists(), "the export holds inference parts only"
 
 
+def test_after_step_hook_runs_once_per_optimizer_step(tiny_models, train_shards, tmp_path):
+    from xpsr_core.train.loop import Trainer
+
+    seen = []
+    config = make_config(tiny_models, train_shards, tmp_path / "run", max_train_steps=3, gradient_accumulation_steps=2)
+    Trainer(config).train(after_step=seen.append)
+    assert seen == [1, 2, 3]
+
+
 def test_checkpoint_rotation_keeps_the_newest(tiny_models, train_shards, tmp_path):
     run_dir = tmp_path / "run"
     train_stage.run(make_config(tiny_models, train_shards, run_dir, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2))

@@ -230,7 +230,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
-    def train(self) -> dict:
+    def train(self, after_step=None) -> dict:
+        """Train to ``max_train_steps``; ``after_step(step)``, if given, runs after each optimizer step (a profiler's tick)."""
         config, accelerator = self.config, self.accelerator
         start_step = 0
         checkpoint = resolve_resume(self.run_dir, config.resume)
@@ -292,6 +293,8 @@ class Trainer:
                 self.save_checkpoint(done)
             if config.validation_steps and (done % config.validation_steps == 0 or done == config.max_train_steps):
                 self.validate(done)
+            if after_step is not None:
+                after_step(done)
         total = time.perf_counter() - started
         return self._finish(history, start_step, total)
 
