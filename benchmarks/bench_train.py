@@ -4,7 +4,7 @@ The reference is the paper code's practice: every step runs the CLIP text encode
 captions and the VAE encoder on the HR batch. Ours reads the fp16 embeddings and the VAE
 posterior moments that `xpsr embed` stored. Same model, data, batch and steps, one process.
 
-    python benchmarks/bench_train.py --data data/shards/train --base-model models/tiny/sd15 [--steps 30 --batches 4]
+    python benchmarks/bench_train.py --data data/shards/train --base-model models/tiny/sd15 [--steps 30 --batches 4 --rounds 3]
     python benchmarks/bench_train.py --build mid [--pairs data/shards/pairs --captions manifests/captions]
     python benchmarks/bench_train.py --build sd15 --mixed-precision bf16 --batches 4 8 --workers 4   # on a GPU
     python benchmarks/bench_train.py --flops   # the work alone, any machine, seconds
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,8 +68,6 @@ def frozen_encoders(base_model: str, mixed_precision: str):
 def encoder_ms(base, data: Path, batch: int, repeats: int = 10) -> float:
     """Median ms of what pre-encoding takes out of a step: the VAE encoder on the HR batch and the
     text encoder on both captions, alone."""
-    import statistics
-
     from xpsr_core.encoding import encode_latent_moments, encode_prompts
     from xpsr_core.train.data import TrainingStream, images_on_device
 
@@ -198,6 +197,7 @@ def main() -> None:
     parser.add_argument("--captions", type=Path, default=Path("manifests/captions"))
     parser.add_argument("--tokenizer", type=Path, help="with --build: copy this CLIP tokenizer folder (where open_clip is not installed)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--rounds", type=int, default=1, help="measure each case this many times, alternating; report medians")
     parser.add_argument("--flops", action="store_true", help="only count the work of a step and of the encoders at tiny, mid and SD-1.5 shapes")
     parser.add_argument("--case", choices=["online", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,8 +217,13 @@ def main() -> None:
     encoders_alone = frozen_encoders(args.base_model, args.mixed_precision)
     rows = []
     for batch in args.batches:
-        online, online_peak = measured_apart(args, batch, True)
-        ours, ours_peak = measured_apart(args, batch, False)
+        # the two cases take turns, so that drifting load on a shared machine hits both alike
+        runs = [(measured_apart(args, batch, True), measured_apart(args, batch, False)) for _ in range(args.rounds)]
+        if args.rounds > 1:
+            print(f"batch {batch}, each round (on the fly -> pre-encoded samples/s): "
+                  + ", ".join(f"{a[0]:.2f} -> {b[0]:.2f}" for a, b in runs), flush=True)
+        online, online_peak = statistics.median(a[0] for a, _ in runs), max(a[1] for a, _ in runs)
+        ours, ours_peak = statistics.median(b[0] for _, b in runs), max(b[1] for _, b in runs)
         encoders = encoder_ms(encoders_alone, args.data, batch)
         share = encoders / (1000 * batch / online)  # of an on-the-fly step
         rows.append(dict(batch=batch, online=online, online_peak_gib=online_peak, ours=ours, ours_peak_gib=ours_peak, speedup=ours / online,
@@ -229,7 +234,7 @@ def main() -> None:
               f"removing them can give at most {1 / (1 - min(share, 0.99)):.2f}x", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"device": device, "base_model": args.build or args.base_model, "steps": args.steps,
-                                         "mixed_precision": args.mixed_precision, "workers": args.workers, "rows": rows}, indent=1))
+                                         "mixed_precision": args.mixed_precision, "workers": args.workers, "rounds": args.rounds, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -70,6 +70,9 @@ def main() -> None:
         print(f"device {trainer.accelerator.device}  batch {args.batch}  precision {args.mixed_precision}  "
               f"{'on the fly' if args.online else 'pre-encoded'}  profiled steps {len(steps)}")
         print(f"wall time per step: {wall_ms:.1f} ms ({args.batch / wall_ms * 1000:.2f} samples/s)")
+        # each operator costs host time (Python, dispatcher, a kernel launch on a GPU), however small its tensors
+        operators = sum(e.count for e in events if e.key.startswith("aten::")) / len(steps)
+        print(f"aten operators per step (views and nested calls included): {operators:.0f}")
         if cuda:
             kernel_ms = sum(device_us(e) for e in events) / 1000 / len(steps)
             launches = sum(e.count for e in events if "LaunchKernel" in e.name) / len(steps)
