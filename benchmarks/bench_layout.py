@@ -4,7 +4,8 @@ On the CPU the library stores every UNet, VAE, ControlNet and DFC weight channel
 (``xpsr_core.models.loading.channels_last_on_cpu``). This times what that gives, on the tiny zoo:
 
 * the VAE encoder on a batch of HR crops (``xpsr embed``, and the on-the-fly reference loop),
-* one training step of ``xpsr train`` (pre-encoded data, forward, backward, fused AdamW),
+* one training step of ``xpsr train`` (``Trainer.micro_step``: pre-encoded data, forward, backward,
+  clipping, fused AdamW),
 * one super-resolution (``xpsr sr``) of a 64 px LR image to 256 px.
 
 The two layouts alternate round by round so that drifting load on a shared machine hits both alike;
@@ -71,10 +72,7 @@ def training_cases(base_model: str, data: Path, batch: int) -> dict:
 
         def step(trainer=trainer, counter=counter):
             index = next(counter)
-            loss, _ = trainer.loss(batches[index % len(batches)], index, 0)
-            trainer.accelerator.backward(loss)
-            trainer.optimizer.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.micro_step(batches[index % len(batches)], index, 0)
 
         cases[name] = step
     return cases

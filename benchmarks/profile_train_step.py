@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def device_us(event) -> float:
-    # renamed from self_cuda_time_total in recent torch releases
-    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+def device_time_key(events) -> str:
+    """The name of an event's own GPU time, renamed from self_cuda_time_total in recent torch releases."""
+    return "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
 
 
 def main() -> None:
@@ -74,7 +74,8 @@ def main() -> None:
         operators = sum(e.count for e in events if e.key.startswith("aten::")) / len(steps)
         print(f"aten operators per step (views and nested calls included): {operators:.0f}")
         if cuda:
-            kernel_ms = sum(device_us(e) for e in events) / 1000 / len(steps)
+            key = device_time_key(events)
+            kernel_ms = sum(getattr(e, key) for e in events) / 1000 / len(steps)
             launches = sum(e.count for e in events if "LaunchKernel" in e.name) / len(steps)
             syncs = {e.name: e.count / len(steps) for e in events if "Synchronize" in e.name or "Memcpy" in e.name}
             print(f"GPU kernel time per step: {kernel_ms:.1f} ms ({100 * kernel_ms / wall_ms:.0f}% of the wall time)")
@@ -82,7 +83,6 @@ def main() -> None:
             print("synchronising / copying calls per step: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(syncs.items())))
         print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
         if cuda:
-            key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
             print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
         if args.trace:
             prof.export_chrome_trace(str(args.trace))

@@ -219,6 +219,22 @@ class Trainer:
                                 condition, hr_image=hr, hr_latent=latents, return_dfc=self.use_dfc)
         return training_loss(output.sample, target, output.dfc if self.use_dfc else None, self.config.dfc_weight)
 
+    def micro_step(self, batch: dict, step: int, micro: int) -> dict:
+        """Loss, divergence check, backward and (at the end of an accumulation) clipping and the
+        optimizer update for one micro-batch; returns its logs."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.model):
+            loss, logs = self.loss(batch, step, micro)
+            bad = torch.tensor([0.0 if math.isfinite(logs["loss"]) else 1.0], device=accelerator.device)
+            if accelerator.reduce(bad, reduction="sum").item() > 0:
+                self._diverged(step, logs)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return logs
+
     # ------------------------------------------------------------------ the loop
 
     def save_checkpoint(self, step: int) -> Path:
@@ -268,16 +284,7 @@ class Trainer:
                 batch = next(loader)
                 with keys_log.open("a") as handle:
                     handle.write(f"{step}\t{micro}\t{','.join(batch['keys'])}\n")
-                with accelerator.accumulate(self.model):
-                    loss, logs = self.loss(batch, step, micro)
-                    bad = torch.tensor([0.0 if math.isfinite(logs["loss"]) else 1.0], device=accelerator.device)
-                    if accelerator.reduce(bad, reduction="sum").item() > 0:
-                        self._diverged(step, logs)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                logs = self.micro_step(batch, step, micro)
                 for name, value in logs.items():
                     logs_sum[name] = logs_sum.get(name, 0.0) + value / config.gradient_accumulation_steps
             self.lr_scheduler.step()
