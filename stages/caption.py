@@ -3,6 +3,14 @@
 Two inputs: the pair shards (default; one manifest ``{shard:05d}.parquet`` per shard, with a
 stats file as its done marker, resumable and rank-sharded) or any folder of images
 (``xpsr caption ./photos --out captions.parquet``; one manifest file).
+
+Two options follow the authors' training data (both off by default, and then the manifest has
+exactly its usual columns): ``quality_model`` writes the quality captions with a second model
+(a Q-Instruct fine-tune in their recipe; the manifest then names both models and revisions in
+``content_captioner*`` and ``quality_captioner*``, ``captioner*`` staying the content model's),
+and ``caption_hr`` also captions each pair's HR image with the quality instruction
+(``hr_quality_caption`` and its token count and truncation flag), which training uses when the
+HR image stands in for the condition.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from xpsr_core.errors import UserError
 STAGE = "caption"
 OK, DECODE_ERROR, EMPTY_GENERATION = "ok", "decode_error", "empty_generation"
 CAPTION_KINDS = ("content", "quality")
+HR_KIND = "hr_quality"  # the quality caption of the HR image (caption_hr)
+CAPTIONER_COLUMNS = ("content_captioner", "content_captioner_revision", "quality_captioner", "quality_captioner_revision")
 
 
 class CaptionConfig(StageConfig):
@@ -29,6 +39,14 @@ class CaptionConfig(StageConfig):
     images: Optional[Path] = runtime_field(None, "A folder of images to caption instead of pair shards.")
     out: Path = runtime_field(Path("manifests/captions"), "Manifest folder (shards) or .parquet file (folder input).")
     model: str = Field("models/tiny/captioner", description="Captioner folder or hub id (llava-hf layout or any image-text-to-text model with a chat template).")
+    quality_model: Optional[str] = Field(
+        None, description="A second captioner for the quality captions (e.g. a Q-Instruct LLaVA-1.5 fine-tune, as the authors "
+        "train with); null: `model` writes both.")
+    quality_trust_remote_code: bool = runtime_field(
+        False, "Let the quality model's folder run its own Python code (passed to its from_pretrained only).")
+    caption_hr: bool = Field(
+        False, description="Also caption each pair's HR image with the quality instruction (hr_quality_* columns) for training "
+        "with the HR image as the condition (train.hr_condition_probability). Pair shards only.")
     base_model: str = Field("models/tiny/sd15", description="Base SD folder whose CLIP tokenizer counts caption tokens.")
     content_instruction: str = Field("Please provide a descriptive summary of the content of this image")
     quality_instruction: str = Field(
@@ -52,74 +70,113 @@ class CaptionConfig(StageConfig):
 
         return GenerationSettings(self.max_new_tokens, self.do_sample, self.temperature, self.top_p, self.num_beams, self.repetition_penalty)
 
+    @property
+    def separate_quality(self) -> bool:
+        return self.quality_model is not None
 
-def manifest_schema():
+    def kinds(self, hr: bool) -> tuple[str, ...]:
+        """The captions of a row: content and quality of the LR image, plus the HR image's quality with ``hr``."""
+        return CAPTION_KINDS + ((HR_KIND,) if hr else ())
+
+
+def manifest_schema(separate_quality: bool = False, hr: bool = False):
+    """The manifest's columns; ``separate_quality``/``hr`` add those of the quality_model/caption_hr options."""
     import pyarrow as pa
 
     columns = [("key", pa.string()), ("shard", pa.int64()), ("dataset", pa.string()), ("source", pa.string())]
-    for kind in CAPTION_KINDS:
+    for kind in CAPTION_KINDS + ((HR_KIND,) if hr else ()):
         columns += [(f"{kind}_caption", pa.string()), (f"{kind}_clip_tokens", pa.int64()), (f"{kind}_truncated", pa.bool_())]
-    columns += [
-        ("content_instruction", pa.string()), ("quality_instruction", pa.string()), ("captioner", pa.string()),
-        ("captioner_revision", pa.string()), ("generation", pa.string()), ("clip_token_limit", pa.int64()),
-        ("status", pa.string()), ("error", pa.string()),
-    ]
+    columns += [("content_instruction", pa.string()), ("quality_instruction", pa.string()), ("captioner", pa.string()),
+                ("captioner_revision", pa.string())]
+    if separate_quality:
+        columns += [(name, pa.string()) for name in CAPTIONER_COLUMNS]
+    columns += [("generation", pa.string()), ("clip_token_limit", pa.int64()), ("status", pa.string()), ("error", pa.string())]
     return pa.schema(columns)
 
 
+@functools.lru_cache(maxsize=2)
+def _load_captioner(model: str, dtype: str, device: str, generation, trust_remote_code: bool = False):
+    """Captioners (the content one and the quality one, when separate) per process, reused across its shards."""
+    from xpsr_core.caption import Captioner
+
+    return Captioner(model, dtype=dtype, device=device, settings=generation, trust_remote_code=trust_remote_code)
+
+
 @functools.lru_cache(maxsize=1)
-def _load(model: str, base_model: str, dtype: str, device: str, generation):
-    """One captioner and token counter per process, reused across its shards."""
-    from xpsr_core.caption import Captioner, clip_token_counter
+def _token_counter(base_model: str):
+    from xpsr_core.caption import clip_token_counter
 
-    count, limit = clip_token_counter(base_model)
-    return Captioner(model, dtype=dtype, device=device, settings=generation), count, limit
+    return clip_token_counter(base_model)
 
 
-def caption_items(config: CaptionConfig, items: list[dict]) -> list[dict]:
-    """Caption decoded items ({"key", "shard", "dataset", "source", "image" or "status"/"error"}) into manifest rows."""
+def caption_items(config: CaptionConfig, items: list[dict], hr: bool = False) -> list[dict]:
+    """Caption decoded items ({"key", "shard", "dataset", "source", "image" [and "hr_image" with ``hr``] or
+    "status"/"error"}) into manifest rows."""
     import torch
 
     from xpsr_core.dist import rank_device
     from xpsr_core.seeding import derive_seed
 
-    captioner, count, limit = _load(config.model, config.base_model, config.dtype, rank_device(config.device), config.generation())
-    instructions = [config.content_instruction, config.quality_instruction]
+    device = rank_device(config.device)
+    count, limit = _token_counter(config.base_model)
+    captioner = _load_captioner(config.model, config.dtype, device, config.generation(), False)  # no remote code for it
+    quality_captioner = captioner
+    if config.separate_quality:
+        quality_captioner = _load_captioner(config.quality_model, config.dtype, device, config.generation(), config.quality_trust_remote_code)
+    kinds = config.kinds(hr)
     common = {
         "content_instruction": config.content_instruction, "quality_instruction": config.quality_instruction,
         "captioner": config.model, "captioner_revision": captioner.revision,
         "generation": config.generation().to_json(), "clip_token_limit": limit,
     }
+    if config.separate_quality:
+        common.update(content_captioner=config.model, content_captioner_revision=captioner.revision,
+                      quality_captioner=config.quality_model, quality_captioner_revision=quality_captioner.revision)
     rows = {}
     ready = [item for item in items if "image" in item]
     for item in items:
         if "image" not in item:
-            rows[item["key"]] = {**_empty_row(item), **common, "status": item["status"], "error": item["error"]}
+            rows[item["key"]] = {**_empty_row(item, kinds), **common, "status": item["status"], "error": item["error"]}
     for start in range(0, len(ready), config.batch_size):
         batch = ready[start : start + config.batch_size]
-        if config.do_sample:  # sampling draws from a generator seeded by the batch's first key
-            torch.manual_seed(derive_seed(config.seed, STAGE, batch[0]["key"]))
-        captions = captioner.caption([item["image"] for item in batch], instructions)
-        for item, texts in zip(batch, captions):
-            row = {**_empty_row(item), **common, "status": OK, "error": ""}
-            for kind, text in zip(CAPTION_KINDS, texts):
+        # (index in batch, kind, image, instruction); all prompts of an image share the batch
+        wanted = []
+        for i, item in enumerate(batch):
+            wanted += [(i, "content", item["image"], config.content_instruction), (i, "quality", item["image"], config.quality_instruction)]
+            if hr:
+                wanted.append((i, HR_KIND, item["hr_image"], config.quality_instruction))
+        if config.separate_quality:  # one generate() per model; the quality model takes the LR and HR prompts
+            jobs = [(captioner, STAGE, [w for w in wanted if w[1] == "content"]),
+                    (quality_captioner, f"{STAGE}-quality", [w for w in wanted if w[1] != "content"])]
+        else:
+            jobs = [(captioner, STAGE, wanted)]
+        texts: dict[tuple[int, str], str] = {}
+        for model, stream, job in jobs:
+            if config.do_sample:  # sampling draws from a generator seeded by the batch's first key
+                torch.manual_seed(derive_seed(config.seed, stream, batch[0]["key"]))
+            for (i, kind, _, _), text in zip(job, model.caption_pairs([(image, instruction) for _, _, image, instruction in job])):
+                texts[i, kind] = text
+        for i, item in enumerate(batch):
+            row = {**_empty_row(item, kinds), **common, "status": OK, "error": ""}
+            for kind in kinds:
+                text = texts[i, kind]
                 tokens = count(text)
                 row.update({f"{kind}_caption": text, f"{kind}_clip_tokens": tokens, f"{kind}_truncated": tokens > limit})
-            empty = [kind for kind, text in zip(CAPTION_KINDS, texts) if not text]
+            empty = [kind.replace("_", " ") for kind in kinds if not texts[i, kind]]
             if empty:
                 row.update(status=EMPTY_GENERATION, error=f"the model generated no text for the {' and '.join(empty)} instruction")
             rows[item["key"]] = row
     return [rows[item["key"]] for item in items]
 
 
-def _empty_row(item: dict) -> dict:
+def _empty_row(item: dict, kinds: tuple[str, ...] = CAPTION_KINDS) -> dict:
     row = {"key": item["key"], "shard": item.get("shard"), "dataset": item.get("dataset"), "source": item.get("source")}
-    for kind in CAPTION_KINDS:
+    for kind in kinds:
         row.update({f"{kind}_caption": None, f"{kind}_clip_tokens": None, f"{kind}_truncated": None})
     return row
 
 
-def _decode_lr(data: bytes):
+def _decode_rgb(data: bytes):
     from PIL import Image
 
     image = Image.open(io.BytesIO(data))
@@ -127,40 +184,47 @@ def _decode_lr(data: bytes):
     return image.convert("RGB")
 
 
-def write_manifest(path: Path, rows: list[dict]) -> None:
+def write_manifest(path: Path, rows: list[dict], separate_quality: bool = False, hr: bool = False) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from xpsr_core.io.atomic import atomic_path
 
     with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema()), tmp)
+        pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema(separate_quality, hr)), tmp)
 
 
-def manifest_stats(shard: int, rows: list[dict]) -> dict:
+def manifest_stats(shard: int, rows: list[dict], kinds: tuple[str, ...] = CAPTION_KINDS) -> dict:
     from stages.common import shard_stats
 
-    truncated = {kind: sum(bool(r[f"{kind}_truncated"]) for r in rows) for kind in CAPTION_KINDS}
+    truncated = {kind: sum(bool(r[f"{kind}_truncated"]) for r in rows) for kind in kinds}
     return shard_stats(shard, (r["status"] for r in rows), sum(r["status"] == OK for r in rows), truncated=truncated)
 
 
 def caption_shard(config: CaptionConfig, out: Path, shard: int) -> dict:
-    """Caption one pair shard's LR images; write its manifest, then its stats (the done marker)."""
+    """Caption one pair shard's LR images (and HR images with caption_hr); write its manifest, then its stats (the done marker)."""
     from xpsr_core.io.shards import read_shard, tar_path, write_stats
 
+    hr = config.caption_hr
     items = []
     for sample in read_shard(tar_path(config.input_dir, shard)):
         item = {"key": sample["__key__"], "shard": shard}
+        which = "LR"
         try:
             meta = json.loads(sample.get("json", b"{}"))
             item.update(dataset=meta.get("dataset"), source=meta.get("source"))
-            item["image"] = _decode_lr(sample["lr.png"])
+            lr_image = _decode_rgb(sample["lr.png"])
+            if hr:
+                which = "HR"
+                item["hr_image"] = _decode_rgb(sample["hr.png"])
+            item["image"] = lr_image
         except Exception as error:  # recorded as a row, never fatal
-            item.update(status=DECODE_ERROR, error=f"cannot decode the LR image: {error}")
+            item.pop("hr_image", None)
+            item.update(status=DECODE_ERROR, error=f"cannot decode the {which} image: {error}")
         items.append(item)
-    rows = caption_items(config, items)
-    write_manifest(Path(out) / f"{shard:05d}.parquet", rows)
-    stats = manifest_stats(shard, rows)
+    rows = caption_items(config, items, hr=hr)
+    write_manifest(Path(out) / f"{shard:05d}.parquet", rows, config.separate_quality, hr)
+    stats = manifest_stats(shard, rows, config.kinds(hr))
     write_stats(out, shard, stats)
     return stats
 
@@ -196,8 +260,8 @@ def caption_folder(config: CaptionConfig) -> dict:
             except image_io.ImageRejected as rejected:
                 item.update(status=rejected.status, error=rejected.message)
             items.append(item)
-        rows.extend(caption_items(config, items))
-    write_manifest(out, rows)
+        rows.extend(caption_items(config, items))  # no HR images here: caption_hr applies to pair shards
+    write_manifest(out, rows, config.separate_quality)
     stats = manifest_stats(0, rows)
     report = summarize(STAGE, [stats], [stats], time.perf_counter() - started)
     add_caption_totals(report, [stats])
@@ -207,11 +271,12 @@ def caption_folder(config: CaptionConfig) -> dict:
 
 
 def add_caption_totals(report: dict, all_stats: list[dict]) -> None:
-    """Truncation counts and shares, and captions/s (two captions per image)."""
+    """Truncation counts and shares, and captions/s (two captions per image, three with the HR's)."""
     images = sum(s["inputs"] for s in all_stats)
-    report["truncated"] = {kind: sum(s["truncated"][kind] for s in all_stats) for kind in CAPTION_KINDS}
+    kinds = CAPTION_KINDS + ((HR_KIND,) if all_stats and all(HR_KIND in s["truncated"] for s in all_stats) else ())
+    report["truncated"] = {kind: sum(s["truncated"][kind] for s in all_stats) for kind in kinds}
     report["truncated_share"] = {kind: round(n / max(images, 1), 4) for kind, n in report["truncated"].items()}
-    report["captions_per_s"] = round(2 * report["samples_per_s"], 3) if report.get("samples_per_s") else None
+    report["captions_per_s"] = round(len(kinds) * report["samples_per_s"], 3) if report.get("samples_per_s") else None
 
 
 def run(config: CaptionConfig) -> dict:

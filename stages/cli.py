@@ -155,6 +155,8 @@ def caption(
     input_dir: Optional[Path] = typer.Option(None, "--in", help="Folder of pair shards (output of `xpsr degrade`)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Manifest folder, or a .parquet file when captioning a folder."),
     model: Optional[str] = typer.Option(None, "--model", help="Captioner folder or hub id (llava-hf layout)."),
+    quality_model: Optional[str] = typer.Option(None, "--quality-model", help="A second captioner for the quality captions (e.g. Q-Instruct)."),
+    caption_hr: Optional[bool] = typer.Option(None, "--caption-hr/--no-caption-hr", help="Also caption the HR images' quality (pair shards)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="Base SD folder whose CLIP tokenizer counts tokens."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per generate() call."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
@@ -168,8 +170,9 @@ def caption(
     from stages import caption as stage
 
     options = dict(
-        images=images, input_dir=input_dir, out=out, model=model, base_model=base_model, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, dtype=dtype, device=device, overwrite=overwrite or None,
+        images=images, input_dir=input_dir, out=out, model=model, quality_model=quality_model, caption_hr=caption_hr,
+        base_model=base_model, batch_size=batch_size, max_new_tokens=max_new_tokens, dtype=dtype, device=device,
+        overwrite=overwrite or None,
     )
     config = _resolve(stage.CaptionConfig, "caption", params, options, sets)
     stage.run(config)
@@ -212,6 +215,7 @@ def train(
     learning_rate: Optional[float] = typer.Option(None, "--lr"),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | fp16 | bf16"),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoint folder."),
+    init: Optional[str] = typer.Option(None, "--init", help="zero | official | a folder to fine-tune (from `xpsr import-official` or `xpsr train`)."),
     params: Optional[Path] = ParamsOption,
     sets: Optional[List[str]] = SetOption,
     overwrite: bool = OverwriteOption,
@@ -221,7 +225,7 @@ def train(
 
     options = dict(
         train_dir=train_dir, out=out, base_model=base_model, max_train_steps=max_train_steps, batch_size=batch_size,
-        learning_rate=learning_rate, mixed_precision=mixed_precision, resume=resume, overwrite=overwrite or None,
+        learning_rate=learning_rate, mixed_precision=mixed_precision, resume=resume, init=init, overwrite=overwrite or None,
     )
     config = _resolve(stage.TrainConfig, "train", params, options, sets)
     stage.run(config)
@@ -229,13 +233,13 @@ def train(
 
 def _sr_options(
     base_model, xpsr, pipeline, captions, captioner, manifest, content, quality, scale, steps, scheduler,
-    guidance_scale, negative_prompt, color_fix, tile_size, tile_overlap, vae_tile_size, seed, dtype, device,
+    guidance_scale, negative_prompt, color_fix, tile_size, tile_overlap, vae_tile_size, seed, dtype, device, **recipe,
 ) -> dict:
     return dict(
         base_model=base_model, xpsr=xpsr, pipeline=pipeline, captions=captions, captioner=captioner, manifest=manifest,
         content_caption=content, quality_caption=quality, scale=scale, steps=steps, scheduler=scheduler,
         guidance_scale=guidance_scale, negative_prompt=negative_prompt, color_fix=color_fix, tile_size=tile_size,
-        tile_overlap=tile_overlap, vae_tile_size=vae_tile_size, seed=seed, dtype=dtype, device=device,
+        tile_overlap=tile_overlap, vae_tile_size=vae_tile_size, seed=seed, dtype=dtype, device=device, **recipe,
     )
 
 
@@ -252,13 +256,18 @@ StepsOption = typer.Option(None, "--steps", help="Sampling steps (20 in the pape
 SchedulerOption = typer.Option(None, "--scheduler", help="ddpm | ddim | dpm-solver | unipc | euler")
 GuidanceOption = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale (5.5 in the paper).")
 NegativeOption = typer.Option(None, "--negative-prompt", help="Replaces the content caption in the guidance branch.")
-ColorFixOption = typer.Option(None, "--color-fix", help="adain | wavelet | none")
+ColorFixOption = typer.Option(None, "--color-fix", help="adain | wavelet | adain-official | none")
 TileOption = typer.Option(None, "--tile-size", help="Latent tile in output pixels (default: the model's native size).")
 TileOverlapOption = typer.Option(None, "--tile-overlap", help="Latent tile overlap in pixels.")
 VaeTileOption = typer.Option(None, "--vae-tile-size", help="VAE tile in pixels.")
 SeedOption = typer.Option(None, "--seed")
 DtypeOption = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (half precision on a GPU).")
 DeviceOption = typer.Option(None, "--device", help="cpu | cuda | cuda:N")
+PresetOption = typer.Option(None, "--preset", help="default | paper | official (the authors' inference recipe); explicit values override it.")
+AddedPromptOption = typer.Option(None, "--added-prompt", help="Text appended to every content caption.")
+NegativeQualityOption = typer.Option(None, "--negative-quality-prompt", help="Low-level caption of the negative guidance branch.")
+AddedNoiseOption = typer.Option(None, "--added-noise-level", help="Noise the start latent again, to this timestep (official: 800).")
+ProcessSizeOption = typer.Option(None, "--process-size", help="Enlarge conditions whose short side is smaller (official: 512).")
 
 
 @app.command()
@@ -286,6 +295,11 @@ def sr(
     seed: Optional[int] = SeedOption,
     dtype: Optional[str] = DtypeOption,
     device: Optional[str] = DeviceOption,
+    preset: Optional[str] = PresetOption,
+    added_prompt: Optional[str] = AddedPromptOption,
+    negative_quality_prompt: Optional[str] = NegativeQualityOption,
+    added_noise_level: Optional[int] = AddedNoiseOption,
+    process_size: Optional[int] = ProcessSizeOption,
     params: Optional[Path] = ParamsOption,
     sets: Optional[List[str]] = SetOption,
     overwrite: bool = OverwriteOption,
@@ -294,7 +308,9 @@ def sr(
     from stages import sr as stage
 
     options = _sr_options(base_model, xpsr, pipeline, captions, captioner, manifest, content, quality, scale, steps, scheduler,
-                          guidance_scale, negative_prompt, color_fix, tile_size, tile_overlap, vae_tile_size, seed, dtype, device)
+                          guidance_scale, negative_prompt, color_fix, tile_size, tile_overlap, vae_tile_size, seed, dtype, device,
+                          preset=preset, added_prompt=added_prompt, negative_quality_prompt=negative_quality_prompt,
+                          added_noise_level=added_noise_level, process_size=process_size)
     options.update(inputs=inputs or None, out=out, overwrite=overwrite or None)
     config = _resolve(stage.SRConfig, "sr", params, options, sets)
     stage.run(config)
@@ -329,6 +345,11 @@ def evaluate(
     seed: Optional[int] = SeedOption,
     dtype: Optional[str] = DtypeOption,
     device: Optional[str] = DeviceOption,
+    preset: Optional[str] = PresetOption,
+    added_prompt: Optional[str] = AddedPromptOption,
+    negative_quality_prompt: Optional[str] = NegativeQualityOption,
+    added_noise_level: Optional[int] = AddedNoiseOption,
+    process_size: Optional[int] = ProcessSizeOption,
     params: Optional[Path] = ParamsOption,
     sets: Optional[List[str]] = SetOption,
     overwrite: bool = OverwriteOption,
@@ -337,9 +358,31 @@ def evaluate(
     from stages import evaluate as stage
 
     options = _sr_options(base_model, xpsr, pipeline, captions, captioner, manifest, content, quality, scale, steps, scheduler,
-                          guidance_scale, negative_prompt, color_fix, tile_size, tile_overlap, vae_tile_size, seed, dtype, device)
+                          guidance_scale, negative_prompt, color_fix, tile_size, tile_overlap, vae_tile_size, seed, dtype, device,
+                          preset=preset, added_prompt=added_prompt, negative_quality_prompt=negative_quality_prompt,
+                          added_noise_level=added_noise_level, process_size=process_size)
     options.update(pairs_dir=pairs_dir, lr_dir=lr_dir, hr_dir=hr_dir, sr_dir=sr_dir, out=out, limit=limit, overwrite=overwrite or None)
     config = _resolve(stage.EvaluateConfig, "evaluate", params, options, sets)
+    stage.run(config)
+
+
+@app.command("import-official")
+@user_command
+def import_official(
+    checkpoint: Path = typer.Argument(..., help="The authors' checkpoint folder, holding unet/ and controlnet/ (e.g. checkpoint-300000)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="The SD-1.5 folder the checkpoint was trained on."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Pipeline folder to write (for `xpsr sr --pipeline`)."),
+    allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Use the checkpoint's SD UNet tensors when they differ from the base model's."),
+    params: Optional[Path] = ParamsOption,
+    sets: Optional[List[str]] = SetOption,
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """Convert the authors' released XPSR checkpoint into a pipeline folder that `xpsr sr` and `xpsr train` load."""
+    from stages import import_official as stage
+
+    options = dict(checkpoint=checkpoint, base_model=base_model, out=out,
+                   allow_base_mismatch=allow_base_mismatch or None, overwrite=overwrite or None)
+    config = _resolve(stage.ImportOfficialConfig, "import_official", params, options, sets)
     stage.run(config)
 
 

@@ -3,8 +3,10 @@
 Per key a training shard holds the LR and HR images (copied bytes), the fp16 CLIP last hidden
 states of the content and quality captions, optionally the VAE posterior moments of the HR
 image (so training samples the latent exactly as online encoding would), and the JSON of the
-pair plus both captions. ``negative.npy`` and ``empty.npy`` (the negative and the empty prompt's
-embeddings) are stored once beside the shards.
+pair plus both captions. When the manifests hold the HR images' quality captions (``xpsr
+caption`` with ``caption_hr``), each key also gets ``hr_quality.npy``, the c_l of the samples
+that training conditions on the HR image. ``negative.npy`` and ``empty.npy`` (the negative and
+the empty prompt's embeddings) are stored once beside the shards.
 """
 
 from __future__ import annotations
@@ -105,14 +107,20 @@ def embed_shard(config: EmbedConfig, out: Path, keep: dict[int, list[str]], shar
             rows = [captions[s["__key__"]] for s in batch]
             content = encode_prompts(base.text_encoder, base.tokenizer, [r["content_caption"] for r in rows])
             quality = encode_prompts(base.text_encoder, base.tokenizer, [r["quality_caption"] for r in rows])
+            # the HR image's quality caption, when the manifest has it (caption_hr)
+            with_hr = [r.get("hr_quality_caption") is not None for r in rows]
+            hr_quality = None
+            if any(with_hr):
+                hr_quality = encode_prompts(base.text_encoder, base.tokenizer, [r.get("hr_quality_caption") or "" for r in rows])
             moments = None
             if config.encode_latents:
                 hr = torch.from_numpy(np.stack([decode_png(s["hr.png"]) for s in batch])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
                 moments = encode_latent_moments(base.vae, hr).cpu().numpy()
             for i, (sample, row) in enumerate(zip(batch, rows)):
                 meta = json.loads(sample["json"])
-                meta["captions"] = {kind: row[f"{kind}_caption"] for kind in ("content", "quality")}
-                meta["caption_clip_tokens"] = {kind: row[f"{kind}_clip_tokens"] for kind in ("content", "quality")}
+                kinds = ("content", "quality") + (("hr_quality",) if with_hr[i] else ())
+                meta["captions"] = {kind: row[f"{kind}_caption"] for kind in kinds}
+                meta["caption_clip_tokens"] = {kind: row[f"{kind}_clip_tokens"] for kind in kinds}
                 fields = {
                     "lr.png": sample["lr.png"],
                     "hr.png": sample["hr.png"],
@@ -120,6 +128,8 @@ def embed_shard(config: EmbedConfig, out: Path, keep: dict[int, list[str]], shar
                     "quality.npy": npy_bytes(quality[i].cpu().numpy().astype(np.float16)),
                     "json": json.dumps(meta, sort_keys=True).encode(),
                 }
+                if with_hr[i]:
+                    fields["hr_quality.npy"] = npy_bytes(hr_quality[i].cpu().numpy().astype(np.float16))
                 if moments is not None:
                     fields["latent.npy"] = npy_bytes(moments[i])
                 writer.write(sample["__key__"], fields)

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 from pydantic import Field
 
-from stages.sr import STAGE as SR_STAGE, SRModelConfig, caption_images, check_model_paths, load_pipeline
+from stages.sr import SRModelConfig, caption_images, check_model_paths, load_pipeline
 from xpsr_core.config import runtime_field
 from xpsr_core.errors import UserError
 
@@ -178,7 +178,6 @@ def run(config: EvaluateConfig) -> dict:
     from xpsr_core.io.outputs import prepare_output_dir
     from xpsr_core.metrics import SPECS, prepare_metrics, psnr_y, ssim_y
     from xpsr_core.metrics.optional import FULL_REFERENCE
-    from xpsr_core.seeding import derive_seed
 
     started = time.perf_counter()
     unknown = [m for m in config.metrics if m not in DEFAULT_WEIGHTS]
@@ -214,12 +213,15 @@ def run(config: EvaluateConfig) -> dict:
             pipe = load_pipeline(config) if any("error" not in p for p in pairs) else None
         task = progress.add_task("evaluate", total=len(pairs), rate="")
         steps = progress.add_task("steps", total=1, rate="") if pipe is not None else None
+        # generator_scope=run: one generator for every pair, in key order (the authors' test script)
+        generator = pipe.make_generator() if pipe is not None and config.generator_scope == "run" else None
         for index, pair in enumerate(pairs):
             row = {"key": pair["key"], "name": pair["name"], "content_caption": pair.get("content"),
                    "quality_caption": pair.get("quality"), "seconds": None, "status": "ok", "error": ""}
             if "error" not in pair and pipe is not None:
                 progress.update(steps, completed=0, description=f"steps {pair['name']}")
-                result = pipe.upscale(pair["lr"], pair["content"], pair["quality"], seed=derive_seed(config.seed, SR_STAGE, pair["key"]),
+                draw = {"generator": generator} if generator is not None else {"seed": config.image_seed(pair["key"])}
+                result = pipe.upscale(pair["lr"], pair["content"], pair["quality"], **draw,
                                       step_callback=lambda done, total: progress.update(steps, total=total, completed=done))
                 pair["sr"] = result.image
                 row["seconds"] = round(result.seconds, 3)

@@ -5,6 +5,12 @@ paper's two instructions on the LR image), from a caption manifest (Parquet file
 them, matched by source path, file name, stem or key), or are given once for every image.
 For each input ``REL.ext`` the output folder gets ``REL.png`` and ``REL.json`` (settings,
 captions, seed, sizes, timing); the JSON is written last, so a rerun skips finished images.
+
+Sampling settings layer as: defaults < a ``pipeline`` folder's recorded recipe < ``preset`` <
+explicit values. Each image draws from its own generator seeded by (seed, name), or, with
+``generator_scope: run`` (the authors' script), from one generator shared by all images in input
+order; then each sidecar records the generator's state after its image, so a resumed run
+continues the same stream and writes the same bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from xpsr_core.config import StageConfig, runtime_field
 from xpsr_core.encoding import NEGATIVE_PROMPT
@@ -24,8 +30,24 @@ from xpsr_core.errors import UserError
 STAGE = "sr"
 
 
+SAMPLING_FIELDS = (
+    "scale", "steps", "scheduler", "guidance_scale", "negative_prompt", "cfg_batched", "controlnet_negative",
+    "conditioning_scale", "color_fix", "tile_size", "tile_overlap", "vae_tile_size", "vae_tile_overlap", "seed",
+    "added_prompt", "negative_quality_prompt", "start_latent", "added_noise_level", "resize", "process_size",
+    "pad_multiple", "latent_tile_threshold", "vae_decode_tile_size", "generator_scope", "generator_device",
+)  # the config fields that are SRSettings fields
+
+
 class SRModelConfig(StageConfig):
-    """Model, caption and sampling settings shared by `xpsr sr` and `xpsr evaluate`."""
+    """Model, caption and sampling settings shared by `xpsr sr` and `xpsr evaluate`.
+
+    Sampling values resolve in layers, lowest first: the field defaults; a saved pipeline
+    folder's recorded defaults (``pipeline``); the named ``preset``; every value given explicitly
+    (params file, CLI options, ``--set``, keyword arguments).
+    """
+
+    preset: Optional[Literal["default", "paper", "official"]] = Field(
+        None, description="Named inference recipe (xpsr_core.infer.presets); explicit values override it.")
 
     base_model: str = Field("models/tiny/sd15", description="Frozen SD-1.5 folder or hub id.")
     xpsr: Optional[str] = Field("models/xpsr/final", description="Trained XPSR folder (XPSRModel.save_trainable layout, or a run folder with final/).")
@@ -45,25 +67,50 @@ class SRModelConfig(StageConfig):
     cfg_batched: bool = runtime_field(True, "Run both guidance branches as one batch (same result, faster).")
     controlnet_negative: bool = Field(True, description="The ControlNet also sees the negative prompt in the negative branch.")
     conditioning_scale: float = Field(1.0, ge=0)
-    color_fix: Literal["adain", "wavelet", "none"] = "adain"
+    color_fix: Literal["adain", "wavelet", "adain-official", "none"] = "adain"
     tile_size: Optional[int] = Field(None, ge=64, description="Latent tile in output pixels (default: the UNet's native size).")
     tile_overlap: Optional[int] = Field(None, ge=0, description="Latent tile overlap in pixels (default: tile_size / 4).")
     vae_tile_size: Optional[int] = Field(None, ge=64, description="VAE tile in pixels (default: the VAE's native size).")
     vae_tile_overlap: Optional[int] = Field(None, ge=0)
-    seed: int = 0
+    seed: Optional[int] = Field(0, description="None: unseeded generators (torch's default seed).")
+    added_prompt: str = Field("", description="Appended to every content caption c_h (official: the authors' quality words).")
+    negative_quality_prompt: Optional[str] = Field(None, description="c_l of the negative guidance branch (None: the image's c_l).")
+    start_latent: Literal["mean", "sample"] = Field("mean", description="Start from the LR latent's posterior mean or a sample.")
+    added_noise_level: Optional[int] = Field(None, ge=0, description="Noise the start latent once more, to this timestep (official: 800).")
+    resize: Literal["torch-bicubic", "pil-bicubic"] = Field("torch-bicubic", description="LR -> condition resize chain.")
+    process_size: Optional[int] = Field(None, ge=8, description="Enlarge conditions with a shorter side to it; resize the output back.")
+    pad_multiple: Optional[int] = Field(None, ge=1, description="Pad the condition to this multiple (default: the model's).")
+    latent_tile_threshold: Optional[int] = Field(None, ge=8, description="Pixels: latents of area <= (this / 8)^2 are sampled whole.")
+    vae_decode_tile_size: Optional[int] = Field(None, ge=64, description="VAE decoder tile in pixels (default: vae_tile_size).")
+    generator_scope: Literal["image", "run"] = Field("image", description="One generator per image, or one for the whole run in input order.")
+    generator_device: Literal["cpu", "device"] = Field("cpu", description="Draw random numbers on the CPU or on the model's device.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="float16/bfloat16 on a GPU.")
     device: str = runtime_field("cpu", "cpu, cuda or cuda:N")
 
-    def sr_settings(self, seed: Optional[int] = None):
+    @model_validator(mode="before")
+    @classmethod
+    def _layer_sampling_values(cls, data: Any) -> Any:
+        """Fill the sampling values not given explicitly from the preset, then the pipeline folder."""
+        if not isinstance(data, dict) or not (data.get("preset") or data.get("pipeline")):
+            return data
+        from xpsr_core.infer.presets import PRESETS, layered_settings
+
+        preset = data.get("preset") if data.get("preset") in PRESETS else None  # an unknown name fails field validation
+        return layered_settings(dict(data), preset=preset, pipeline=data.get("pipeline"), fields=set(SAMPLING_FIELDS))
+
+    def sr_settings(self, seed: Any = "config"):
         from xpsr_core.infer import SRSettings
 
-        return SRSettings(
-            scale=self.scale, steps=self.steps, scheduler=self.scheduler, guidance_scale=self.guidance_scale,
-            negative_prompt=self.negative_prompt, cfg_batched=self.cfg_batched, controlnet_negative=self.controlnet_negative,
-            conditioning_scale=self.conditioning_scale, color_fix=self.color_fix, tile_size=self.tile_size,
-            tile_overlap=self.tile_overlap, vae_tile_size=self.vae_tile_size, vae_tile_overlap=self.vae_tile_overlap,
-            seed=self.seed if seed is None else seed,
-        )
+        values = {name: getattr(self, name) for name in SAMPLING_FIELDS}
+        if seed != "config":
+            values["seed"] = seed
+        return SRSettings(**values)
+
+    def image_seed(self, stem: str) -> Optional[int]:
+        """The seed of one image's own generator (generator_scope=image): derived from seed and the image's name."""
+        from xpsr_core.seeding import derive_seed
+
+        return None if self.seed is None else derive_seed(self.seed, STAGE, stem)
 
 
 class SRConfig(SRModelConfig):
@@ -243,6 +290,32 @@ def sidecar(result, extra: dict) -> dict:
     }
 
 
+def generator_state(generator) -> str:
+    """A torch.Generator's state as text (base64), for a sidecar."""
+    import base64
+
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
+
+
+def set_generator_state(generator, text: str) -> None:
+    import base64
+
+    import torch
+
+    generator.set_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
+
+
+def saved_generator_state(path: Path) -> Optional[str]:
+    """The generator state recorded in a finished image's sidecar (None when absent or unreadable)."""
+    import json
+
+    try:
+        state = json.loads(Path(path).read_text()).get("generator_state")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return state if isinstance(state, str) and state else None
+
+
 def step_progress(progress, label: str):
     """A rich task for the steps of the current image and a callback that advances it."""
     task = progress.add_task(label, total=1, rate="")
@@ -263,7 +336,6 @@ def run(config: SRConfig) -> dict:
     from xpsr_core.io import images as image_io
     from xpsr_core.io.atomic import atomic_path, atomic_write_json
     from xpsr_core.io.outputs import prepare_output_dir
-    from xpsr_core.seeding import derive_seed
 
     started = time.perf_counter()
     if not config.inputs:
@@ -272,19 +344,26 @@ def run(config: SRConfig) -> dict:
     check_model_paths(config)
     out = prepare_output_dir(config.out, STAGE, config, overwrite=config.overwrite)
 
-    items: list[dict] = []
+    # generator_scope=run: one generator serves the images in input order; a finished image's sidecar
+    # records the generator's state after it, so a resumed run continues the same stream
+    run_scope = config.generator_scope == "run"
+    entries: list[dict] = []
     skipped = 0
     for path, name in inputs:
         stem = output_stem(name)
         if (out / f"{stem}.json").is_file() and (out / f"{stem}.png").is_file():
-            skipped += 1
-            continue
+            state = saved_generator_state(out / f"{stem}.json") if run_scope else None
+            if not run_scope or state is not None:
+                skipped += 1
+                entries.append({"name": name, "stem": stem, "done": True, "generator_state": state})
+                continue
         item = {"path": path, "name": name, "stem": stem}
         try:
             item["image"] = Image.fromarray(image_io.load_image(path, image_io.DEFAULT_MAX_PIXELS).pixels)
         except image_io.ImageRejected as rejected:
             item.update(status=rejected.status, error=rejected.message)
-        items.append(item)
+        entries.append(item)
+    items = [entry for entry in entries if not entry.get("done")]
 
     failures: dict[str, str] = {i["name"]: i["error"] for i in items if "error" in i}
     done = 0
@@ -293,23 +372,35 @@ def run(config: SRConfig) -> dict:
         if todo:
             caption_images(config, todo, progress)
             pipe = load_pipeline(config)
+            generator = pipe.make_generator() if run_scope else None
             images_task = progress.add_task("images", total=len(todo), rate="")
             on_step, reset = step_progress(progress, "steps")
-            for item in todo:
+            pending = {id(item) for item in todo}
+            for item in entries:
+                if item.get("done"):
+                    if generator is not None:
+                        set_generator_state(generator, item["generator_state"])
+                    continue
+                if id(item) not in pending:
+                    continue
                 if "error" in item:
                     failures[item["name"]] = item["error"]
                     progress.update(images_task, advance=1)
                     continue
                 reset(f"steps {item['name']}")
-                seed = derive_seed(config.seed, STAGE, item["stem"])
-                result = pipe.upscale(item["image"], item["content"], item["quality"], step_callback=on_step, seed=seed)
+                if generator is not None:
+                    result = pipe.upscale(item["image"], item["content"], item["quality"], step_callback=on_step, generator=generator)
+                else:
+                    result = pipe.upscale(item["image"], item["content"], item["quality"], step_callback=on_step,
+                                          seed=config.image_seed(item["stem"]))
                 target = out / f"{item['stem']}.png"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(target) as tmp:
                     Image.fromarray(result.image).save(tmp, format="PNG")
-                atomic_write_json(out / f"{item['stem']}.json", sidecar(result, {
-                    "input": str(item["path"]), "output": f"{item['stem']}.png", "model": pipe.source,
-                }))
+                extra = {"input": str(item["path"]), "output": f"{item['stem']}.png", "model": pipe.source}
+                if generator is not None:
+                    extra["generator_state"] = generator_state(generator)
+                atomic_write_json(out / f"{item['stem']}.json", sidecar(result, extra))
                 done += 1
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 progress.update(images_task, advance=1, rate=f"{done / elapsed:.2f} images/s")

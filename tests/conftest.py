@@ -141,3 +141,32 @@ def train_shards(tiny_models, pair_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train-shards")
     embed.run(embed.EmbedConfig(pairs_dir=pair_shards, captions_dir=captions, out=out, base_model=str(tiny_models.sd), batch_size=4))
     return out
+
+
+@pytest.fixture(scope="session")
+def quality_captioner(tiny_models, tmp_path_factory) -> Path:
+    """A second tiny captioner (other weights, another folder) standing in for a separate quality model (Q-Instruct)."""
+    from xpsr_core.zoo import get_preset, write_captioner
+
+    return write_captioner(tmp_path_factory.mktemp("quality-captioner") / "captioner", get_preset("tiny"), tiny_models.sd / "tokenizer", seed=7)
+
+
+@pytest.fixture(scope="session")
+def hr_captions(tiny_models, quality_captioner, pair_shards, tmp_path_factory) -> Path:
+    """Caption manifests in the authors' recipe: a separate quality captioner, and the HR images captioned too."""
+    from stages import caption
+
+    out = tmp_path_factory.mktemp("hr-captions")
+    caption.run(caption.CaptionConfig(input_dir=pair_shards, out=out, model=str(tiny_models.captioner), quality_model=str(quality_captioner),
+                                      caption_hr=True, base_model=str(tiny_models.sd), max_new_tokens=6, batch_size=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_shards_hr(tiny_models, pair_shards, hr_captions, tmp_path_factory) -> Path:
+    """Training shards of the six test pairs with the HR images' quality embeddings (hr_quality.npy)."""
+    from stages import embed
+
+    out = tmp_path_factory.mktemp("train-shards-hr")
+    embed.run(embed.EmbedConfig(pairs_dir=pair_shards, captions_dir=hr_captions, out=out, base_model=str(tiny_models.sd), batch_size=4))
+    return out

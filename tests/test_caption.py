@@ -177,3 +177,75 @@ def test_llava_next_style_model_runs_through_the_auto_path(tiny_models, tmp_path
     row = pd.read_parquet(out).iloc[0]
     assert row["status"] == "ok" and row["content_caption"] and row["captioner"] == str(model)
     assert type(Captioner(model).model).__name__ == "LlavaNextForConditionalGeneration"
+
+
+def test_separate_quality_captioner_and_hr_captions(tiny_models, quality_captioner, pair_shards, hr_captions):
+    """The authors' recipe: content captions from one model, LR and HR quality captions from another."""
+    import io
+
+    from xpsr_core.caption.captioner import model_revision
+
+    files = sorted(hr_captions.glob("*.parquet"))
+    schema = pq.read_schema(files[0])
+    assert schema.equals(caption_stage.manifest_schema(separate_quality=True, hr=True), check_metadata=False)
+    default_columns = set(caption_stage.manifest_schema().names)
+    assert {"hr_quality_caption", "hr_quality_clip_tokens", "hr_quality_truncated", *caption_stage.CAPTIONER_COLUMNS} <= set(schema.names) - default_columns
+    table = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    assert len(table) == 6 and (table["status"] == "ok").all()
+    # both models' ids and revisions on every row; captioner/captioner_revision stay the content model's
+    assert (table["content_captioner"] == str(tiny_models.captioner)).all() and (table["captioner"] == str(tiny_models.captioner)).all()
+    assert (table["quality_captioner"] == str(quality_captioner)).all()
+    assert (table["content_captioner_revision"] == model_revision(tiny_models.captioner)).all()
+    assert (table["quality_captioner_revision"] == model_revision(quality_captioner)).all()
+    assert (table["captioner_revision"] == table["content_captioner_revision"]).all()
+    # each caption comes from the model it is attributed to: recompute every shard's batch (2 images) directly
+    from xpsr_core.caption import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=6)
+    content_model, quality_model = Captioner(tiny_models.captioner, settings=settings), Captioner(quality_captioner, settings=settings)
+    expected, one_model = {}, {}
+    for tar in sorted(pair_shards.glob("*.tar")):
+        samples = list(read_shard(tar))
+        lr = [Image.open(io.BytesIO(s["lr.png"])).convert("RGB") for s in samples]
+        hr = [Image.open(io.BytesIO(s["hr.png"])).convert("RGB") for s in samples]
+        content = content_model.caption_pairs([(image, CONTENT_INSTRUCTION) for image in lr])
+        quality = quality_model.caption_pairs([pair for a, b in zip(lr, hr) for pair in ((a, QUALITY_INSTRUCTION), (b, QUALITY_INSTRUCTION))])
+        by_content_model = content_model.caption_pairs([(image, QUALITY_INSTRUCTION) for image in lr])
+        for i, sample in enumerate(samples):
+            expected[sample["__key__"]] = (content[i], quality[2 * i], quality[2 * i + 1])
+            one_model[sample["__key__"]] = by_content_model[i]
+    got = {row.key: (row.content_caption, row.quality_caption, row.hr_quality_caption) for row in table.itertuples()}
+    assert got == expected
+    # the quality model really is another model: the content model writes other quality captions
+    assert all(got[key][1] != one_model[key] for key in got)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_models.sd / "tokenizer")
+    for text, tokens, truncated in zip(table["hr_quality_caption"], table["hr_quality_clip_tokens"], table["hr_quality_truncated"]):
+        assert text and tokens == len(tokenizer(text)["input_ids"]) and truncated == (tokens > 77)
+    stats = __import__("json").loads((hr_captions / "00000.stats.json").read_text())
+    assert set(stats["truncated"]) == {"content", "quality", "hr_quality"}
+
+
+def test_trust_remote_code_reaches_only_the_quality_model(tiny_models, quality_captioner, tmp_path, monkeypatch):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    calls = []
+    for cls in (AutoProcessor, AutoModelForImageTextToText):
+        real = cls.from_pretrained.__func__
+
+        def recording(klass, model, *args, _real=real, **kwargs):
+            calls.append((str(model), kwargs.get("trust_remote_code", False)))
+            return _real(klass, model, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    caption_stage._load_captioner.cache_clear()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(photo("rocket", (40, 40))).save(folder / "rocket.png")
+    out = tmp_path / "captions.parquet"
+    caption_stage.run(make_config(tiny_models, images=folder, out=out, quality_model=str(quality_captioner), quality_trust_remote_code=True))
+    caption_stage._load_captioner.cache_clear()
+    assert sorted(set(calls)) == sorted({(str(tiny_models.captioner), False), (str(quality_captioner), True)})
+    row = pd.read_parquet(out).iloc[0]
+    assert row["quality_captioner"] == str(quality_captioner) and "hr_quality_caption" not in row.index

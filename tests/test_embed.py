@@ -85,3 +85,27 @@ def test_mismatched_inputs_are_refused_with_the_keys(tiny_models, pair_shards, c
     assert report["samples"] == 5 and report["status_counts"]["dropped"] == 1
     keys = {s["__key__"] for p in sorted((tmp_path / "dropped").glob("*.tar")) for s in read_shard(p)}
     assert missing_key not in keys and len(keys) == 5
+
+
+def test_hr_quality_captions_reach_the_training_shards(tiny_models, pair_shards, captions, hr_captions, train_shards_hr, tmp_path):
+    import json
+
+    import pandas as pd
+
+    manifest = pd.concat([pd.read_parquet(f) for f in sorted(hr_captions.glob("*.parquet"))]).set_index("key")
+    base = load_base_sd(tiny_models.sd, components=("text_encoder", "tokenizer"))
+    samples = [s for p in sorted(train_shards_hr.glob("*.tar")) for s in read_shard(p)]
+    assert len(samples) == 6
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        row = manifest.loc[sample["__key__"]]
+        assert meta["captions"] == {"content": row["content_caption"], "quality": row["quality_caption"], "hr_quality": row["hr_quality_caption"]}
+        assert meta["caption_clip_tokens"]["hr_quality"] == row["hr_quality_clip_tokens"]
+        stored = npy_load(sample["hr_quality.npy"])
+        assert stored.dtype == np.float16 and stored.shape == npy_load(sample["quality.npy"]).shape
+        expected = encode_prompts(base.text_encoder, base.tokenizer, [row["hr_quality_caption"]])[0].numpy().astype(np.float16)
+        assert np.array_equal(stored, expected)
+    # without HR captions in the manifests the shards are as before: no hr_quality.npy, no hr_quality caption
+    embed_stage.run(make_config(tiny_models, pair_shards, captions, tmp_path / "plain"))
+    plain = [s for p in sorted((tmp_path / "plain").glob("*.tar")) for s in read_shard(p)]
+    assert plain and all("hr_quality.npy" not in s and "hr_quality" not in json.loads(s["json"])["captions"] for s in plain)

@@ -104,11 +104,13 @@ def _max_diff(a, b) -> float:
 # ------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("mode", ["parallel", "serial", "high"])
-def test_fresh_xpsr_equals_diffusers_controlnet_and_unet(unet, inputs, mode):
+@pytest.mark.parametrize("mode,kind", [("parallel", "attention"), ("parallel", "transformer"), ("serial", "attention"),
+                                       ("high", "attention")])
+def test_fresh_xpsr_equals_diffusers_controlnet_and_unet(unet, inputs, mode, kind):
     torch.manual_seed(0)
     reference = ControlNetModel.from_unet(unet).eval()
-    model = XPSRModel.build(unet, XPSRSettings(sfa_mode=mode)).eval()
+    settings = XPSRSettings(sfa_mode=mode, fusion=kind, conditional_attention_type=kind)
+    model = XPSRModel.build(unet, settings).eval()
 
     # Every weight diffusers copies from the UNet is copied identically (both SFA branches included).
     mine = model.controlnet.state_dict()

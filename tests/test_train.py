@@ -205,3 +205,110 @@ def test_fp16_on_the_cpu_is_refused_before_any_model_loads(tiny_models, train_sh
     with pytest.raises(UserError, match="fp16 mixed precision needs a GPU"):
         train_stage.run(make_config(tiny_models, train_shards, tmp_path / "fp16", mixed_precision="fp16"))
     assert not list((tmp_path / "fp16").glob("checkpoint-*"))
+
+
+def test_hr_condition_draw_rate_and_determinism():
+    """The authors' recipe draws "HR as condition" per (seed, step, key) at the configured rate."""
+    import math
+
+    from xpsr_core.train.data import hr_condition_draw
+
+    keys = [f"{shard:05d}{index:05d}" for shard in range(40) for index in range(50)]  # 2000 keys
+    drawn = [hr_condition_draw(0, 7, key, 0.1) for key in keys]
+    tolerance = 4 * math.sqrt(len(keys) * 0.1 * 0.9)  # 4 binomial standard deviations
+    assert abs(sum(drawn) - 200) < tolerance, sum(drawn)
+    assert drawn == [hr_condition_draw(0, 7, key, 0.1) for key in keys], "a pure function of (seed, step, key)"
+    for other in ([hr_condition_draw(0, 8, key, 0.1) for key in keys], [hr_condition_draw(1, 7, key, 0.1) for key in keys]):
+        assert abs(sum(other) - 200) < tolerance
+        both = sum(a and b for a, b in zip(drawn, other))
+        assert both < 20 + 4 * math.sqrt(20), "another step or seed draws independently"
+    one_key = sum(hr_condition_draw(0, step, "0000000000", 0.1) for step in range(2000))
+    assert abs(one_key - 200) < tolerance, "a key is drawn at the rate over the steps too"
+    assert not any(hr_condition_draw(0, 7, key, 0.0) for key in keys) and all(hr_condition_draw(0, 7, key, 1.0) for key in keys)
+
+
+def distinct_hr_quality(train_shards_hr: Path, out: Path) -> Path:
+    """A copy of the shards whose hr_quality.npy differs from quality.npy for every key (the tiny captioners
+    often write the same words for an LR image and its HR image, which would hide a swapped c_l)."""
+    import shutil
+
+    import numpy as np
+
+    from xpsr_core.encoding import npy_bytes, npy_load
+    from xpsr_core.io.shards import TarShardWriter, read_shard
+
+    shutil.copytree(train_shards_hr, out)
+    for tar in sorted(out.glob("*.tar")):
+        samples = list(read_shard(tar))
+        with TarShardWriter(tar) as writer:
+            for sample in samples:
+                key = sample.pop("__key__")
+                sample["hr_quality.npy"] = npy_bytes((-npy_load(sample["quality.npy"]) + np.float16(0.5)).astype(np.float16))
+                writer.write(key, sample)
+    return out
+
+
+def test_hr_condition_feeds_the_hr_image_and_its_quality_caption(tiny_models, train_shards_hr, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from xpsr_core.infer.pipeline import upsample
+    from xpsr_core.models import XPSRModel
+    from xpsr_core.train.data import hr_condition_draw
+    from xpsr_core.train.loop import Trainer
+
+    seen, batches = [], []
+    real_forward, real_loss = XPSRModel.forward, Trainer.loss
+
+    def recording_forward(self, noisy, timesteps, c_h, c_l, condition, *args, **kwargs):
+        seen.append({"c_l": c_l.detach().clone(), "condition": condition.detach().clone()})
+        return real_forward(self, noisy, timesteps, c_h, c_l, condition, *args, **kwargs)
+
+    def recording_loss(self, batch, step, micro):
+        batches.append((batch, step))
+        return real_loss(self, batch, step, micro)
+
+    monkeypatch.setattr(XPSRModel, "forward", recording_forward)
+    monkeypatch.setattr(Trainer, "loss", recording_loss)
+    run_dir = tmp_path / "run"
+    shards = distinct_hr_quality(train_shards_hr, tmp_path / "shards")
+    train_stage.run(make_config(tiny_models, shards, run_dir, max_train_steps=4, checkpointing_steps=1000, hr_condition_probability=0.5))
+    assert len(seen) == len(batches) == 4
+    drawn_count = swapped_caption = kept = 0
+    for (batch, step), fed in zip(batches, seen):
+        assert "hr_quality" in batch
+        lr_condition = upsample(batch["lr"].float() / 255.0, 4)
+        for i, key in enumerate(batch["keys"]):
+            if hr_condition_draw(0, step, key, 0.5):
+                drawn_count += 1
+                assert torch.equal(fed["condition"][i], batch["hr"][i].float() / 255.0), "the HR image in [0, 1] at the HR size"
+                assert torch.equal(fed["c_l"][i], batch["hr_quality"][i].float()), "the HR image's quality caption"
+                swapped_caption += not torch.equal(batch["hr_quality"][i], batch["quality"][i])
+            else:
+                kept += 1
+                assert torch.equal(fed["condition"][i], lr_condition[i]) and torch.equal(fed["c_l"][i], batch["quality"][i].float())
+    assert drawn_count and kept and swapped_caption, (drawn_count, kept, swapped_caption)
+    log = pd.read_csv(run_dir / "train_log.tsv", sep="\t")
+    shares = [sum(hr_condition_draw(0, step, k, 0.5) for k in batch["keys"]) / len(batch["keys"]) for batch, step in batches]
+    assert log["hr_condition_share"].tolist() == shares
+
+
+def test_resume_with_hr_condition_continues_bit_for_bit(tiny_models, train_shards_hr, tmp_path):
+    recipe = dict(hr_condition_probability=0.5, use_high_prompt=False)
+    straight = train_stage.run(make_config(tiny_models, train_shards_hr, tmp_path / "straight", **recipe))
+    train_stage.run(make_config(tiny_models, train_shards_hr, tmp_path / "resumed", max_train_steps=3, **recipe))
+    second = train_stage.run(make_config(tiny_models, train_shards_hr, tmp_path / "resumed", resume="latest", **recipe))
+    assert second["resumed_from"] == 3 and second["parameter_digest"] == straight["parameter_digest"]
+    a, b = exported(tmp_path / "straight"), exported(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    import pandas as pd
+
+    shares = [pd.read_csv(tmp_path / name / "train_log.tsv", sep="\t")["hr_condition_share"].tolist() for name in ("straight", "resumed")]
+    assert shares[0] == shares[1] and 0 < sum(shares[0]) < len(shares[0]), shares
+    plain = train_stage.run(make_config(tiny_models, train_shards_hr, tmp_path / "plain", use_high_prompt=False))
+    assert plain["parameter_digest"] != straight["parameter_digest"], "the recipe changes what the model learns from"
+
+
+def test_hr_condition_needs_hr_quality_captions(tiny_models, train_shards, tmp_path):
+    with pytest.raises(UserError, match="caption_hr=true"):
+        train_stage.run(make_config(tiny_models, train_shards, tmp_path / "run", hr_condition_probability=0.1))
+    assert not list((tmp_path / "run").glob("checkpoint-*"))

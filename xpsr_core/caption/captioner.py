@@ -68,16 +68,19 @@ def model_revision(path: str | Path) -> str:
 class Captioner:
     """Loads a captioning model once and captions batches of PIL images with several instructions."""
 
-    def __init__(self, model: str | Path, dtype: str = "float32", device: str = "cpu", settings: GenerationSettings | None = None):
+    def __init__(self, model: str | Path, dtype: str = "float32", device: str = "cpu", settings: GenerationSettings | None = None,
+                 trust_remote_code: bool = False):
+        """``trust_remote_code`` runs the model folder's own Python code (only for models that need it)."""
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.model_id = str(model)
         self.settings = settings or GenerationSettings()
         self.device = device
+        remote = {"trust_remote_code": True} if trust_remote_code else {}
         try:
-            self.processor = AutoProcessor.from_pretrained(model)
-            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype))
+            self.processor = AutoProcessor.from_pretrained(model, **remote)
+            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype), **remote)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise UserError(
                 f"Cannot load a captioner from {model}: {str(error).splitlines()[0] if str(error) else type(error).__name__}. "
@@ -109,6 +112,13 @@ class Captioner:
         texts = self._generate(items)
         width = len(prompts)
         return [texts[i * width : (i + 1) * width] for i in range(len(images))]
+
+    def caption_pairs(self, pairs: Sequence[tuple]) -> list[str]:
+        """One caption per (image, instruction) pair, all in one batch (split in halves on out-of-memory)."""
+        if not pairs:
+            return []
+        prompts = {text: self.prompt(text) for text in dict.fromkeys(text for _, text in pairs)}
+        return self._generate([(image, prompts[text]) for image, text in pairs])
 
     def _generate(self, items: list) -> list[str]:
         import torch

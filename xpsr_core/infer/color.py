@@ -3,6 +3,10 @@
 * ``adain``: per-channel mean and standard deviation of the output set to those of the reference.
 * ``wavelet``: the output's high frequencies plus the reference's low frequencies, split by a
   stack of dilated 3x3 binomial blurs (a stationary "a trous" wavelet decomposition).
+* ``adain-official``: the authors' variant (their test script), on 8-bit images: the quantised
+  output and the quantised condition are read as ``uint8 / 255``, per-channel statistics use the
+  *unbiased* variance plus 1e-5, the result is clamped to [0, 1] and truncated (not rounded) back
+  to 8 bits, as ``ToPILImage`` does. See :func:`adain_color_fix_uint8`.
 * ``none``: unchanged.
 
 Images are float tensors [B, 3, H, W] in [0, 1]; the reference (the bicubic-upsampled LR) is
@@ -11,10 +15,12 @@ resized to the output's size when it differs. Results are not clamped: the calle
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-COLOR_FIXES = ("adain", "wavelet", "none")
+COLOR_FIXES = ("adain", "wavelet", "adain-official", "none")
+UINT8_COLOR_FIXES = ("adain-official",)  # applied to the 8-bit output, after quantisation
 
 
 def _match_size(reference: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -32,6 +38,32 @@ def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     mean, std = channel_stats(image)
     ref_mean, ref_std = channel_stats(reference)
     return (image - mean) / std * ref_std + ref_mean
+
+
+def adain_color_fix_uint8(image: np.ndarray, reference: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """The authors' AdaIN on H x W x 3 uint8 images of the same size; returns uint8.
+
+    Arithmetic (float32 throughout): ``x = u8 / 255``; per channel ``mean`` and
+    ``std = sqrt(var_unbiased + eps)`` of both; ``(x - mean) / std * ref_std + ref_mean``;
+    clamp to [0, 1]; ``uint8(value * 255)`` with truncation toward zero.
+    """
+    if image.shape != reference.shape:
+        raise ValueError(f"adain-official needs images of one size, got {image.shape} and {reference.shape}")
+
+    def as_float(u8: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(u8)).permute(2, 0, 1).to(torch.float32).div(255)[None]
+
+    def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        std = (flat.var(dim=2, unbiased=True) + eps).sqrt()
+        return flat.mean(dim=2)[..., None, None], std[..., None, None]
+
+    x, ref = as_float(image), as_float(reference)
+    mean, std = stats(x)
+    ref_mean, ref_std = stats(ref)
+    fixed = ((x - mean) / std * ref_std + ref_mean).clamp(0.0, 1.0)
+    scaled = fixed[0].permute(1, 2, 0).numpy() * np.float32(255)
+    return scaled.astype(np.uint8)  # truncation, as torchvision's ToPILImage
 
 
 def _blur(x: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -66,4 +98,6 @@ def color_fix(image: torch.Tensor, reference: torch.Tensor, method: str) -> torc
         return wavelet_color_fix(image, reference)
     if method == "none":
         return image
+    if method == "adain-official":
+        raise ValueError("adain-official works on 8-bit images: use adain_color_fix_uint8")
     raise ValueError(f"unknown colour correction {method!r}; choose from {COLOR_FIXES}")

@@ -4,18 +4,25 @@ Sampling (paper section 3.6 / 4.1, DESIGN section 6):
 
 1. The LR image is upsampled (bicubic) by the scale factor; this ``lr_up`` in [0, 1] is the
    ControlNet condition. It is padded (reflect) to a multiple of the VAE factor times the UNet's
-   down-sampling factor and cropped back at the end.
+   down-sampling factor and cropped back at the end. (:mod:`.resize` has the authors' PIL
+   chain, with ``process_size``.)
 2. Start point: the VAE encodes ``lr_up`` (the posterior mean, scaled by the VAE's scaling
-   factor) and the scheduler adds noise for the *first* timestep of its schedule.
+   factor) and the scheduler adds noise for the *first* timestep of its schedule (the authors:
+   a posterior sample, then ``add_noise`` once more at ``added_noise_level``). One generator
+   makes every draw, in order: posterior sample, start noise, added noise, each step's noise.
 3. Each step predicts the noise with classifier-free guidance: the positive branch sees the
    content caption c_h, the negative branch the negative prompt in place of c_h; the quality
-   caption c_l is the same in both. Both branches run as one batch of two (``cfg_batched``).
+   caption c_l is the same in both (or ``negative_quality_prompt`` in the negative branch, as the
+   authors do). Both branches run as one batch of two, [negative, positive] (``cfg_batched``).
    The guided noise is ``eps_neg + scale * (eps_pos - eps_neg)`` (diffusers' convention, as in
    the authors' pipeline; the paper's eq. 6 writes the same family with ``scale - 1``).
 4. Latents larger than the UNet's native size are processed in overlapping tiles blended with
    Gaussian weights; the VAE encoder/decoder are tiled the same way (:mod:`.tiling`).
 5. The decoded image is colour-corrected to ``lr_up`` (AdaIN, wavelet or none), clamped and
-   quantised to 8 bits.
+   quantised to 8 bits (``adain-official``: quantised first, then the authors' 8-bit AdaIN).
+
+:mod:`.presets` names complete settings: ``default``/``paper`` (the above) and ``official`` (the
+authors' test script).
 
 The scheduler is DDPM with 20 steps by default and swappable (ddim, dpm-solver, unipc, euler)
 from the base model's scheduler config. :meth:`XPSRPipeline.from_pretrained` loads a folder
@@ -40,7 +47,8 @@ import torch.nn.functional as F
 
 from ..encoding import NEGATIVE_PROMPT, encode_prompts
 from ..errors import UserError
-from .color import COLOR_FIXES, color_fix
+from .color import COLOR_FIXES, UINT8_COLOR_FIXES, adain_color_fix_uint8, color_fix
+from .resize import RESIZES, prepare_condition, resize_output
 from .tiling import tile_boxes, tiled_apply
 
 PIPELINE_FILE = "xpsr_pipeline.json"
@@ -58,15 +66,24 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
+GENERATOR_SCOPES = ("image", "run")
+GENERATOR_DEVICES = ("cpu", "device")
+START_LATENTS = ("mean", "sample")
+
+
 @dataclass
 class SRSettings:
-    """Every knob of one SR run (recorded in each output's JSON sidecar)."""
+    """Every knob of one SR run (recorded in each output's JSON sidecar).
+
+    The defaults are the paper's recipe; :mod:`.presets` names complete sets of values
+    (``default``, ``paper``, ``official`` = the authors' test script).
+    """
 
     scale: int = 4
     steps: int = 20
     scheduler: str = "ddpm"
     guidance_scale: float = 5.5
-    negative_prompt: str = NEGATIVE_PROMPT
+    negative_prompt: str = NEGATIVE_PROMPT  # replaces c_h in the negative guidance branch
     cfg_batched: bool = True  # both guidance branches in one forward pass
     controlnet_negative: bool = True  # the ControlNet also sees the negative prompt (authors' pipeline)
     conditioning_scale: float = 1.0
@@ -75,7 +92,19 @@ class SRSettings:
     tile_overlap: Optional[int] = None  # pixels (default: tile_size // 4)
     vae_tile_size: Optional[int] = None  # VAE tiling, in pixels (default: the VAE's native size)
     vae_tile_overlap: Optional[int] = None  # pixels (default: vae_tile_size // 4)
-    seed: int = 0
+    seed: Optional[int] = 0  # None: an unseeded torch.Generator (torch's default seed 67280421310721)
+    # --- the authors' recipe (their test script); each default keeps the paper's behaviour
+    added_prompt: str = ""  # appended to c_h: "<caption.lstrip()> <added_prompt>" ("" leaves c_h as given)
+    negative_quality_prompt: Optional[str] = None  # c_l of the negative branch (None: the image's own c_l)
+    start_latent: str = "mean"  # the LR latent sampling starts from: posterior "mean" or a posterior "sample"
+    added_noise_level: Optional[int] = None  # after noising to the first timestep, add_noise again at this timestep
+    resize: str = "torch-bicubic"  # LR -> condition chain: "torch-bicubic" | "pil-bicubic" (see .resize)
+    process_size: Optional[int] = None  # a condition with a shorter side is enlarged to it; the output is resized back
+    pad_multiple: Optional[int] = None  # pad the condition to a multiple of this (default: VAE x UNet down-sampling factor)
+    latent_tile_threshold: Optional[int] = None  # pixels: latents of area <= (threshold / 8)^2 run whole (default: tile when a side > tile_size)
+    vae_decode_tile_size: Optional[int] = None  # VAE decoder tile in pixels (default: vae_tile_size)
+    generator_scope: str = "image"  # "image": a fresh generator per image from seed; "run": one generator for a whole run, in input order
+    generator_device: str = "cpu"  # where the generator draws: "cpu" or "device" (the model's device)
 
     def validate(self) -> "SRSettings":
         if self.scheduler not in SCHEDULERS:
@@ -84,6 +113,17 @@ class SRSettings:
             raise UserError(f"Unknown colour correction {self.color_fix!r}; choose from {', '.join(COLOR_FIXES)}.")
         if self.scale < 1 or self.steps < 1:
             raise UserError("scale and steps must be at least 1.")
+        for name, value, allowed in (("start_latent", self.start_latent, START_LATENTS), ("resize", self.resize, RESIZES),
+                                     ("generator_scope", self.generator_scope, GENERATOR_SCOPES),
+                                     ("generator_device", self.generator_device, GENERATOR_DEVICES)):
+            if value not in allowed:
+                raise UserError(f"Unknown {name} {value!r}; choose from {', '.join(allowed)}.")
+        for name in ("process_size", "pad_multiple", "latent_tile_threshold", "vae_decode_tile_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be at least 1 (or unset).")
+        if self.added_noise_level is not None and self.added_noise_level < 0:
+            raise UserError("added_noise_level must be a timestep >= 0 (or unset).")
         return self
 
 
@@ -93,7 +133,7 @@ class SRResult:
     lr_up: np.ndarray  # the bicubic-upsampled LR (the condition), uint8
     content_caption: str
     quality_caption: str
-    seed: int
+    seed: Optional[int]
     settings: dict
     seconds: float
     latent_tiles: int
@@ -137,6 +177,11 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
     height, width = lr.shape[-2:]
     return F.interpolate(lr, size=(height * scale, width * scale), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def _randn(shape, generator: torch.Generator, device) -> torch.Tensor:
+    """Standard normal float32 noise drawn on the generator's device, then moved to ``device``."""
+    return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=torch.float32).to(device)
 
 
 def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -258,8 +303,8 @@ class XPSRPipeline:
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         return encode_prompts(self.text_encoder, self.tokenizer, texts).to(self.device, self.dtype)
 
-    def _vae_tiles(self, settings: SRSettings) -> tuple[int, int]:
-        size = settings.vae_tile_size or self.vae_native_size
+    def _vae_tiles(self, settings: SRSettings, decoder: bool = False) -> tuple[int, int]:
+        size = (settings.vae_decode_tile_size if decoder else None) or settings.vae_tile_size or self.vae_native_size
         size = max(self.vae_factor, size - size % self.vae_factor)
         overlap = settings.vae_tile_overlap if settings.vae_tile_overlap is not None else size // 4
         overlap -= overlap % self.vae_factor
@@ -272,6 +317,33 @@ class XPSRPipeline:
         overlap = settings.tile_overlap if settings.tile_overlap is not None else size // 4
         return size // self.vae_factor, overlap // self.vae_factor
 
+    def _latent_tiling(self, settings: SRSettings, height: int, width: int) -> tuple[tuple[int, int], int]:
+        """((tile height, tile width), overlap) in latent pixels for a latent of ``height`` x ``width``.
+
+        With ``latent_tile_threshold`` (the authors' rule) a latent whose area is at most the
+        threshold's square is sampled in one piece, whatever its aspect ratio.
+        """
+        tile, overlap = self._latent_tiles(settings)
+        if settings.latent_tile_threshold is not None:
+            limit = settings.latent_tile_threshold // self.vae_factor
+            if height * width <= limit * limit:
+                return (height, width), overlap
+        return (tile, tile), overlap
+
+    def make_generator(self, settings: Optional[SRSettings] = None, seed: Any = "settings") -> torch.Generator:
+        """The generator of every random draw of one image (or, with ``generator_scope="run"``, of a whole run).
+
+        Seeded with ``settings.seed`` (or ``seed``); ``None`` leaves it unseeded (torch's default
+        initial seed). It lives on the CPU, or on the model's device with ``generator_device="device"``.
+        """
+        settings = settings or self.settings
+        seed = settings.seed if seed == "settings" else seed
+        device = self.device if settings.generator_device == "device" else torch.device("cpu")
+        generator = torch.Generator(device=device)
+        if seed is not None:
+            generator.manual_seed(int(seed))
+        return generator
+
     def vae_encode(self, image: torch.Tensor, settings: Optional[SRSettings] = None) -> torch.Tensor:
         """Scaled latent (posterior mean) of ``image`` in [-1, 1]; tiled above the VAE's tile size."""
         settings = settings or self.settings
@@ -283,10 +355,56 @@ class XPSRPipeline:
 
         return tiled_apply(image, encode, tile, overlap, scale=1 / self.vae_factor)
 
+    def vae_moments(self, image: torch.Tensor, settings: Optional[SRSettings] = None) -> torch.Tensor:
+        """Posterior moments [B, 2C, h, w] (mean, then log-variance; unscaled, float32) of ``image`` in [-1, 1].
+
+        Tiled above the VAE's tile size (the tiles' moments are blended), so one draw of the full
+        latent's size samples it however it was encoded.
+        """
+        settings = settings or self.settings
+        tile, overlap = self._vae_tiles(settings)
+
+        def encode(x, _box):
+            return self.vae.encode(x.to(self.vae.dtype)).latent_dist.parameters.float()
+
+        return tiled_apply(image, encode, tile, overlap, scale=1 / self.vae_factor)
+
+    def start_latents(self, condition: torch.Tensor, scheduler, timesteps: torch.Tensor, generator: torch.Generator,
+                      settings: Optional[SRSettings] = None) -> torch.Tensor:
+        """The noisy LR latent sampling starts from; every draw comes from ``generator``, in order.
+
+        ``start_latent="mean"``: the posterior mean; ``"sample"``: a posterior sample (the first draw).
+        Then noise to ``timesteps[0]`` (a draw) and, with ``added_noise_level``, ``add_noise`` once
+        more at that timestep (another draw), as the authors' pipeline does. The steps draw next.
+        """
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        settings = settings or self.settings
+        scaling = float(self.vae.config.scaling_factor)
+        if settings.start_latent == "sample":
+            posterior = DiagonalGaussianDistribution(self.vae_moments(condition * 2 - 1, settings))
+            z_lr = posterior.sample(generator) * scaling
+        else:
+            z_lr = self.vae_encode(condition * 2 - 1, settings)
+        noise = _randn(z_lr.shape, generator, z_lr.device)
+        latents = scheduler.add_noise(z_lr, noise, timesteps[:1])
+        if settings.added_noise_level is not None:
+            level = int(settings.added_noise_level)
+            train_steps = int(getattr(scheduler.config, "num_train_timesteps", 1000))
+            if level >= train_steps:
+                raise UserError(f"added_noise_level {level} is not a training timestep (0 ... {train_steps - 1}).")
+            extra = _randn(z_lr.shape, generator, z_lr.device)
+            try:
+                latents = scheduler.add_noise(latents, extra, torch.tensor([level], device=latents.device))
+            except (IndexError, ValueError, RuntimeError) as error:
+                raise UserError(f"The {settings.scheduler} scheduler cannot add noise at timestep {level} ({error}); "
+                                "use ddpm or ddim with added_noise_level.") from None
+        return latents
+
     def vae_decode(self, latents: torch.Tensor, settings: Optional[SRSettings] = None) -> torch.Tensor:
         """Image in [-1, 1] of scaled ``latents``; tiled above the VAE's tile size."""
         settings = settings or self.settings
-        tile, overlap = self._vae_tiles(settings)
+        tile, overlap = self._vae_tiles(settings, decoder=True)
         scaling = float(self.vae.config.scaling_factor)
 
         def decode(z, _box):
@@ -294,10 +412,12 @@ class XPSRPipeline:
 
         return tiled_apply(latents, decode, tile // self.vae_factor, overlap // self.vae_factor, scale=self.vae_factor)
 
-    def guided_noise(self, latents, timestep, condition, c_h, c_l, c_neg, settings: Optional[SRSettings] = None) -> torch.Tensor:
+    def guided_noise(self, latents, timestep, condition, c_h, c_l, c_neg, settings: Optional[SRSettings] = None,
+                     c_l_neg: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Classifier-free-guided noise prediction for one latent tile (float32).
 
-        With ``cfg_batched`` both branches run as one batch of two; otherwise as two passes.
+        With ``cfg_batched`` both branches run as one batch of two, [negative, positive]; otherwise
+        as two passes. ``c_l_neg`` is the negative branch's c_l (default: ``c_l``).
         """
         settings = settings or self.settings
         dtype = self.dtype
@@ -313,14 +433,15 @@ class XPSRPipeline:
         if settings.guidance_scale <= 1.0 or c_neg is None:
             return run(x, t, c_h, c_l, cond)
         control = None if settings.controlnet_negative else c_h
+        c_l_negative = c_l if c_l_neg is None else c_l_neg
         if settings.cfg_batched:
             c_control = None if control is None else torch.cat([c_h, c_h])
-            out = run(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c_neg, c_h]), torch.cat([c_l, c_l]),
+            out = run(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c_neg, c_h]), torch.cat([c_l_negative, c_l]),
                       torch.cat([cond, cond]), c_control)
             negative, positive = out.chunk(2)
         else:
             positive = run(x, t, c_h, c_l, cond)
-            negative = run(x, t, c_neg, c_l, cond, control)
+            negative = run(x, t, c_neg, c_l_negative, cond, control)
         return negative + settings.guidance_scale * (positive - negative)
 
     # ------------------------------------------------------------------ sampling
@@ -333,10 +454,13 @@ class XPSRPipeline:
         quality: str = "",
         settings: Optional[SRSettings] = None,
         step_callback: Optional[StepCallback] = None,
+        generator: Optional[torch.Generator] = None,
         **overrides,
     ) -> SRResult:
         """Super-resolve one LR image (PIL or uint8 array) with its content (c_h) and quality (c_l) captions.
 
+        ``generator``: draw from this generator (and advance it) instead of a fresh one made from
+        the settings' seed, e.g. one generator shared by the images of a run (``generator_scope="run"``).
         Runs the model in eval mode and restores its previous mode afterwards (safe to call from a
         training loop for validation images).
         """
@@ -344,35 +468,47 @@ class XPSRPipeline:
         was_training = self.model.training
         self.model.eval()
         try:
-            return self._upscale(lr, content, quality, settings, step_callback)
+            return self._upscale(lr, content, quality, settings, step_callback, generator)
         finally:
             if was_training:
                 self.model.train()
 
-    def _upscale(self, lr, content: str, quality: str, settings: SRSettings, step_callback: Optional[StepCallback]) -> SRResult:
+    def prompts(self, content: str, quality: str, settings: Optional[SRSettings] = None) -> list[str]:
+        """The texts one image's sampling encodes: c_h, c_l and, with guidance, the negative c_h (and c_l)."""
+        settings = settings or self.settings
+        c_h = f"{content.lstrip()} {settings.added_prompt}" if settings.added_prompt else content
+        texts = [c_h, quality]
+        if settings.guidance_scale > 1.0:
+            texts.append(settings.negative_prompt)
+            if settings.negative_quality_prompt is not None:
+                texts.append(settings.negative_quality_prompt)
+        return texts
+
+    def _upscale(self, lr, content: str, quality: str, settings: SRSettings, step_callback: Optional[StepCallback],
+                 generator: Optional[torch.Generator] = None) -> SRResult:
         started = time.perf_counter()
         device = self.device
-        lr_t = to_tensor(lr).to(device)
-        lr_up = upsample(lr_t, settings.scale)
+        prepared = prepare_condition(lr, settings.scale, settings.resize, settings.process_size, self.vae_factor, device)
+        lr_up = prepared.image.to(device)
         height, width = lr_up.shape[-2:]
-        condition = _pad_to(lr_up, self.vae_factor * self.unet_factor)
+        condition = _pad_to(lr_up, settings.pad_multiple or self.vae_factor * self.unet_factor)
 
-        texts = [content, quality] + ([settings.negative_prompt] if settings.guidance_scale > 1.0 else [])
+        texts = self.prompts(content, quality, settings)
         embeddings = self.encode_text(texts)
         c_h, c_l = embeddings[0:1], embeddings[1:2]
-        c_neg = embeddings[2:3] if settings.guidance_scale > 1.0 else None
+        c_neg = embeddings[2:3] if len(texts) > 2 else None
+        negative_extra = {"c_l_neg": embeddings[3:4]} if len(texts) > 3 else {}
 
         scheduler = self._scheduler(settings.scheduler)
         scheduler.set_timesteps(settings.steps, device=device)
         timesteps = scheduler.timesteps
-        generator = torch.Generator("cpu").manual_seed(int(settings.seed))
+        if generator is None:
+            generator = self.make_generator(settings)
 
-        z_lr = self.vae_encode(condition * 2 - 1, settings)
-        noise = torch.randn(z_lr.shape, generator=generator, dtype=torch.float32).to(device)
-        latents = scheduler.add_noise(z_lr, noise, timesteps[:1])
+        latents = self.start_latents(condition, scheduler, timesteps, generator, settings)
 
-        tile, overlap = self._latent_tiles(settings)
-        n_tiles = len(tile_boxes(latents.shape[-2], latents.shape[-1], tile, tile, overlap))
+        tile, overlap = self._latent_tiling(settings, latents.shape[-2], latents.shape[-1])
+        n_tiles = len(tile_boxes(latents.shape[-2], latents.shape[-1], tile[0], tile[1], overlap))
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         factor = self.vae_factor
         for index, t in enumerate(timesteps):
@@ -381,26 +517,32 @@ class XPSRPipeline:
             def predict(tile_latents, box, t=t):
                 y0, y1, x0, x1 = box
                 tile_condition = condition[..., y0 * factor : y1 * factor, x0 * factor : x1 * factor]
-                return self.guided_noise(tile_latents, t, tile_condition, c_h, c_l, c_neg, settings)
+                return self.guided_noise(tile_latents, t, tile_condition, c_h, c_l, c_neg, settings, **negative_extra)
 
             noise_pred = tiled_apply(model_input, predict, tile, overlap, scale=1)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample.float()
             if step_callback is not None:
                 step_callback(index + 1, len(timesteps))
 
-        image = (self.vae_decode(latents, settings)[..., :height, :width] + 1) / 2
-        image = color_fix(image, lr_up, settings.color_fix)
+        decoded = self.vae_decode(latents, settings)[..., :height, :width]
+        if settings.color_fix in UINT8_COLOR_FIXES:
+            # quantised as the authors' pipeline returns its image, then fixed against the 8-bit condition
+            image = adain_color_fix_uint8(to_uint8(decoded / 2 + 0.5), prepared.image_uint8)
+        else:
+            image = to_uint8(color_fix((decoded + 1) / 2, lr_up, settings.color_fix))
+        image = resize_output(image, prepared.output_size, settings.resize)
         return SRResult(
-            image=to_uint8(image),
-            lr_up=to_uint8(lr_up),
+            image=image,
+            lr_up=prepared.lr_up,
             content_caption=content,
             quality_caption=quality,
-            seed=int(settings.seed),
+            seed=None if settings.seed is None else int(settings.seed),
             settings=asdict(settings),
             seconds=time.perf_counter() - started,
             latent_tiles=n_tiles,
-            info={"start_timestep": int(timesteps[0]), "lr_size": [int(lr_t.shape[-1]), int(lr_t.shape[-2])],
-                  "sr_size": [int(width), int(height)]},
+            info={"start_timestep": int(timesteps[0]), "lr_size": [int(prepared.output_size[1] // settings.scale),
+                  int(prepared.output_size[0] // settings.scale)], "sr_size": [int(prepared.output_size[1]), int(prepared.output_size[0])],
+                  "condition_size": [int(width), int(height)], "prompts": texts},
         )
 
     def __call__(
@@ -412,26 +554,32 @@ class XPSRPipeline:
         step_callback: Optional[StepCallback] = None,
         **overrides,
     ) -> list[SRResult]:
-        """Super-resolve several images (one at a time: their sizes may differ)."""
+        """Super-resolve several images (one at a time: their sizes may differ).
+
+        With ``generator_scope="run"`` one generator (from the settings' seed) serves every image in order.
+        """
         count = len(images)
         content_captions = list(content_captions or [""] * count)
         quality_captions = list(quality_captions or [""] * count)
+        settings = replace(self.settings, **overrides).validate()
+        shared = self.make_generator(settings) if settings.generator_scope == "run" and seeds is None else None
         results = []
         for index, image in enumerate(images):
             extra = dict(overrides)
             if seeds is not None:
                 extra["seed"] = seeds[index]
-            results.append(self.upscale(image, content_captions[index], quality_captions[index], step_callback=step_callback, **extra))
+            results.append(self.upscale(image, content_captions[index], quality_captions[index], step_callback=step_callback,
+                                        generator=shared, **extra))
         return results
 
 
 def tiles_for(pipe: XPSRPipeline, height: int, width: int, settings: Optional[SRSettings] = None) -> int:
     """How many latent tiles an output of ``height`` x ``width`` pixels takes."""
     settings = settings or pipe.settings
-    multiple = pipe.vae_factor * pipe.unet_factor
-    tile, overlap = pipe._latent_tiles(settings)
+    multiple = settings.pad_multiple or pipe.vae_factor * pipe.unet_factor
     lh, lw = math.ceil(height / multiple) * multiple // pipe.vae_factor, math.ceil(width / multiple) * multiple // pipe.vae_factor
-    return len(tile_boxes(lh, lw, tile, tile, overlap))
+    tile, overlap = pipe._latent_tiling(settings, lh, lw)
+    return len(tile_boxes(lh, lw, tile[0], tile[1], overlap))
 
 
 def validation_grid(pipe: XPSRPipeline, samples: Sequence[dict], **overrides):

@@ -18,6 +18,8 @@ reads (``return_features=True``):
 * ``latent_features``: the output of the last layer (resnet + SFA) of each of the first three
   ControlNet down blocks, before their downsampler: latent scales h, h/2, h/4 (320, 640, 1280
   channels on SD-1.5).
+* ``residual_features``: the 12 down residuals and the mid residual after their zero convs and
+  before ``conditioning_scale``: what the authors' 13 latent DFC heads read.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
 from diffusers.utils import BaseOutput
 
-from .sfa import LOW_LEVEL_KEY, SFA_MODES, SemanticFusionTransformer
+from .sfa import FUSION_TYPES, LOW_LEVEL_KEY, SFA_MODES, SemanticFusionTransformer
 
 DFC_LEVELS = 3
+INITS = ("zero", "official")  # zero: step 0 equals plain ControlNet | official: the authors' initialisation
 
 
 @dataclass
@@ -47,6 +50,7 @@ class XPSRControlNetOutput(BaseOutput):
     mid_block_res_sample: torch.Tensor
     pixel_features: Optional[tuple] = None
     latent_features: Optional[tuple] = None
+    residual_features: Optional[tuple] = None
 
 
 def _zero_conv(channels: int) -> nn.Conv2d:
@@ -137,10 +141,13 @@ class XPSRControlNet(ModelMixin, ConfigMixin):
         conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256),
         sfa_mode: str = "parallel",
         fusion_heads: Optional[int] = None,
+        fusion_type: str = "attention",
     ):
         super().__init__()
         if sfa_mode not in SFA_MODES:
             raise ValueError(f"sfa_mode must be one of {SFA_MODES}, got {sfa_mode!r}")
+        if fusion_type not in FUSION_TYPES:
+            raise ValueError(f"fusion_type must be one of {FUSION_TYPES}, got {fusion_type!r}")
         if len(conditioning_embedding_out_channels) != DFC_LEVELS + 1:
             raise ValueError("conditioning_embedding_out_channels needs 4 entries (input level + 3 downsampling levels)")
         blocks = len(down_block_types)
@@ -213,30 +220,20 @@ class XPSRControlNet(ModelMixin, ConfigMixin):
             if attentions is None:
                 continue
             for j in range(len(attentions)):
-                attentions[j] = SemanticFusionTransformer(attentions[j], mode=sfa_mode, fusion_heads=fusion_heads)
+                attentions[j] = SemanticFusionTransformer(attentions[j], mode=sfa_mode, fusion_heads=fusion_heads,
+                                                          fusion=fusion_type)
 
         self.latent_feature_blocks = [i for i in range(min(DFC_LEVELS, blocks))]
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_unet(
-        cls,
-        unet,
-        sfa_mode: str = "parallel",
-        conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256),
-        conditioning_channels: int = 3,
-        fusion_heads: Optional[int] = None,
-        load_weights_from_unet: bool = True,
-    ) -> "XPSRControlNet":
-        """Same initialisation as diffusers' ``ControlNetModel.from_unet``, plus SFA branches.
-
-        Both branches of every SFA module get the UNet's transformer weights (the low-level
-        branch is a copy of the high-level one); the new output projections stay zero.
-        """
+    def config_from_unet(cls, unet, conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256),
+                         conditioning_channels: int = 3, **xpsr_options) -> dict:
+        """The constructor arguments of an XPSR ControlNet for ``unet`` (its encoder's shapes)."""
         check_unet_supported(unet)
         c = unet.config
-        controlnet = cls(
+        return dict(
             in_channels=c.in_channels,
             conditioning_channels=conditioning_channels,
             flip_sin_to_cos=c.flip_sin_to_cos,
@@ -258,16 +255,62 @@ class XPSRControlNet(ModelMixin, ConfigMixin):
             upcast_attention=c.upcast_attention,
             resnet_time_scale_shift=c.resnet_time_scale_shift,
             conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
-            sfa_mode=sfa_mode,
-            fusion_heads=fusion_heads,
+            **xpsr_options,
         )
+
+    @classmethod
+    def from_unet(
+        cls,
+        unet,
+        sfa_mode: str = "parallel",
+        conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256),
+        conditioning_channels: int = 3,
+        fusion_heads: Optional[int] = None,
+        load_weights_from_unet: bool = True,
+        fusion_type: str = "attention",
+        init: str = "zero",
+    ) -> "XPSRControlNet":
+        """Same initialisation as diffusers' ``ControlNetModel.from_unet``, plus SFA branches.
+
+        Both branches of every SFA module get the UNet's transformer weights (the low-level
+        branch is a copy of the high-level one). ``init="zero"``: the new output projections stay
+        zero (step 0 equals plain ControlNet). ``init="official"`` (the authors' train.py): a
+        transformer ``CA_f`` also starts from the UNet's transformer wherever the shapes agree
+        (its cross-attention K/V, of another width, stay random) and nothing new is zeroed.
+        """
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        controlnet = cls(**cls.config_from_unet(
+            unet,
+            sfa_mode=sfa_mode,
+            conditioning_embedding_out_channels=conditioning_embedding_out_channels,
+            conditioning_channels=conditioning_channels,
+            fusion_heads=fusion_heads,
+            fusion_type=fusion_type,
+        ))
         if load_weights_from_unet:
             plain = {}
             for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block"):
                 for key, value in getattr(unet, name).state_dict().items():
                     plain[f"{name}.{key}"] = value
             controlnet.load_plain_state_dict(plain, strict_subset=True)
+        if init == "official":
+            for module in controlnet.sfa_modules().values():
+                for projection in module.new_output_projections():
+                    projection.reset_parameters()
+            controlnet.copy_high_into_fusion_()
         return match_device_dtype(controlnet, unet)
+
+    @torch.no_grad()
+    def copy_high_into_fusion_(self) -> None:
+        """The authors' CA_f initialisation: every CA_h tensor whose shape CA_f shares is copied into it."""
+        for module in self.sfa_modules().values():
+            if module.mode != "parallel" or module.fusion_type != "transformer":
+                continue
+            fusion = module.fusion.state_dict()
+            for key, value in module.high.state_dict().items():
+                if key in fusion and fusion[key].shape == value.shape:
+                    fusion[key].copy_(value)
 
     def sfa_modules(self) -> dict[str, SemanticFusionTransformer]:
         return {name: m for name, m in self.named_modules() if isinstance(m, SemanticFusionTransformer)}
@@ -302,7 +345,7 @@ class XPSRControlNet(ModelMixin, ConfigMixin):
         """Start from a trained diffusers ``ControlNetModel`` (its transformers seed both SFA branches)."""
         c = controlnet.config
         model = cls(
-            **{k: c[k] for k in cls._init_keys() if k in c and k not in ("sfa_mode", "fusion_heads")},
+            **{k: c[k] for k in cls._init_keys() if k in c and k not in ("sfa_mode", "fusion_heads", "fusion_type")},
             sfa_mode=sfa_mode,
             fusion_heads=fusion_heads,
         )
@@ -387,16 +430,28 @@ class XPSRControlNet(ModelMixin, ConfigMixin):
             cross_attention_kwargs=kwargs,
         )
 
-        down = tuple(conv(r) * conditioning_scale for r, conv in zip(res_samples_all, self.controlnet_down_blocks))
-        mid = self.controlnet_mid_block(sample) * conditioning_scale
+        down = tuple(conv(r) for r, conv in zip(res_samples_all, self.controlnet_down_blocks))
+        mid = self.controlnet_mid_block(sample)
+        residual = (*down, mid) if return_features else None
+        if conditioning_scale != 1.0:
+            down = tuple(r * conditioning_scale for r in down)
+            mid = mid * conditioning_scale
         pixel = tuple(pixel_levels) if return_features else None
         latent = tuple(latent_levels) if return_features else None
         if not return_dict:
-            return (down, mid, pixel, latent)
-        return XPSRControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid, pixel_features=pixel, latent_features=latent)
+            return (down, mid, pixel, latent, residual)
+        return XPSRControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid, pixel_features=pixel,
+                                    latent_features=latent, residual_features=residual)
 
-    def feature_channels(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(pixel feature channels, latent feature channels) of the DFC levels."""
+    def feature_channels(self, latent_source: str = "pyramid") -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(pixel feature channels, latent feature channels) of the DFC levels.
+
+        ``latent_source``: ``pyramid`` (the three down-block outputs) or ``residuals`` (every
+        post-zero-conv residual, the mid one last).
+        """
         pixel = tuple(self.config.conditioning_embedding_out_channels[1:])
-        latent = tuple(self.config.block_out_channels[i] for i in self.latent_feature_blocks)
+        if latent_source == "residuals":
+            latent = tuple(conv.out_channels for conv in self.controlnet_down_blocks) + (self.controlnet_mid_block.out_channels,)
+        else:
+            latent = tuple(self.config.block_out_channels[i] for i in self.latent_feature_blocks)
         return pixel, latent

@@ -8,6 +8,10 @@ Each cross-attention transformer of the ControlNet becomes a :class:`SemanticFus
   cross-attention, feed-forward); ``CA_l`` starts as a copy of ``CA_h``. ``CA_f`` is
   :class:`FusionAttention`, a residual cross-attention from ``x_h`` tokens to ``x_l`` tokens whose
   output projection starts at zero, so at initialisation ``out == x_h`` (plain ControlNet).
+  With ``fusion="transformer"`` (the authors' released code) ``CA_f`` is instead a whole
+  ``Transformer2DModel`` built like ``CA_h`` but cross-attending to ``C`` channels, called as
+  ``CA_f(x_h, encoder_hidden_states=tokens(x_l))`` (no norm on the ``x_l`` tokens); its residual
+  ``proj_out`` is what starts at zero under the zero initialisation.
 * ``serial`` (eq. 1): ``out = CA_l(CA_h(x, c_h), c_l)``, with ``CA_l``'s output projection zeroed
   at initialisation (so again ``out == x_h`` at step 0).
 * ``high``: only ``CA_h(x, c_h)`` (plain ControlNet).
@@ -35,6 +39,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 LOW_LEVEL_KEY = "xpsr_low_level_hidden_states"
 SFA_MODES = ("parallel", "serial", "high", "low")
+FUSION_TYPES = ("attention", "transformer")  # CA_f: ours (the paper's eq. 2) | the authors' full transformer
 
 
 def _zero_(module: nn.Module) -> nn.Module:
@@ -43,7 +48,7 @@ def _zero_(module: nn.Module) -> nn.Module:
     return module
 
 
-def _to_tokens(x: torch.Tensor) -> torch.Tensor:
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
@@ -78,8 +83,8 @@ class TokenCrossAttention(nn.Module):
         _zero_(self.attn.to_out[0])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        query = self.norm_q(_to_tokens(x))
-        keys = self.norm_kv(_to_tokens(context).to(query.dtype))
+        query = self.norm_q(to_tokens(x))
+        keys = self.norm_kv(to_tokens(context).to(query.dtype))
         out = self.attn(query, encoder_hidden_states=keys)
         return x + _from_tokens(out, x)
 
@@ -95,14 +100,32 @@ class FusionAttention(TokenCrossAttention):
         super().__init__(channels, channels, heads, eps=eps)
 
 
+def transformer_like(transformer: nn.Module, cross_attention_dim: int, num_attention_heads: Optional[int] = None) -> nn.Module:
+    """A fresh diffusers ``Transformer2DModel`` with ``transformer``'s hyper-parameters and another context width."""
+    # private keys such as _use_default_values would make from_config drop the head layout
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    config["cross_attention_dim"] = cross_attention_dim
+    if num_attention_heads:
+        config["attention_head_dim"] = config["in_channels"] // num_attention_heads
+        config["num_attention_heads"] = num_attention_heads
+    first = next(transformer.parameters())
+    with torch.device(first.device):
+        module = type(transformer).from_config(config)
+    return module if module.dtype == first.dtype else module.to(dtype=first.dtype)
+
+
 class SemanticFusionTransformer(nn.Module):
     """Drop-in replacement for a ``Transformer2DModel`` inside diffusers' down/mid blocks."""
 
-    def __init__(self, transformer: nn.Module, mode: str = "parallel", fusion_heads: Optional[int] = None):
+    def __init__(self, transformer: nn.Module, mode: str = "parallel", fusion_heads: Optional[int] = None,
+                 fusion: str = "attention"):
         super().__init__()
         if mode not in SFA_MODES:
             raise ValueError(f"sfa mode must be one of {SFA_MODES}, got {mode!r}")
+        if fusion not in FUSION_TYPES:
+            raise ValueError(f"fusion must be one of {FUSION_TYPES}, got {fusion!r}")
         self.mode = mode
+        self.fusion_type = fusion
         channels = transformer.in_channels
         heads = fusion_heads or transformer.num_attention_heads
         if mode in ("parallel", "serial", "high"):
@@ -111,8 +134,11 @@ class SemanticFusionTransformer(nn.Module):
             self.low = copy.deepcopy(transformer)
         if mode == "low":
             self.low = transformer
-        if mode == "parallel":
+        if mode == "parallel" and fusion == "attention":
             self.fusion = FusionAttention(channels, heads)
+        if mode == "parallel" and fusion == "transformer":
+            self.fusion = transformer_like(transformer, channels, fusion_heads)
+            _zero_(self.fusion.proj_out)
         if mode == "serial":
             _zero_(self.low.proj_out)
         self.in_channels = channels
@@ -124,17 +150,24 @@ class SemanticFusionTransformer(nn.Module):
 
     def reset_new_outputs_(self) -> None:
         """Zero the projections that make this module equal the plain high-level transformer."""
-        if self.mode == "parallel":
-            _zero_(self.fusion.output_projection)
-        elif self.mode == "serial":
-            _zero_(self.low.proj_out)
+        for projection in self.new_output_projections():
+            _zero_(projection)
 
     def new_output_projections(self) -> list[nn.Module]:
         if self.mode == "parallel":
-            return [self.fusion.output_projection]
+            return [self.fusion.proj_out if self.fusion_type == "transformer" else self.fusion.output_projection]
         if self.mode == "serial":
             return [self.low.proj_out]
         return []
+
+    def fuse(self, x_high: torch.Tensor, x_low: torch.Tensor, cross_attention_kwargs=None) -> torch.Tensor:
+        """``CA_f``: queries from the high-level branch, keys/values from the low-level branch's pixels."""
+        if self.fusion_type == "transformer":
+            return self.fusion(x_high, encoder_hidden_states=to_tokens(x_low), cross_attention_kwargs=cross_attention_kwargs,
+                               return_dict=False)[0]
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(self.fusion, x_high, x_low)
+        return self.fusion(x_high, x_low)
 
     def forward(
         self,
@@ -165,10 +198,7 @@ class SemanticFusionTransformer(nn.Module):
         if self.mode == "parallel":
             x_high = run(self.high, hidden_states, encoder_hidden_states)
             x_low = run(self.low, hidden_states, low_level)
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                out = self._gradient_checkpointing_func(self.fusion, x_high, x_low)
-            else:
-                out = self.fusion(x_high, x_low)
+            out = self.fuse(x_high, x_low, kwargs)
         elif self.mode == "serial":
             out = run(self.low, run(self.high, hidden_states, encoder_hidden_states), low_level)
         elif self.mode == "high":

@@ -11,6 +11,9 @@ attend to the ControlNet residual that fed that layer's skip connection:
 ``h = h + to_out(SDPA(norm_q(h) Wq, norm_kv(r) Wk, norm_kv(r) Wv))`` with ``to_out`` zero at init,
 
 one such layer for every decoder layer (``layers_per_block + 1`` per up block, all up blocks).
+With ``layer_type="transformer"`` (the authors' ``pixel_attentions``) each layer is instead a whole
+diffusers ``Transformer2DModel`` (in = the layer's channels, context = the skip's channels) called
+as ``T(h, encoder_hidden_states=tokens(r))``; its ``proj_out`` is zero under the zero initialisation.
 The UNet sees only the high-level prompt embedding c_h. With ``conditional_attention=None`` the
 function computes exactly what diffusers' ``UNet2DConditionModel.forward`` computes with ControlNet
 residuals.
@@ -27,8 +30,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from .controlnet import match_device_dtype, run_down_block
+from .sfa import TokenCrossAttention, to_tokens
 
-from .sfa import TokenCrossAttention
+LAYER_TYPES = ("attention", "transformer")
 
 
 def _skip_channels(unet) -> list[int]:
@@ -59,31 +63,66 @@ def decoder_layout(unet) -> tuple[list[int], list[int], list[int], list[int]]:
 
 
 class XPSRConditionalAttention(ModelMixin, ConfigMixin):
-    """One zero-initialised cross-attention per UNet decoder layer (K/V: the ControlNet residual)."""
+    """One cross-attention per UNet decoder layer (K/V: the ControlNet residual), zero output at init."""
 
     _supports_gradient_checkpointing = True
 
     @register_to_config
-    def __init__(self, query_channels: Sequence[int] = (), context_channels: Sequence[int] = (), heads: Sequence[int] = ()):
+    def __init__(
+        self,
+        query_channels: Sequence[int] = (),
+        context_channels: Sequence[int] = (),
+        heads: Sequence[int] = (),
+        layer_type: str = "attention",
+        norm_num_groups: int = 32,
+        use_linear_projection: bool = False,
+        upcast_attention: bool = False,
+        init: str = "zero",
+    ):
         super().__init__()
         if not (len(query_channels) == len(context_channels) == len(heads)):
             raise ValueError("query_channels, context_channels and heads must have one entry per decoder layer")
-        self.layers = nn.ModuleList(
-            TokenCrossAttention(q, c, h) for q, c, h in zip(query_channels, context_channels, heads)
-        )
+        if layer_type not in LAYER_TYPES:
+            raise ValueError(f"layer_type must be one of {LAYER_TYPES}, got {layer_type!r}")
+        if layer_type == "transformer":
+            from diffusers.models import Transformer2DModel
+
+            self.layers = nn.ModuleList(
+                Transformer2DModel(h, q // h, in_channels=q, cross_attention_dim=c, norm_num_groups=norm_num_groups,
+                                   use_linear_projection=use_linear_projection, upcast_attention=upcast_attention)
+                for q, c, h in zip(query_channels, context_channels, heads)
+            )
+        else:
+            self.layers = nn.ModuleList(TokenCrossAttention(q, c, h) for q, c, h in zip(query_channels, context_channels, heads))
+        for projection in self.output_projections():
+            # zero: the UNet is SD-1.5 at step 0; official: the authors' default (random) initialisation
+            if init == "zero":
+                nn.init.zeros_(projection.weight)
+                nn.init.zeros_(projection.bias)
+            else:
+                projection.reset_parameters()
         self.gradient_checkpointing = False
 
     @classmethod
-    def from_unet(cls, unet) -> "XPSRConditionalAttention":
+    def from_unet(cls, unet, layer_type: str = "attention", init: str = "zero") -> "XPSRConditionalAttention":
         query, context, heads, _ = decoder_layout(unet)
-        model = cls(query_channels=query, context_channels=context, heads=heads)
+        config = unet.config
+        model = cls(query_channels=query, context_channels=context, heads=heads, layer_type=layer_type,
+                    norm_num_groups=config.norm_num_groups, use_linear_projection=config.use_linear_projection,
+                    upcast_attention=config.upcast_attention, init=init)
         return match_device_dtype(model, unet)
 
     def output_projections(self) -> list[nn.Module]:
+        if self.config.layer_type == "transformer":
+            return [layer.proj_out for layer in self.layers]
         return [layer.output_projection for layer in self.layers]
 
-    def apply(self, index: int, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # noqa: A003
+    def attend(self, index: int, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``index``'s hidden states attend to the ControlNet residual of its skip."""
         layer = self.layers[index]
+        if self.config.layer_type == "transformer":
+            # diffusers' transformer checkpoints its own blocks when gradient checkpointing is on
+            return layer(hidden_states, encoder_hidden_states=to_tokens(residual).to(hidden_states.dtype), return_dict=False)[0]
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(layer, hidden_states, residual)
         return layer(hidden_states, residual)
@@ -177,7 +216,7 @@ def xpsr_unet_forward(
                     return_dict=False,
                 )[0]
             if conditional_attention is not None:
-                sample = conditional_attention.apply(layer_index, sample, block_residuals[-1 - j])
+                sample = conditional_attention.attend(layer_index, sample, block_residuals[-1 - j])
             layer_index += 1
         if getattr(block, "upsamplers", None) is not None:
             for upsampler in block.upsamplers:

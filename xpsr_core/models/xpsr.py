@@ -27,7 +27,7 @@ from ..errors import UserError
 from .controlnet import XPSRControlNet
 from .dfc import DFC_WEIGHT, DFCHeads, DFCLoss
 from .loading import BaseSD, channels_last_on_cpu, load_base_sd
-from .unet import XPSRConditionalAttention, xpsr_unet_forward
+from .unet import XPSRConditionalAttention, decoder_layout, xpsr_unet_forward
 
 TRAINABLE_FILE = "xpsr.json"
 PARTS = ("controlnet", "conditional_attention", "dfc_heads")
@@ -35,7 +35,10 @@ PARTS = ("controlnet", "conditional_attention", "dfc_heads")
 
 @dataclass
 class XPSRSettings:
-    """Architecture switches (the paper's ablations)."""
+    """Architecture switches: the paper's ablations, and the authors' released architecture.
+
+    ``XPSRSettings.official()`` is the architecture of the authors' checkpoint.
+    """
 
     sfa_mode: str = "parallel"  # parallel (SFA) | serial | high | low
     conditional_attention: bool = True
@@ -43,6 +46,18 @@ class XPSRSettings:
     dfc_latent: bool = True
     conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)
     fusion_heads: Optional[int] = None
+    fusion: str = "attention"  # CA_f: attention (ours) | transformer (the authors')
+    conditional_attention_type: str = "attention"  # attention (ours) | transformer (the authors' pixel attentions)
+    dfc_latent_heads: str = "pyramid"  # pyramid: 3 down-block outputs | residuals: the 13 post-zero-conv residuals
+    dfc_target_resize: str = "area"  # area | bilinear (the authors')
+    init: str = "zero"  # zero: step 0 equals plain ControlNet + SD | official: the authors' initialisation
+
+    @classmethod
+    def official(cls, **overrides) -> "XPSRSettings":
+        values = dict(fusion="transformer", conditional_attention_type="transformer", dfc_latent_heads="residuals",
+                      dfc_target_resize="bilinear", init="official")
+        values.update(overrides)
+        return cls(**values)
 
     @classmethod
     def from_dict(cls, data: dict) -> "XPSRSettings":
@@ -84,6 +99,10 @@ class XPSRModel(nn.Module):
             dfc_latent=bool(dfc_heads is not None and len(dfc_heads.latent_heads)),
             conditioning_embedding_out_channels=tuple(controlnet.config.conditioning_embedding_out_channels),
             fusion_heads=controlnet.config.fusion_heads,
+            fusion=controlnet.config.fusion_type,
+            conditional_attention_type=conditional_attention.config.layer_type if conditional_attention is not None else "attention",
+            dfc_latent_heads=dfc_heads.config.latent_source if dfc_heads is not None else "pyramid",
+            dfc_target_resize=dfc_heads.config.target_resize if dfc_heads is not None else "area",
         )
 
     # ------------------------------------------------------------------ building
@@ -97,8 +116,12 @@ class XPSRModel(nn.Module):
             sfa_mode=settings.sfa_mode,
             conditioning_embedding_out_channels=settings.conditioning_embedding_out_channels,
             fusion_heads=settings.fusion_heads,
+            fusion_type=settings.fusion,
+            init=settings.init,
         )
-        conditional = XPSRConditionalAttention.from_unet(unet) if settings.conditional_attention else None
+        conditional = None
+        if settings.conditional_attention:
+            conditional = XPSRConditionalAttention.from_unet(unet, layer_type=settings.conditional_attention_type, init=settings.init)
         heads = None
         if with_dfc and (settings.dfc_pixel or settings.dfc_latent):
             heads = DFCHeads.from_controlnet(
@@ -106,8 +129,42 @@ class XPSRModel(nn.Module):
                 latent_channels=latent_channels or unet.config.out_channels,
                 use_pixel=settings.dfc_pixel,
                 use_latent=settings.dfc_latent,
+                latent_source=settings.dfc_latent_heads,
+                target_resize=settings.dfc_target_resize,
             )
         return cls(unet, controlnet, conditional, heads, settings)
+
+    @staticmethod
+    def empty_parts(unet, settings: XPSRSettings, latent_channels: Optional[int] = None) -> dict[str, nn.Module]:
+        """The trainable parts for ``unet`` on the meta device (by part name, absent ones left out): shapes
+        without weights, to be filled with ``load_state_dict(..., assign=True)``, so no time or memory goes
+        into an initialisation that is overwritten."""
+        with torch.device("meta"):
+            controlnet = XPSRControlNet(**XPSRControlNet.config_from_unet(
+                unet,
+                conditioning_embedding_out_channels=settings.conditioning_embedding_out_channels,
+                sfa_mode=settings.sfa_mode,
+                fusion_heads=settings.fusion_heads,
+                fusion_type=settings.fusion,
+            ))
+            conditional = None
+            if settings.conditional_attention:
+                query, context, heads, _ = decoder_layout(unet)
+                conditional = XPSRConditionalAttention(
+                    query_channels=query, context_channels=context, heads=heads, layer_type=settings.conditional_attention_type,
+                    norm_num_groups=unet.config.norm_num_groups, use_linear_projection=unet.config.use_linear_projection,
+                    upcast_attention=unet.config.upcast_attention, init=settings.init,
+                )
+            heads_module = None
+            if settings.dfc_pixel or settings.dfc_latent:
+                pixel, latent = controlnet.feature_channels(settings.dfc_latent_heads)
+                heads_module = DFCHeads(
+                    pixel_channels=pixel, latent_feature_channels=latent, image_channels=controlnet.config.conditioning_channels,
+                    latent_channels=latent_channels or unet.config.out_channels, use_pixel=settings.dfc_pixel,
+                    use_latent=settings.dfc_latent, latent_source=settings.dfc_latent_heads, target_resize=settings.dfc_target_resize,
+                )
+        parts = {"controlnet": controlnet, "conditional_attention": conditional, "dfc_heads": heads_module}
+        return {name: part for name, part in parts.items() if part is not None}
 
     @classmethod
     def from_base(
@@ -175,7 +232,9 @@ class XPSRModel(nn.Module):
         heads = None
         if with_dfc and (folder / "dfc_heads").is_dir():
             heads = load("dfc_heads", DFCHeads)
-        return cls(unet.to(device=device, dtype=dtype), controlnet, conditional, heads, settings)
+        if unet.dtype != dtype or unet.device != torch.device(device):
+            unet = unet.to(device=device, dtype=dtype)
+        return cls(unet, controlnet, conditional, heads, settings)
 
     # ------------------------------------------------------------------ training helpers
 
@@ -249,7 +308,7 @@ class XPSRModel(nn.Module):
         if return_dfc:
             if self.dfc_heads is None:
                 raise ValueError("this XPSR model was built without DFC heads")
-            dfc = self.dfc_heads.loss(cn.pixel_features, cn.latent_features, hr_image, hr_latent)
+            dfc = self.dfc_heads.loss(cn.pixel_features, self.dfc_heads.latent_inputs(cn), hr_image, hr_latent)
         return XPSROutput(sample=sample, dfc=dfc)
 
 

@@ -7,6 +7,10 @@ permutations epoch after epoch. Samples pass through a seeded shuffle buffer, th
 batches and decodes them. Every random choice is seeded by (seed, rank, worker), so the stream of
 batches is a fixed function of the configuration: resuming at batch N skips N batches' worth of
 raw samples (before decoding) and continues exactly where an uninterrupted run would be.
+
+The authors' data recipe (``hr_condition_probability``): a sample drawn by ``hr_condition_draw``,
+a pure function of (seed, step, key), is conditioned on its HR image instead of its upsampled LR
+image and on the HR image's quality caption instead of the LR image's.
 """
 
 from __future__ import annotations
@@ -45,8 +49,28 @@ def _shard_urls(shards: list[Path], rng: random.Random, resampled: bool) -> Iter
                 yield {"url": str(shard)}
 
 
-def decode_training_sample(sample: dict, online: bool) -> dict:
-    """Raw tar fields -> tensors: LR and HR as uint8 [3, h, w] (see ``images_on_device``), embeddings."""
+HR_CONDITION_STREAM = "train-hr-condition"
+
+
+def hr_condition_draw(seed: int, step: int, key: str, probability: float) -> bool:
+    """Whether sample ``key`` is conditioned on its HR image at optimizer step ``step``: true with
+    ``probability``, a pure function of (seed, step, key), so a resumed run draws as an uninterrupted one."""
+    if probability <= 0:
+        return False
+    return derive_seed(seed, HR_CONDITION_STREAM, f"{step}-{key}") / 2.0**63 < probability
+
+
+def missing_hr_quality(key: str) -> UserError:
+    return UserError(
+        f"Training sample {key} has no HR quality caption (hr_quality.npy), which train.hr_condition_probability > 0 "
+        "needs. Caption the HR images too (`xpsr caption --set caption_hr=true`), rerun `xpsr embed`, or set "
+        "hr_condition_probability to 0."
+    )
+
+
+def decode_training_sample(sample: dict, online: bool, hr_quality: bool = False) -> dict:
+    """Raw tar fields -> tensors: LR and HR as uint8 [3, h, w] (see ``images_on_device``), embeddings
+    (with ``hr_quality`` also the HR image's quality caption, for the HR-as-condition samples)."""
     lr = torch.from_numpy(decode_png(sample["lr.png"])).permute(2, 0, 1)
     hr = torch.from_numpy(decode_png(sample["hr.png"])).permute(2, 0, 1)
     item = {"key": sample["__key__"], "lr": lr, "hr": hr}
@@ -54,18 +78,29 @@ def decode_training_sample(sample: dict, online: bool) -> dict:
         meta = json.loads(sample["json"])
         item["content_text"] = meta["captions"]["content"]
         item["quality_text"] = meta["captions"]["quality"]
+        if hr_quality:
+            if meta["captions"].get("hr_quality") is None:
+                raise missing_hr_quality(item["key"])
+            item["hr_quality_text"] = meta["captions"]["hr_quality"]
     else:
         # kept in their stored fp16 until they reach the device (half the bytes to hand over and copy)
         item["content"] = torch.from_numpy(npy_load(sample["content.npy"]))
         item["quality"] = torch.from_numpy(npy_load(sample["quality.npy"]))
+        if hr_quality:
+            if "hr_quality.npy" not in sample:
+                raise missing_hr_quality(item["key"])
+            item["hr_quality"] = torch.from_numpy(npy_load(sample["hr_quality.npy"]))
         if "latent.npy" in sample:
             item["latent_moments"] = torch.from_numpy(npy_load(sample["latent.npy"]))
     return item
 
 
-def images_on_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+def images_on_device(batch: dict, device, hr_condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(condition, hr) on ``device``: the LR batch bicubic-upsampled to HR size in [0, 1] (as inference
     makes it), and HR in [-1, 1].
+
+    ``hr_condition`` (bool [B]) marks samples whose condition is their HR image itself, in [0, 1] at the
+    HR size: the authors' recipe, which feeds the stored HR image unchanged (no down- and upsampling).
 
     Images cross the dataloader's process boundary and the host-to-device copy as uint8, 4x smaller
     than float32 and 64x smaller than the upsampled float condition; conversion and upsampling run
@@ -74,8 +109,13 @@ def images_on_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     from ..infer.pipeline import upsample
 
     lr = batch["lr"].to(device, non_blocking=True).float() / 255.0
-    hr = batch["hr"].to(device, non_blocking=True).float() / 127.5 - 1.0
-    return upsample(lr, hr.shape[-1] // lr.shape[-1]), hr
+    hr_bytes = batch["hr"].to(device, non_blocking=True)
+    hr = hr_bytes.float() / 127.5 - 1.0
+    condition = upsample(lr, hr.shape[-1] // lr.shape[-1])
+    if hr_condition is not None and bool(hr_condition.any()):
+        mask = hr_condition.to(device).view(-1, 1, 1, 1)
+        condition = torch.where(mask, hr_bytes.float() / 255.0, condition)
+    return condition, hr
 
 
 def collate(items: list[dict]) -> dict:
@@ -92,7 +132,8 @@ class TrainingStream(torch.utils.data.IterableDataset):
     """Endless batches for one rank; use with ``DataLoader(stream, batch_size=None, num_workers=W)``."""
 
     def __init__(self, shards: Sequence[Path], batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 shuffle_buffer: int = 256, resampled: bool = True, skip_batches: int = 0, online_encoding: bool = False):
+                 shuffle_buffer: int = 256, resampled: bool = True, skip_batches: int = 0, online_encoding: bool = False,
+                 hr_quality: bool = False):
         super().__init__()
         self.shards = sorted(Path(s) for s in shards)
         if not self.shards:
@@ -100,6 +141,7 @@ class TrainingStream(torch.utils.data.IterableDataset):
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.shuffle_buffer, self.resampled, self.skip_batches = shuffle_buffer, resampled, skip_batches
         self.online_encoding = online_encoding
+        self.hr_quality = hr_quality  # also decode the HR images' quality captions (hr_condition_probability > 0)
 
     def check_workers(self, workers: int) -> None:
         shard_partition(self.shards, self.rank, self.world, 0, max(workers, 1))
@@ -121,4 +163,4 @@ class TrainingStream(torch.utils.data.IterableDataset):
             next(samples)
         while True:
             raw = [next(samples) for _ in range(self.batch_size)]
-            yield collate([decode_training_sample(s, self.online_encoding) for s in raw])
+            yield collate([decode_training_sample(s, self.online_encoding, self.hr_quality) for s in raw])

@@ -5,7 +5,9 @@ Conditional Attention, DFC heads) stay in float32 under autocast. Checkpoints ho
 trainable parts, the optimizer, the LR schedule and the step; every per-step random draw
 (timesteps, noise, latent samples) comes from a generator seeded by (seed, step, micro-batch,
 rank), and the data stream skips what earlier steps consumed, so ``--resume latest`` continues
-bit-for-bit where an uninterrupted run would be.
+bit-for-bit where an uninterrupted run would be. The authors' data recipe
+(``hr_condition_probability``: the HR image as the condition, with its own quality caption) is
+drawn per (seed, step, key) the same way.
 """
 
 from __future__ import annotations
@@ -58,6 +60,19 @@ def rotate_checkpoints(run_dir: Path, keep: int | None) -> None:
         shutil.rmtree(old)
 
 
+def trainable_folder(path: str | Path) -> Path:
+    """The trained-parts folder (``xpsr.json``) inside what a user passes to ``init``: that folder itself,
+    a pipeline folder (``xpsr/``, as ``xpsr import-official`` writes) or a training run (``final/``)."""
+    from ..models.xpsr import TRAINABLE_FILE
+
+    folder = Path(path)
+    for candidate in (folder, folder / "xpsr", folder / "final"):
+        if (candidate / TRAINABLE_FILE).is_file():
+            return candidate
+    raise UserError(f"train.init {path!r} is neither zero, official nor a folder of trained XPSR parts ({TRAINABLE_FILE} "
+                    "not found in it, in its xpsr/ or in its final/). Pass a folder written by `xpsr import-official` or `xpsr train`.")
+
+
 def frozen_weight_dtype(mixed_precision: str) -> torch.dtype:
     """The dtype the frozen SD parts run in under ``mixed_precision`` (no / fp16 / bf16)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
@@ -100,6 +115,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
+    def _initial_model(self, unet):
+        """Fresh parts (``init`` zero or official), or the trained parts of a folder to fine-tune."""
+        from ..models import XPSRModel, XPSRSettings
+        from ..models.dfc import DFCHeads
+
+        config = self.config
+        if config.init in ("zero", "official"):
+            settings = XPSRSettings(
+                sfa_mode=config.sfa_mode, conditional_attention=config.conditional_attention, dfc_pixel=config.dfc_pixel,
+                dfc_latent=config.dfc_latent, fusion=config.fusion, conditional_attention_type=config.conditional_attention_type,
+                dfc_latent_heads=config.dfc_latent_heads, dfc_target_resize=config.dfc_target_resize, init=config.init,
+            )
+            return XPSRModel.build(unet, settings)
+        folder = trainable_folder(config.init)
+        model = XPSRModel.load_trainable(folder, unet, with_dfc=True, dtype=unet.dtype, device=unet.device)
+        if model.dfc_heads is None and (model.settings.dfc_pixel or model.settings.dfc_latent):
+            model.dfc_heads = DFCHeads.from_controlnet(
+                model.controlnet, latent_channels=unet.config.out_channels, use_pixel=model.settings.dfc_pixel,
+                use_latent=model.settings.dfc_latent, latent_source=model.settings.dfc_latent_heads,
+                target_resize=model.settings.dfc_target_resize,
+            )
+        if self.accelerator.is_main_process:
+            print(f"Fine-tuning from {folder} (its architecture: {model.settings})", flush=True)
+        return model
+
     def _build(self) -> None:
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
@@ -108,6 +148,7 @@ class Trainer:
         from ..models import XPSRModel, XPSRSettings, load_base_sd
 
         config, accelerator = self.config, self.accelerator
+        self._check_hr_quality()
         self.weight_dtype = frozen_weight_dtype(config.mixed_precision)
         needs_vae = config.online_encoding or config.validation_steps > 0 or self._needs_vae()
         # the text encoder: captions encoded in the loop, validation, or the empty prompt of the
@@ -118,9 +159,7 @@ class Trainer:
         self.base = base
         self.scheduler = base.scheduler
         set_seed(config.seed)  # the new modules' initial weights (DFC heads, projections) are seeded too
-        settings = XPSRSettings(sfa_mode=config.sfa_mode, conditional_attention=config.conditional_attention,
-                                dfc_pixel=config.dfc_pixel, dfc_latent=config.dfc_latent)
-        model = XPSRModel.build(base.unet, settings)
+        model = self._initial_model(base.unet)
         for module in model.trainable_modules().values():
             module.to(accelerator.device).float()
         if config.gradient_checkpointing:
@@ -148,6 +187,22 @@ class Trainer:
         from ..io.shards import read_shard
 
         return "latent.npy" not in next(read_shard(first[0]), {})
+
+    def _check_hr_quality(self) -> None:
+        """With hr_condition_probability > 0 the shards must carry the HR quality captions; refuse before any model loads."""
+        if self.config.hr_condition_probability <= 0:
+            return
+        from ..io.shards import read_shard
+        from .data import missing_hr_quality
+
+        for shard in sorted(Path(self.config.train_dir).glob("*.tar"))[:1]:
+            sample = next(read_shard(shard), None)
+            if sample is None:
+                continue
+            has = (json.loads(sample["json"]).get("captions", {}).get("hr_quality") is not None if self.config.online_encoding
+                   else "hr_quality.npy" in sample)
+            if not has:
+                raise missing_hr_quality(sample["__key__"])
 
     def _trainable(self):
         return self.accelerator.unwrap_model(self.model)
@@ -197,13 +252,31 @@ class Trainer:
             content = self.empty_prompt.expand_as(content)
         return content, quality
 
+    def hr_condition_mask(self, batch: dict, step: int) -> torch.Tensor | None:
+        """bool [B]: the samples conditioned on their HR image at this step (None when the recipe is off)."""
+        from .data import hr_condition_draw
+
+        probability = self.config.hr_condition_probability
+        if probability <= 0:
+            return None
+        return torch.tensor([hr_condition_draw(self.config.seed, step, key, probability) for key in batch["keys"]], dtype=torch.bool)
+
+    def _hr_quality(self, batch: dict) -> torch.Tensor:
+        """The HR images' quality-caption embeddings (c_l of the HR-as-condition samples)."""
+        if self.config.online_encoding:
+            from ..encoding import encode_prompts
+
+            return encode_prompts(self.base.text_encoder, self.base.tokenizer, batch["hr_quality_text"])
+        return batch["hr_quality"].to(self.accelerator.device, non_blocking=True)
+
     def loss(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict]:
         from ..models import training_loss
         from .data import images_on_device
 
         device = self.accelerator.device
         generator = self._generator(step, micro)
-        condition, hr = images_on_device(batch, device)
+        hr_mask = self.hr_condition_mask(batch, step)
+        condition, hr = images_on_device(batch, device, hr_mask)
         latents = self._latents(batch, hr, generator)
         noise = torch.randn(latents.shape, generator=generator, device=device)
         steps = self.scheduler.config.num_train_timesteps
@@ -214,10 +287,16 @@ class Trainer:
         else:
             target = noise
         content, quality = self._embeddings(batch)
+        if hr_mask is not None and bool(hr_mask.any()):  # the HR image's quality caption goes with the HR condition
+            hr_quality = self._hr_quality(batch).to(quality.dtype)
+            quality = torch.where(hr_mask.to(device).view(-1, 1, 1), hr_quality, quality)
         with self.accelerator.autocast():
             output = self.model(noisy.to(self.weight_dtype), timesteps, content.to(self.weight_dtype), quality.to(self.weight_dtype),
                                 condition, hr_image=hr, hr_latent=latents, return_dfc=self.use_dfc)
-        return training_loss(output.sample, target, output.dfc if self.use_dfc else None, self.config.dfc_weight)
+        loss, logs = training_loss(output.sample, target, output.dfc if self.use_dfc else None, self.config.dfc_weight)
+        if hr_mask is not None:
+            logs["hr_condition_share"] = float(hr_mask.float().mean())
+        return loss, logs
 
     def micro_step(self, batch: dict, step: int, micro: int) -> dict:
         """Loss, divergence check, backward and (at the end of an accumulation) clipping and the
@@ -259,6 +338,7 @@ class Trainer:
             shards, config.batch_size, config.seed, rank=accelerator.process_index, world=accelerator.num_processes,
             shuffle_buffer=config.shuffle_buffer, resampled=config.resampled,
             skip_batches=start_step * config.gradient_accumulation_steps, online_encoding=config.online_encoding,
+            hr_quality=config.hr_condition_probability > 0,
         )
         stream.check_workers(config.num_workers)
         # pinned batches let the host-to-device copies run asynchronously

@@ -22,7 +22,18 @@ class TrainConfig(StageConfig):
     dfc_pixel: bool = True
     dfc_latent: bool = True
     dfc_weight: float = Field(0.05, ge=0, description="lambda in L = L_eps + lambda * L_DFC.")
+    # the authors' released architecture and objective (XPSRSettings.official()) as options
+    fusion: Literal["attention", "transformer"] = Field("attention", description="CA_f: attention (the paper) or a full transformer (the authors' code).")
+    conditional_attention_type: Literal["attention", "transformer"] = "attention"
+    dfc_latent_heads: Literal["pyramid", "residuals"] = Field("pyramid", description="3 heads on the down-block outputs, or 13 on the post-zero-conv residuals (the authors').")
+    dfc_target_resize: Literal["area", "bilinear"] = "area"
+    init: str = Field("zero", description="zero (step 0 = plain ControlNet), official (the authors' initialisation), or a folder "
+                      "written by `xpsr import-official` or `xpsr train` to fine-tune (its architecture is kept).")
     use_high_prompt: bool = Field(True, description="Condition on the content caption (off: the empty prompt).")
+    hr_condition_probability: float = Field(
+        0.0, ge=0, le=1, description="Share of samples whose condition is the HR image itself (in [0, 1], at the HR size) with the "
+        "HR image's quality caption as c_l, drawn per (seed, step, key); the authors train with 0.1. Needs training shards "
+        "with hr_quality.npy (`xpsr caption` with caption_hr, then `xpsr embed`).")
     # optimisation
     learning_rate: float = Field(5e-5, gt=0)
     weight_decay: float = Field(1e-2, ge=0)

@@ -1,0 +1,116 @@
+"""From the LR image to the ControlNet condition, and from the sampled image back to the output size.
+
+Two chains (``SRSettings.resize``):
+
+* ``torch-bicubic`` (default): the LR as float in [0, 1], ``F.interpolate`` bicubic by the scale
+  factor, clamped. The pipeline pads it to the model's multiple and crops the output back.
+* ``pil-bicubic`` (the authors' test script): PIL's bicubic resize of the 8-bit LR by the scale
+  factor; then, when the short side is below ``process_size``, torchvision's ``Resize`` (bilinear,
+  short side to ``process_size``, long side ``int(process_size * long / short)``) of the PIL image;
+  then a PIL bicubic resize down to a multiple of the VAE factor (floor; none when already one).
+  The condition is that 8-bit image / 255. At the end the 8-bit output is resized (PIL bicubic)
+  to LR size x scale (nothing happens when the sizes already agree).
+
+With ``torch-bicubic`` a ``process_size`` enlarges the float condition the same way (bilinear) and
+the output is resized back bicubically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+RESIZES = ("torch-bicubic", "pil-bicubic")
+
+
+@dataclass
+class Condition:
+    image: torch.Tensor  # [1, 3, H, W] float32 in [0, 1]: what the ControlNet sees (before padding)
+    image_uint8: np.ndarray  # the same as H x W x 3 uint8
+    lr_up: np.ndarray  # the LR upsampled by the scale factor, uint8 (output size)
+    output_size: tuple[int, int]  # (height, width) of the final output: LR size x scale
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.image.shape[-2]), int(self.image.shape[-1])
+
+
+def short_side_size(height: int, width: int, short: int) -> tuple[int, int]:
+    """(height, width) with the short side ``short`` and the long side scaled and truncated (torchvision's rule)."""
+    if width <= height:
+        return int(short * height / width), short
+    return short, int(short * width / height)
+
+
+def _as_uint8_rgb(lr) -> np.ndarray:
+    array = np.asarray(lr.convert("RGB") if hasattr(lr, "convert") else lr)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 image, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        array = (np.clip(array.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def _float(u8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(u8)).permute(2, 0, 1).to(torch.float32).div(255)[None]
+
+
+def _uint8(x: torch.Tensor) -> np.ndarray:
+    return (x[0].float().clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def prepare_condition(lr, scale: int, resize: str = "torch-bicubic", process_size: Optional[int] = None,
+                      multiple: int = 8, device=None) -> Condition:
+    """The condition for an LR image (PIL or uint8 / float array) under one of the two chains.
+
+    ``multiple``: the PIL chain's final size is a multiple of it (the VAE factor). ``device``: where
+    the torch chain interpolates (the condition is returned there; the PIL chain's on the CPU).
+    """
+    if resize not in RESIZES:
+        raise ValueError(f"unknown resize {resize!r}; choose from {RESIZES}")
+    if resize == "pil-bicubic":
+        return _pil_chain(lr, scale, process_size, multiple)
+    from .pipeline import to_tensor, upsample
+
+    lr_t = to_tensor(lr).to(device or "cpu")
+    height, width = lr_t.shape[-2:]
+    up = upsample(lr_t, scale)
+    image = up
+    if process_size is not None and min(image.shape[-2:]) < process_size:
+        size = short_side_size(int(image.shape[-2]), int(image.shape[-1]), process_size)
+        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+    lr_up = _uint8(up)
+    return Condition(image=image, image_uint8=_uint8(image), lr_up=lr_up, output_size=(int(height) * scale, int(width) * scale))
+
+
+def _pil_chain(lr, scale: int, process_size: Optional[int], multiple: int) -> Condition:
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    pixels = _as_uint8_rgb(lr)
+    height, width = pixels.shape[:2]
+    up = Image.fromarray(pixels).resize((width * scale, height * scale), Image.Resampling.BICUBIC)
+    image = up
+    if process_size is not None and min(image.size) < process_size:
+        image = TF.resize(image, process_size, interpolation=InterpolationMode.BILINEAR)
+    image = image.resize((image.size[0] // multiple * multiple, image.size[1] // multiple * multiple), Image.Resampling.BICUBIC)
+    u8 = np.asarray(image).copy()
+    return Condition(image=_float(u8), image_uint8=u8, lr_up=np.asarray(up).copy(), output_size=(height * scale, width * scale))
+
+
+def resize_output(image: np.ndarray, size: tuple[int, int], resize: str = "torch-bicubic") -> np.ndarray:
+    """An H x W x 3 uint8 output resized to ``size`` (height, width); unchanged when it already has it."""
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    if resize == "pil-bicubic":
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BICUBIC)).copy()
+    x = _float(image)
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return _uint8(F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=shrink))

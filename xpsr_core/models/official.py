@@ -1,0 +1,467 @@
+"""The authors' released checkpoint layout (qyp2000/XPSR): reading, validating, mapping, writing.
+
+Their checkpoint is ``checkpoint-N/{unet,controlnet}``, each a diffusers ``save_pretrained`` folder
+of their own forked classes. It corresponds to :meth:`XPSRSettings.official` (full-transformer
+``CA_f`` and Conditional Attention, 13 latent DFC heads on the residuals) and maps tensor for
+tensor onto our parts:
+
+==========================================================  =============================================
+theirs                                                      ours
+==========================================================  =============================================
+controlnet ``{block}.attentions.{j}.*``                     controlnet ``{block}.attentions.{j}.high.*``
+controlnet ``{block}.attentions_lowlevel.{j}.*``            controlnet ``{block}.attentions.{j}.low.*``
+controlnet ``{block}.attentions_connect.{j}.*``             controlnet ``{block}.attentions.{j}.fusion.*``
+controlnet ``controlnet_cond_embedding.to_rgbs.{i}.*``      dfc_heads ``pixel_heads.{i}.*``
+controlnet ``conv_degradation.{i}.0.*``                     dfc_heads ``latent_heads.{i}.*``
+controlnet ``conv_degradation_mid.0.*``                     dfc_heads ``latent_heads.{last}.*``
+unet ``up_blocks.{i}.pixel_attentions.{j}.*``               conditional_attention ``layers.{decoder layer}.*``
+unet (every other tensor: the SD-1.5 UNet)                  the frozen base UNet (checked, not trained)
+any other controlnet tensor                                 controlnet, same name
+==========================================================  =============================================
+
+``{block}`` is ``down_blocks.{i}`` or ``mid_block``; decoder layers are counted over the up blocks
+in order. :func:`import_official` (the ``xpsr import-official`` command) uses this module, and
+:func:`export_official` writes one of our models back in their layout.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import UserError
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+AUTHORS_DIFFUSERS_VERSION = "0.21.4"
+# the flags their ControlNet config adds to diffusers' ControlNetModel, with the values we support
+CONTROLNET_FLAGS = {"return_rgbs": (True, False), "use_rrdb": (False,), "use_lowlevel_prompt": (True, False),
+                    "use_latent_pred": (True, False)}
+# diffusers ControlNetModel options their class keeps, and the only values XPSR (SD-1.x/2.x) supports
+CONTROLNET_FIXED = {"encoder_hid_dim": None, "encoder_hid_dim_type": None, "class_embed_type": None,
+                    "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
+                    "projection_class_embeddings_input_dim": None, "controlnet_conditioning_channel_order": "rgb",
+                    "global_pool_conditions": False}
+UNET_FLAGS = ("up_use_lowlevel_prompt", "mid_use_lowlevel_prompt", "down_use_lowlevel_prompt")
+SD_TOLERANCE = 0.0  # the checkpoint's SD-1.5 UNet tensors must equal the base model's exactly
+
+_SFA = re.compile(r"^(down_blocks\.\d+|mid_block)\.attentions\.(\d+)\.(high|low|fusion)\.(.+)$")
+_BRANCH_TO_THEIRS = {"high": "attentions", "low": "attentions_lowlevel", "fusion": "attentions_connect"}
+
+
+@dataclass
+class OfficialCheckpoint:
+    """Both folders of a checkpoint as read from disk: configs and tensors."""
+
+    folder: Path
+    controlnet_config: dict
+    unet_config: dict
+    controlnet: dict = field(repr=False)
+    unet: dict = field(repr=False)
+    files: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    sharded = sorted(folder.glob("*.index.json"))
+    hint = " (sharded weights: merge them into one file first)" if sharded else ""
+    raise UserError(f"{folder} holds no {' or '.join(WEIGHT_FILES)}{hint}. Point at the checkpoint folder that has "
+                    "unet/ and controlnet/ (e.g. runs/xpsr/checkpoint-300000).")
+
+
+def load_tensors(path: Path) -> dict:
+    """A ``save_pretrained`` weights file (safetensors or a torch pickle) as a CPU state dict."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt or truncated files raise many types
+        raise UserError(f"Could not read the weights in {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}.") from None
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder} has no config.json; it is not a diffusers save_pretrained folder.")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is not readable JSON ({error}).") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} does not hold a JSON object.")
+    return config
+
+
+def read_checkpoint(folder: str | Path) -> OfficialCheckpoint:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"The checkpoint folder {folder} does not exist.")
+    parts = {}
+    for name in ("controlnet", "unet"):
+        sub = folder / name
+        if not sub.is_dir():
+            raise UserError(f"{folder} has no {name}/ folder; the authors' checkpoint holds unet/ and controlnet/.")
+        config = _read_config(sub)
+        weights = _weights_file(sub)
+        parts[name] = (config, weights)
+    validate_configs(parts["controlnet"][0], parts["unet"][0])
+    return OfficialCheckpoint(
+        folder=folder,
+        controlnet_config=parts["controlnet"][0],
+        unet_config=parts["unet"][0],
+        controlnet=load_tensors(parts["controlnet"][1]),
+        unet=load_tensors(parts["unet"][1]),
+        files={name: str(weights) for name, (_, weights) in parts.items()},
+    )
+
+
+# ---------------------------------------------------------------------------------- validation
+
+
+def _known_controlnet_keys() -> set[str]:
+    from .controlnet import XPSRControlNet
+
+    ours = {p for p in inspect.signature(XPSRControlNet.__init__).parameters if p != "self"}
+    # addition_embed_type_num_heads is read only when addition_embed_type is set (never, here)
+    return (ours - {"sfa_mode", "fusion_heads", "fusion_type"}) | set(CONTROLNET_FLAGS) | set(CONTROLNET_FIXED) | {
+        "addition_embed_type_num_heads"}
+
+
+def _known_unet_keys() -> set[str]:
+    from diffusers import UNet2DConditionModel
+
+    keys = {p for p in inspect.signature(UNet2DConditionModel.__init__).parameters if p != "self"}
+    # options of diffusers 0.21's UNet that later versions dropped or renamed
+    return keys | set(UNET_FLAGS) | {"dual_cross_attention", "attention_type", "cross_attention_norm"}
+
+
+def validate_configs(controlnet_config: dict, unet_config: dict) -> None:
+    """Refuse configs this implementation cannot reproduce, naming each offending key."""
+    problems = []
+    unknown = sorted(k for k in controlnet_config if not k.startswith("_") and k not in _known_controlnet_keys())
+    if unknown:
+        problems.append(f"controlnet/config.json has options this importer does not know: {', '.join(unknown)}")
+    for key, allowed in CONTROLNET_FLAGS.items():
+        value = controlnet_config.get(key, allowed[0])
+        if value not in allowed:
+            problems.append(f"controlnet/config.json sets {key}: {json.dumps(value)}, which is not supported "
+                            f"(supported: {', '.join(json.dumps(a) for a in allowed)})")
+    for key, expected in CONTROLNET_FIXED.items():
+        value = controlnet_config.get(key, expected)
+        if value != expected:
+            problems.append(f"controlnet/config.json sets {key}: {json.dumps(value)}; XPSR supports only {json.dumps(expected)}")
+    unknown = sorted(k for k in unet_config if not k.startswith("_") and k not in _known_unet_keys())
+    if unknown:
+        problems.append(f"unet/config.json has options this importer does not know: {', '.join(unknown)}")
+    for key in UNET_FLAGS:
+        value = unet_config.get(key, False)
+        values = value if isinstance(value, list) else [value]
+        if any(bool(v) for v in values):
+            problems.append(f"unet/config.json sets {key}: {json.dumps(value)}; the released model (and this importer) "
+                            "needs it false everywhere (the UNet sees only the high-level prompt)")
+    for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "encoder_hid_dim", "num_class_embeds"):
+        if unet_config.get(key) is not None:
+            problems.append(f"unet/config.json sets {key}: {json.dumps(unet_config[key])}; XPSR supports SD-1.x/2.x UNets only")
+    if problems:
+        raise UserError("The checkpoint cannot be imported:\n- " + "\n- ".join(problems))
+
+
+def settings_for(controlnet_config: dict):
+    """Our architecture settings for a checkpoint of theirs."""
+    from .xpsr import XPSRSettings
+
+    return XPSRSettings.official(
+        sfa_mode="parallel" if controlnet_config.get("use_lowlevel_prompt", True) else "high",
+        dfc_pixel=bool(controlnet_config.get("return_rgbs", True)),
+        dfc_latent=bool(controlnet_config.get("use_latent_pred", True)),
+        conditioning_embedding_out_channels=tuple(controlnet_config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))),
+    )
+
+
+def check_base_matches(unet_config: dict, base_unet) -> None:
+    """The checkpoint's UNet must have the base model's shapes."""
+    structural = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
+                  "cross_attention_dim", "attention_head_dim", "norm_num_groups", "use_linear_projection")
+    diffs = []
+    for key in structural:
+        theirs, ours = unet_config.get(key), base_unet.config.get(key)
+        if theirs is not None and (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != (
+                list(ours) if isinstance(ours, (list, tuple)) else ours):
+            diffs.append(f"{key}: checkpoint {json.dumps(theirs)}, base model {json.dumps(ours if not isinstance(ours, tuple) else list(ours))}")
+    if diffs:
+        raise UserError("The checkpoint was not trained on this base model (UNet shapes differ):\n- " + "\n- ".join(diffs))
+
+
+# ---------------------------------------------------------------------------------- names
+
+
+def _decoder_layers(unet) -> list[tuple[int, int]]:
+    """(up block, layer within it) of every decoder layer, in Conditional Attention's order."""
+    return [(i, j) for i, block in enumerate(unet.up_blocks) for j in range(len(block.resnets))]
+
+
+def official_name(part: str, key: str, unet, latent_heads: int) -> tuple[str, str]:
+    """(their folder, their tensor name) of our ``part``'s tensor ``key``."""
+    if part == "controlnet":
+        match = _SFA.match(key)
+        if match:
+            block, j, branch, rest = match.groups()
+            return "controlnet", f"{block}.{_BRANCH_TO_THEIRS[branch]}.{j}.{rest}"
+        return "controlnet", key
+    if part == "dfc_heads":
+        kind, index, rest = key.split(".", 2)
+        index = int(index)
+        if kind == "pixel_heads":
+            return "controlnet", f"controlnet_cond_embedding.to_rgbs.{index}.{rest}"
+        if index == latent_heads - 1:
+            return "controlnet", f"conv_degradation_mid.0.{rest}"
+        return "controlnet", f"conv_degradation.{index}.0.{rest}"
+    if part == "conditional_attention":
+        _, index, rest = key.split(".", 2)
+        block, layer = _decoder_layers(unet)[int(index)]
+        return "unet", f"up_blocks.{block}.pixel_attentions.{layer}.{rest}"
+    if part == "unet":
+        return "unet", key
+    raise ValueError(f"unknown part {part!r}")
+
+
+def name_map(parts: dict, unet) -> dict[tuple[str, str], tuple[str, str]]:
+    """(their folder, their name) -> (our part, our name) for every tensor of ``parts`` and the UNet."""
+    heads = parts.get("dfc_heads")
+    latent_heads = len(heads.latent_heads) if heads is not None else 0
+    mapping = {}
+    for part, module in {**parts, "unet": unet}.items():
+        for key in module.state_dict():
+            mapping[official_name(part, key, unet, latent_heads)] = (part, key)
+    return mapping
+
+
+def _check_exportable(settings) -> None:
+    if settings.sfa_mode not in ("parallel", "high"):
+        raise UserError(f"sfa_mode {settings.sfa_mode!r} has no counterpart in the authors' layout (parallel or high only).")
+    wrong = []
+    if settings.sfa_mode == "parallel" and settings.fusion != "transformer":
+        wrong.append("fusion: transformer")
+    if not settings.conditional_attention or settings.conditional_attention_type != "transformer":
+        wrong.append("conditional_attention_type: transformer")
+    if settings.dfc_latent and settings.dfc_latent_heads != "residuals":
+        wrong.append("dfc_latent_heads: residuals")
+    if wrong:
+        raise UserError("Only the authors' architecture can be written in their layout; this model needs " + ", ".join(wrong) + ".")
+
+
+# ---------------------------------------------------------------------------------- import
+
+
+@dataclass
+class ImportSummary:
+    out: Path
+    controlnet_tensors: int
+    unet_tensors: int
+    mapped: dict  # our part -> tensors filled
+    base_max_abs_diff: float
+    base_checked_tensors: int
+    used_checkpoint_unet: bool
+    seconds: float
+    settings: dict
+
+    def as_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def map_checkpoint(checkpoint: OfficialCheckpoint, unet, settings) -> tuple[dict, dict]:
+    """Our parts' state dicts and the checkpoint's SD-1.5 UNet tensors, or a refusal naming every
+    checkpoint tensor left unused, every one of ours left unfilled, and every shape that differs."""
+    from .xpsr import XPSRModel
+
+    empty = XPSRModel.empty_parts(unet, settings)
+    mapping = name_map(empty, unet)
+    wanted = {part: dict(module.state_dict()) for part, module in {**empty, "unet": unet}.items()}
+    filled: dict[str, dict] = {part: {} for part in wanted}
+    unused, shapes = [], []
+    for folder, tensors in (("controlnet", checkpoint.controlnet), ("unet", checkpoint.unet)):
+        for name, tensor in tensors.items():
+            target = mapping.get((folder, name))
+            if target is None:
+                unused.append(f"{folder}/{name}")
+                continue
+            part, key = target
+            if tuple(wanted[part][key].shape) != tuple(tensor.shape):
+                shapes.append(f"{folder}/{name}: checkpoint {list(tensor.shape)}, expected {list(wanted[part][key].shape)}")
+                continue
+            filled[part][key] = tensor
+    unfilled = [f"{part}.{key}" for part, keys in wanted.items() for key in keys if key not in filled[part]]
+    problems = []
+    for title, names in (("checkpoint tensors with no place in the model", unused),
+                         ("model tensors the checkpoint does not provide", unfilled),
+                         ("tensors whose shapes differ", shapes)):
+        if names:
+            shown = "\n    ".join(names[:20]) + (f"\n    ... and {len(names) - 20} more" if len(names) > 20 else "")
+            problems.append(f"{len(names)} {title}:\n    {shown}")
+    if problems:
+        raise UserError("The checkpoint does not match the authors' XPSR architecture on this base model:\n- " + "\n- ".join(problems))
+    sd_unet = filled.pop("unet")
+    return filled, sd_unet
+
+
+def compare_base(sd_unet: dict, unet) -> tuple[float, int]:
+    """Largest absolute difference between the checkpoint's SD UNet tensors and the base model's."""
+    largest = 0.0
+    own = unet.state_dict()
+    for key, tensor in sd_unet.items():
+        diff = (tensor.float() - own[key].detach().float().cpu()).abs().max().item() if tensor.numel() else 0.0
+        largest = max(largest, diff)
+    return largest, len(sd_unet)
+
+
+def import_official(
+    checkpoint_dir: str | Path,
+    base_model: str | Path,
+    out: str | Path,
+    allow_base_mismatch: bool = False,
+    sr_defaults: Optional[dict] = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> ImportSummary:
+    """Convert the authors' checkpoint into a pipeline folder that ``xpsr sr --pipeline`` loads and
+    whose ``xpsr/`` folder ``xpsr train`` can start from (DFC heads included).
+
+    ``sr_defaults``: the :class:`~xpsr_core.infer.pipeline.SRSettings` values stored as the folder's
+    defaults (the authors' inference recipe, normally).
+    """
+    from .loading import load_base_sd
+    from .xpsr import XPSRModel
+
+    start = time.perf_counter()
+    out = Path(out)
+    log(f"Reading {checkpoint_dir}")
+    checkpoint = read_checkpoint(checkpoint_dir)
+    log(f"Loading the base model {base_model}")
+    base = load_base_sd(base_model, components=("unet",))
+    check_base_matches(checkpoint.unet_config, base.unet)
+    settings = settings_for(checkpoint.controlnet_config)
+    log("Mapping tensors")
+    parts, sd_unet = map_checkpoint(checkpoint, base.unet, settings)
+    counts = {"controlnet": len(checkpoint.controlnet), "unet": len(checkpoint.unet)}
+    largest, checked = compare_base(sd_unet, base.unet)
+    log(f"SD-1.5 UNet tensors: {checked}, largest difference from the base model {largest:.3g}")
+    mismatch = largest > SD_TOLERANCE
+    if mismatch and not allow_base_mismatch:
+        raise UserError(
+            f"The checkpoint's SD UNet tensors differ from the base model {base_model} (largest absolute difference "
+            f"{largest:.3g}): it was trained on another base. Point --base-model at the SD-1.5 folder it was trained on, "
+            "or pass --allow-base-mismatch to use the checkpoint's own UNet weights (as the authors' test.py does)."
+        )
+    if mismatch:
+        base.unet.load_state_dict(sd_unet, strict=True)
+    del sd_unet, checkpoint
+    empty = XPSRModel.empty_parts(base.unet, settings)
+    for name, module in empty.items():
+        module.load_state_dict(parts[name], strict=True, assign=True)
+    model = XPSRModel(base.unet, settings=settings, **empty)
+    log(f"Writing {out}")
+    write_pipeline_folder(model, base_model, out, write_unet=mismatch, sr_defaults=sr_defaults)
+    summary = ImportSummary(
+        out=out,
+        controlnet_tensors=counts["controlnet"],
+        unet_tensors=counts["unet"],
+        mapped={name: len(state) for name, state in parts.items()},
+        base_max_abs_diff=largest,
+        base_checked_tensors=checked,
+        used_checkpoint_unet=mismatch,
+        seconds=round(time.perf_counter() - start, 2),
+        settings=asdict(model.settings) | {"conditioning_embedding_out_channels": list(settings.conditioning_embedding_out_channels)},
+    )
+    (out / "import_report.json").write_text(json.dumps(summary.as_dict() | {"checkpoint": str(checkpoint_dir), "base_model": str(base_model)}, indent=2))
+    return summary
+
+
+def write_pipeline_folder(model, base_model: str | Path, out: Path, write_unet: bool, sr_defaults: Optional[dict]) -> Path:
+    """An SR pipeline folder: the base SD folder's files, ``xpsr/`` (every trained part) and its defaults."""
+    from ..infer.pipeline import PIPELINE_FILE, XPSR_SUBFOLDER
+
+    base_model = Path(base_model)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if base_model.is_dir():
+        shutil.copytree(base_model, tmp, ignore=shutil.ignore_patterns("unet") if write_unet else None)
+    else:  # a hub id: the components travel through save_pretrained
+        from .loading import load_base_sd
+
+        loaded = load_base_sd(base_model, components=("vae", "text_encoder", "tokenizer", "scheduler"))
+        tmp.mkdir(parents=True)
+        for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
+            getattr(loaded, name).save_pretrained(tmp / name)
+        (tmp / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+        write_unet = True
+    if write_unet:
+        model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    model.save_trainable(tmp / XPSR_SUBFOLDER, include_dfc=True)
+    (tmp / PIPELINE_FILE).write_text(json.dumps({"xpsr": XPSR_SUBFOLDER, "defaults": sr_defaults or {}}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------- export
+
+
+def official_configs(model) -> tuple[dict, dict]:
+    """Their ``config.json`` pair for one of our models (what their ``save_pretrained`` writes)."""
+    cn = dict(model.controlnet.config)
+    controlnet_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cn.items()
+                         if not k.startswith("_") and k not in ("sfa_mode", "fusion_heads", "fusion_type")}
+    controlnet_config.update({k: v for k, v in CONTROLNET_FIXED.items()})
+    controlnet_config["addition_embed_type_num_heads"] = 64
+    controlnet_config.update(
+        return_rgbs=bool(model.settings.dfc_pixel), use_rrdb=False,
+        use_lowlevel_prompt=model.settings.sfa_mode == "parallel", use_latent_pred=bool(model.settings.dfc_latent),
+    )
+    controlnet_config = {"_class_name": "ControlNetModel", "_diffusers_version": AUTHORS_DIFFUSERS_VERSION, **controlnet_config}
+    unet_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.unet.config).items()
+                   if not k.startswith("_") and k != "dropout"}
+    unet_config.update(up_use_lowlevel_prompt=[False] * len(model.unet.up_blocks), mid_use_lowlevel_prompt=False,
+                       down_use_lowlevel_prompt=False)
+    unet_config = {"_class_name": "UNet2DConditionModel", "_diffusers_version": AUTHORS_DIFFUSERS_VERSION, **unet_config}
+    return controlnet_config, unet_config
+
+
+def export_official(model, out: str | Path, safe_serialization: bool = True) -> Path:
+    """Write ``model`` (the authors' architecture) as ``out/{unet,controlnet}`` in their layout."""
+    _check_exportable(model.settings)
+    if model.dfc_heads is None and (model.settings.dfc_pixel or model.settings.dfc_latent):
+        raise UserError("This model was loaded without its DFC heads; the authors' layout stores them in the ControlNet.")
+    out = Path(out)
+    parts = model.trainable_modules()
+    mapping = name_map(parts, model.unet)
+    tensors: dict[str, dict] = {"controlnet": {}, "unet": {}}
+    for (folder, name), (part, key) in mapping.items():
+        module = model.unet if part == "unet" else parts[part]
+        tensors[folder][name] = module.state_dict()[key].detach().cpu().contiguous()
+    configs = dict(zip(("controlnet", "unet"), official_configs(model)))
+    for folder in ("controlnet", "unet"):
+        target = out / folder
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "config.json").write_text(json.dumps(configs[folder], indent=2, sort_keys=True))
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(tensors[folder], str(target / WEIGHT_FILES[0]), metadata={"format": "pt"})
+        else:
+            torch.save(tensors[folder], str(target / WEIGHT_FILES[1]))
+    return out
