@@ -227,15 +227,11 @@ def caption_images(config: SRModelConfig, items: list[dict], progress=None) -> N
             item["content"], item["quality"] = content, quality
         if progress is not None:
             progress.update(task, advance=len(batch))
-    _release(captioner)
-
-
-def _release(obj: Any) -> None:
+    del captioner  # its weights go before the SR model loads
     import gc
 
     import torch
 
-    del obj
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -111,6 +111,40 @@ def bad_corpus(tmp_path, monkeypatch) -> Path:
     locked.chmod(0o644)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread; with other processes on the 2 cores, OpenMP's
+    spin-waiting threads otherwise stall for seconds per step. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def perturbed_xpsr():
+    """``make(base, seed)``: XPSR parts on a loaded base with the zero-initialised projections
+    perturbed, so SFA, c_l and the Conditional Attention all influence the output (as after training)."""
+    import torch
+
+    from xpsr_core.models.xpsr import XPSRModel
+
+    def make(base, seed: int = 0):
+        xpsr = XPSRModel.from_base(base, with_dfc=False)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in (xpsr.controlnet, xpsr.conditional_attention):
+                for parameter in module.parameters():
+                    if parameter.abs().max() == 0:
+                        parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+        return xpsr.eval()
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """The tiny model zoo (SD-1.5 layout + llava-hf captioner), built once per test session."""

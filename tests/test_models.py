@@ -29,14 +29,7 @@ BATCH, LATENT, HR = 2, 8, 64
 DIFFUSERS_ZERO_PARTS = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with other processes on the 2 cores, OpenMP's
-    spin-waiting threads otherwise stall for seconds per step."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ from xpsr_core.models.official import export_official, import_official, load_ten
 BATCH, LATENT, HR = 2, 8, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

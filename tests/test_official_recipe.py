@@ -29,18 +29,8 @@ def base(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def model(base):
-    """XPSR parts with the zero-initialised projections perturbed, so every input matters."""
-    from xpsr_core.models.xpsr import XPSRModel
-
-    xpsr = XPSRModel.from_base(base, with_dfc=False)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in (xpsr.controlnet, xpsr.conditional_attention):
-            for parameter in module.parameters():
-                if parameter.abs().max() == 0:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return xpsr.eval()
+def model(base, perturbed_xpsr):
+    return perturbed_xpsr(base, seed=1)
 
 
 @pytest.fixture(scope="module")

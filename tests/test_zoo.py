@@ -16,14 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMMON_WORDS = ["photo", "cat", "dog", "image", "quality", "noise", "light", "color", "the", "blue", "house", "tree"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_tiny_sd_folder_has_the_diffusers_layout_and_loads_as_a_pipeline(tiny_models):

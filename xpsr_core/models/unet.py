@@ -103,14 +103,18 @@ class XPSRConditionalAttention(ModelMixin, ConfigMixin):
                 projection.reset_parameters()
         self.gradient_checkpointing = False
 
-    @classmethod
-    def from_unet(cls, unet, layer_type: str = "attention", init: str = "zero") -> "XPSRConditionalAttention":
+    @staticmethod
+    def config_from_unet(unet, layer_type: str = "attention", init: str = "zero") -> dict:
+        """The constructor arguments for ``unet``'s decoder."""
         query, context, heads, _ = decoder_layout(unet)
         config = unet.config
-        model = cls(query_channels=query, context_channels=context, heads=heads, layer_type=layer_type,
+        return dict(query_channels=query, context_channels=context, heads=heads, layer_type=layer_type,
                     norm_num_groups=config.norm_num_groups, use_linear_projection=config.use_linear_projection,
                     upcast_attention=config.upcast_attention, init=init)
-        return match_device_dtype(model, unet)
+
+    @classmethod
+    def from_unet(cls, unet, layer_type: str = "attention", init: str = "zero") -> "XPSRConditionalAttention":
+        return match_device_dtype(cls(**cls.config_from_unet(unet, layer_type, init)), unet)
 
     def output_projections(self) -> list[nn.Module]:
         if self.config.layer_type == "transformer":

@@ -27,7 +27,7 @@ from ..errors import UserError
 from .controlnet import XPSRControlNet
 from .dfc import DFC_WEIGHT, DFCHeads, DFCLoss
 from .loading import BaseSD, channels_last_on_cpu, load_base_sd
-from .unet import XPSRConditionalAttention, decoder_layout, xpsr_unet_forward
+from .unet import XPSRConditionalAttention, xpsr_unet_forward
 
 TRAINABLE_FILE = "xpsr.json"
 PARTS = ("controlnet", "conditional_attention", "dfc_heads")
@@ -65,6 +65,15 @@ class XPSRSettings:
         if "conditioning_embedding_out_channels" in known:
             known["conditioning_embedding_out_channels"] = tuple(known["conditioning_embedding_out_channels"])
         return cls(**known)
+
+
+def dfc_heads_for(controlnet: XPSRControlNet, settings: XPSRSettings, latent_channels: int) -> Optional[DFCHeads]:
+    """Fresh DFC heads for ``controlnet`` as ``settings`` ask (None when both DFC switches are off)."""
+    if not (settings.dfc_pixel or settings.dfc_latent):
+        return None
+    return DFCHeads.from_controlnet(controlnet, latent_channels=latent_channels, use_pixel=settings.dfc_pixel,
+                                    use_latent=settings.dfc_latent, latent_source=settings.dfc_latent_heads,
+                                    target_resize=settings.dfc_target_resize)
 
 
 @dataclass
@@ -122,16 +131,7 @@ class XPSRModel(nn.Module):
         conditional = None
         if settings.conditional_attention:
             conditional = XPSRConditionalAttention.from_unet(unet, layer_type=settings.conditional_attention_type, init=settings.init)
-        heads = None
-        if with_dfc and (settings.dfc_pixel or settings.dfc_latent):
-            heads = DFCHeads.from_controlnet(
-                controlnet,
-                latent_channels=latent_channels or unet.config.out_channels,
-                use_pixel=settings.dfc_pixel,
-                use_latent=settings.dfc_latent,
-                latent_source=settings.dfc_latent_heads,
-                target_resize=settings.dfc_target_resize,
-            )
+        heads = dfc_heads_for(controlnet, settings, latent_channels or unet.config.out_channels) if with_dfc else None
         return cls(unet, controlnet, conditional, heads, settings)
 
     @staticmethod
@@ -149,20 +149,9 @@ class XPSRModel(nn.Module):
             ))
             conditional = None
             if settings.conditional_attention:
-                query, context, heads, _ = decoder_layout(unet)
-                conditional = XPSRConditionalAttention(
-                    query_channels=query, context_channels=context, heads=heads, layer_type=settings.conditional_attention_type,
-                    norm_num_groups=unet.config.norm_num_groups, use_linear_projection=unet.config.use_linear_projection,
-                    upcast_attention=unet.config.upcast_attention, init=settings.init,
-                )
-            heads_module = None
-            if settings.dfc_pixel or settings.dfc_latent:
-                pixel, latent = controlnet.feature_channels(settings.dfc_latent_heads)
-                heads_module = DFCHeads(
-                    pixel_channels=pixel, latent_feature_channels=latent, image_channels=controlnet.config.conditioning_channels,
-                    latent_channels=latent_channels or unet.config.out_channels, use_pixel=settings.dfc_pixel,
-                    use_latent=settings.dfc_latent, latent_source=settings.dfc_latent_heads, target_resize=settings.dfc_target_resize,
-                )
+                conditional = XPSRConditionalAttention(**XPSRConditionalAttention.config_from_unet(
+                    unet, settings.conditional_attention_type, settings.init))
+            heads_module = dfc_heads_for(controlnet, settings, latent_channels or unet.config.out_channels)
         parts = {"controlnet": controlnet, "conditional_attention": conditional, "dfc_heads": heads_module}
         return {name: part for name, part in parts.items() if part is not None}
 
