@@ -16,12 +16,27 @@ with SD-1.5's real shapes (random weights drawn on the GPU when there is one); g
 with 512 px HR crops for the paper's setting. ``--json`` also writes every figure to a file.
 ``--flops`` counts the work of a training step and of the encoders at tiny, mid and SD-1.5 shapes:
 the speed-up that removing the encoders can give on hardware that runs both equally well.
+
+``--recipes`` compares training recipes instead (pre-encoded, same data, optimizer and prompts):
+
+    python benchmarks/bench_train.py --recipes default official --steps 20 --batches 2 4 --rounds 3
+    python benchmarks/bench_train.py --recipes default official --build mid --steps 8 --batches 2 --rounds 2
+
+``default`` is TrainConfig's defaults; ``official`` the authors' architecture and objective
+(``XPSRSettings.official()``: CA_f and the pixel attentions as full transformers, 13 latent DFC heads
+on the post-zero-conv residuals + 3 RGB, bilinear DFC targets, their initialisation). Each recipe
+runs in a fresh process, the recipes taking turns round by round; it reports the median samples/s,
+the ratio of each recipe to the first, the CPU seconds per sample (steadier than wall time on shared
+cores with ``--threads 1``), and the peak memory: the process's peak RSS and, on CUDA,
+``torch.cuda.max_memory_allocated``. ``--threads N`` sets torch's threads in every measured process.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -35,24 +50,42 @@ from xpsr_core.train.loop import Trainer
 from xpsr_core.train.settings import TrainConfig
 
 
+def recipe_options(name: str) -> dict:
+    """TrainConfig options of a training recipe: ``default`` (none) or ``official`` (the fields where
+    ``XPSRSettings.official()`` differs from the default settings)."""
+    if name == "default":
+        return {}
+    from xpsr_core.models import XPSRSettings
+
+    official, default = dataclasses.asdict(XPSRSettings.official()), dataclasses.asdict(XPSRSettings())
+    return {k: v for k, v in official.items() if v != default[k] and k in TrainConfig.model_fields}
+
+
+RECIPES = ("default", "official")
+
+
 def samples_per_second(data: Path, base_model: str, steps: int, batch: int, online: bool, mixed_precision: str,
-                       workers: int) -> tuple[float, float]:
+                       workers: int, recipe: str = "default") -> tuple[float, float, float]:
+    """(samples/s, peak GPU GiB or nan, CPU seconds per sample) over the steps after two warm-up steps. The CPU
+    seconds are this process's (all its threads): with one torch thread they barely depend on what else loads the cores."""
     out = Path(tempfile.mkdtemp())
     config = TrainConfig(
         train_dir=data, base_model=base_model, out=out, batch_size=batch, max_train_steps=steps + 2, online_encoding=online,
         checkpointing_steps=10**9, tensorboard=False, metrics_file=None, mixed_precision=mixed_precision, shuffle_buffer=8,
-        num_workers=workers,
+        num_workers=workers, **recipe_options(recipe),
     )
     trainer = Trainer(config)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    report = trainer.train()
+    cpu = {}
+    report = trainer.train(after_step=lambda step: cpu.__setitem__(step, time.process_time()))
     log = (out / "train_log.tsv").read_text().splitlines()[1:]
     columns = (out / "train_log.tsv").read_text().splitlines()[0].split("\t")
     rates = [float(line.split("\t")[columns.index("samples_per_s")]) for line in log][2:]  # skip warm-up steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    cpu_per_sample = (cpu[steps + 2] - cpu[2]) / (steps * batch)
     # harmonic mean of per-step rates = total samples / total time
-    return len(rates) / sum(1 / r for r in rates), peak
+    return len(rates) / sum(1 / r for r in rates), peak, cpu_per_sample
 
 
 def frozen_encoders(base_model: str, mixed_precision: str):
@@ -88,21 +121,57 @@ def encoder_ms(base, data: Path, batch: int, repeats: int = 10) -> float:
     return statistics.median(once() for _ in range(repeats))
 
 
-def measured_apart(args, batch: int, online: bool) -> tuple[float, float]:
-    """``samples_per_second`` in a fresh process, so one run's leftovers never count in the other's peak memory."""
+def peak_rss_gib() -> float:
+    """This process's peak resident set size (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def measured_apart(args, batch: int, case: str) -> dict:
+    """``samples_per_second`` in a fresh process, so one run's leftovers never count in the other's peak memory.
+    ``case``: online or ours (encoding on the fly or pre-encoded, default recipe), or a recipe of RECIPES (pre-encoded).
+    Returns rate (samples/s), peak (GPU GiB, nan on the CPU), cpu (CPU seconds per sample) and rss (the process's peak RSS, GiB)."""
     result = Path(tempfile.mkdtemp()) / "case.json"
-    subprocess.run([sys.executable, __file__, "--case", "online" if online else "ours", "--data", str(args.data),
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    subprocess.run([sys.executable, __file__, "--case", case, "--data", str(args.data),
                     "--base-model", args.base_model, "--steps", str(args.steps), "--batches", str(batch),
-                    "--mixed-precision", args.mixed_precision, "--workers", str(args.workers), "--json", str(result)], check=True)
-    measured = json.loads(result.read_text())
-    return measured["rate"], measured["peak"]
+                    "--mixed-precision", args.mixed_precision, "--workers", str(args.workers), *threads, "--json", str(result)], check=True)
+    return json.loads(result.read_text())
+
+
+def compare_recipes(args, device: str) -> list[dict]:
+    """Each recipe of ``args.recipes`` in fresh processes, taking turns round by round; medians, ratios to the first."""
+    first = args.recipes[0]
+    rows = []
+    for batch in args.batches:
+        runs = [{recipe: measured_apart(args, batch, recipe) for recipe in args.recipes} for _ in range(args.rounds)]
+        for recipe in args.recipes:
+            rates = [run[recipe]["rate"] for run in runs]
+            cpus = [run[recipe]["cpu"] for run in runs]
+            rows.append(dict(batch=batch, recipe=recipe, rate=statistics.median(rates), rounds=rates, cpu_s=statistics.median(cpus), cpu_rounds=cpus,
+                             rss_gib=max(run[recipe]["rss"] for run in runs), peak_gib=max(run[recipe]["peak"] for run in runs)))
+        base = next(r for r in rows if r["batch"] == batch and r["recipe"] == first)
+        for row in rows[-len(args.recipes):]:
+            row["ratio"] = row["rate"] / base["rate"]
+            row["round_ratios"] = [run[row["recipe"]]["rate"] / run[first]["rate"] for run in runs]
+            row["cpu_ratio"] = base["cpu_s"] / row["cpu_s"]  # as a speed: 1 / CPU time
+        print(f"batch {batch}, each round (samples/s): " + "; ".join(
+            ", ".join(f"{recipe} {run[recipe]['rate']:.3f}" for recipe in args.recipes) for run in runs), flush=True)
+    gpu = torch.cuda.is_available()
+    print(f"\nbase model {args.build or args.base_model}, {args.steps} timed steps (+2 warm-up), {args.rounds} rounds, "
+          f"precision {args.mixed_precision}, threads {args.threads or torch.get_num_threads()}, device {device}")
+    print(f"| batch | recipe | samples/s (median) | per round | {first}=1 (median; per round) | CPU s/sample (median) | "
+          f"{first}=1 by CPU time | peak RSS GiB |" + (" peak GPU GiB |" if gpu else ""))
+    print("|---:|---|---:|---|---|---:|---:|---:|" + ("---:|" if gpu else ""))
+    for row in rows:
+        print(f"| {row['batch']} | {row['recipe']} | {row['rate']:.3f} | {', '.join(f'{r:.3f}' for r in row['rounds'])} | "
+              f"{row['ratio']:.2f}x; {', '.join(f'{r:.2f}' for r in row['round_ratios'])} | {row['cpu_s']:.3f} | "
+              f"{row['cpu_ratio']:.2f}x | {row['rss_gib']:.2f} |" + (f" {row['peak_gib']:.2f} |" if gpu else ""), flush=True)
+    return rows
 
 
 def base_preset(kind: str):
     """The zoo preset of ``kind``: tiny (the embedded default's), mid (SD-1.5's proportions at a fifth
     to a quarter of its width, float32) or sd15 (SD-1.5's shapes, float16)."""
-    import dataclasses
-
     from xpsr_core.zoo import SD15_SHAPED, TINY
 
     if kind == "tiny":
@@ -131,8 +200,6 @@ def gflop_per_sample(kind: str, hr_size: int) -> tuple[float, float]:
     The step is the full XPSR model (ControlNet with SFA, Conditional Attention, DFC heads) forward
     through the frozen UNet, and the backward; the encoders are the VAE encoder on the HR crop and
     the CLIP text encoder on the two captions."""
-    import dataclasses
-
     from torch.utils.flop_counter import FlopCounterMode
 
     from xpsr_core.models import XPSRModel
@@ -199,12 +266,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--rounds", type=int, default=1, help="measure each case this many times, alternating; report medians")
     parser.add_argument("--flops", action="store_true", help="only count the work of a step and of the encoders at tiny, mid and SD-1.5 shapes")
-    parser.add_argument("--case", choices=["online", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES,
+                        help="compare these training recipes (pre-encoded) instead of on-the-fly against pre-encoded conditions")
+    parser.add_argument("--threads", type=int, help="torch threads in each measured process (default: torch's, one per core)")
+    parser.add_argument("--case", choices=["online", "ours", *RECIPES], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.case:  # one measurement, in a process of its own (see measured_apart)
-        rate, peak = samples_per_second(args.data, args.base_model, args.steps, args.batches[0], args.case == "online",
-                                        args.mixed_precision, args.workers)
-        args.json.write_text(json.dumps({"rate": rate, "peak": peak}))
+        recipe = args.case if args.case in RECIPES else "default"
+        rate, peak, cpu = samples_per_second(args.data, args.base_model, args.steps, args.batches[0], args.case == "online",
+                                             args.mixed_precision, args.workers, recipe)
+        args.json.write_text(json.dumps({"rate": rate, "peak": peak, "cpu": cpu, "rss": peak_rss_gib()}))
         return
     if args.flops:
         print_flops()
@@ -212,13 +285,21 @@ def main() -> None:
     if args.build:
         args.data, args.base_model = built_data(args.build, args.pairs, args.captions, args.tokenizer)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if args.recipes:
+        rows = compare_recipes(args, device)
+        if args.json:
+            args.json.write_text(json.dumps({"device": device, "base_model": args.build or args.base_model, "steps": args.steps,
+                                             "mixed_precision": args.mixed_precision, "workers": args.workers, "rounds": args.rounds,
+                                             "threads": args.threads or torch.get_num_threads(), "recipes": rows}, indent=1))
+        return
     print(f"base model: {args.build or args.base_model}  steps {args.steps} (+2 warm-up)  precision {args.mixed_precision}  "
           f"workers {args.workers}  device {device}")
     encoders_alone = frozen_encoders(args.base_model, args.mixed_precision)
     rows = []
     for batch in args.batches:
         # the two cases take turns, so that drifting load on a shared machine hits both alike
-        runs = [(measured_apart(args, batch, True), measured_apart(args, batch, False)) for _ in range(args.rounds)]
+        runs = [tuple((m["rate"], m["peak"]) for m in (measured_apart(args, batch, "online"), measured_apart(args, batch, "ours")))
+                for _ in range(args.rounds)]
         if args.rounds > 1:
             print(f"batch {batch}, each round (on the fly -> pre-encoded samples/s): "
                   + ", ".join(f"{a[0]:.2f} -> {b[0]:.2f}" for a, b in runs), flush=True)
