@@ -112,7 +112,6 @@ def _token_counter(base_model: str):
 def caption_items(config: CaptionConfig, items: list[dict], hr: bool = False) -> list[dict]:
     """Caption decoded items ({"key", "shard", "dataset", "source", "image" [and "hr_image" with ``hr``] or
     "status"/"error"}) into manifest rows."""
-    import torch
 
     from xpsr_core.dist import rank_device
     from xpsr_core.seeding import derive_seed
@@ -152,9 +151,9 @@ def caption_items(config: CaptionConfig, items: list[dict], hr: bool = False) ->
             jobs = [(captioner, STAGE, wanted)]
         texts: dict[tuple[int, str], str] = {}
         for model, stream, job in jobs:
-            if config.do_sample:  # sampling draws from a generator seeded by the batch's first key
-                torch.manual_seed(derive_seed(config.seed, stream, batch[0]["key"]))
-            for (i, kind, _, _), text in zip(job, model.caption_pairs([(image, instruction) for _, _, image, instruction in job])):
+            # sampling (do_sample) draws each caption from its own generator, seeded by (seed, stage, key, kind)
+            seeds = [derive_seed(config.seed, stream, f"{batch[i]['key']}/{kind}") for i, kind, _, _ in job]
+            for (i, kind, _, _), text in zip(job, model.caption_pairs([(image, instruction) for _, _, image, instruction in job], seeds)):
                 texts[i, kind] = text
         for i, item in enumerate(batch):
             row = {**_empty_row(item, kinds), **common, "status": OK, "error": ""}

@@ -33,8 +33,15 @@ OverwriteOption = typer.Option(False, "--overwrite", help="Replace outputs made 
 
 
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (or set XPSR_DEBUG=1).")) -> None:
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (or set XPSR_DEBUG=1)."),
+    progress_seconds: Optional[float] = typer.Option(
+        None, "--progress-seconds", min=0,
+        help="When output is not a terminal, print a progress line every N seconds (or set XPSR_PROGRESS_SECONDS; default 30)."),
+) -> None:
     _state["debug"] = debug or os.environ.get("XPSR_DEBUG", "") not in ("", "0")
+    if progress_seconds is not None:
+        os.environ["XPSR_PROGRESS_SECONDS"] = str(progress_seconds)
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 from collections import Counter
 import time
@@ -17,8 +18,56 @@ from xpsr_core.errors import FailureRatioExceeded
 console = Console(stderr=True)
 
 
-def progress_bar() -> Progress:
-    return Progress(
+class LoggedProgress(Progress):
+    """Rich bars on a terminal; elsewhere (dvc repro, pipes, batch logs) no bars but a plain line per task
+    every ``XPSR_PROGRESS_SECONDS`` seconds: done / total, rate, ETA. Under several ranks only rank 0 prints;
+    ``describe`` (a callable returning the line) replaces the per-task lines, e.g. with all ranks' figures."""
+
+    def __init__(self, *columns, describe: Callable[[], str] | None = None, defer_report: bool = False, **kwargs):
+        """``defer_report``: the plain lines start at ``start_report()`` (after forking workers, not before)."""
+        from xpsr_core.dist import rank_and_world
+
+        self.plain = not console.is_terminal
+        super().__init__(*columns, disable=self.plain, **kwargs)
+        self._describe = describe
+        self._reporter = None
+        self._report = self.plain and rank_and_world()[0] == 0
+        self._defer = defer_report
+
+    def plain_lines(self) -> str:
+        from xpsr_core.progress import progress_text
+
+        if self._describe is not None:
+            return self._describe()
+        lines = []
+        for task in self.tasks:
+            if task.total is None or task.finished and len(self.tasks) > 1:
+                continue
+            extra = task.fields.get("rate") or ""
+            lines.append(progress_text(task.description, int(task.completed), int(task.total), task.elapsed or 0.0,
+                                       "items", extra=extra))
+        return "\n".join(lines)
+
+    def __enter__(self) -> "LoggedProgress":
+        super().__enter__()
+        if not self._defer:
+            self.start_report()
+        return self
+
+    def start_report(self) -> None:
+        if self._report and self._reporter is None:
+            from xpsr_core.progress import PeriodicReporter
+
+            self._reporter = PeriodicReporter(self.plain_lines).__enter__()
+
+    def __exit__(self, *exc) -> None:
+        if self._reporter is not None:
+            self._reporter.__exit__(*exc)
+        return super().__exit__(*exc)
+
+
+def progress_bar(describe: Callable[[], str] | None = None, defer_report: bool = False) -> Progress:
+    return LoggedProgress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -27,7 +76,38 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        describe=describe,
+        defer_report=defer_report,
     )
+
+
+def shard_progress(label: str, out: Path, n_shards: int) -> Callable[[], str]:
+    """A progress line with every rank's figures: the done markers in ``out`` (all ranks write there)."""
+    from xpsr_core.progress import progress_text
+
+    started = time.perf_counter()
+    seen: dict[str, int] = {}
+
+    def scan() -> None:
+        for path in Path(out).glob("*.stats.json"):
+            if path.name not in seen:
+                try:
+                    seen[path.name] = int(json.loads(path.read_text()).get("samples", 0))
+                except (OSError, ValueError):
+                    continue
+
+    scan()
+    before, samples_before = len(seen), sum(seen.values())
+
+    def describe() -> str:
+        scan()
+        elapsed = time.perf_counter() - started
+        done = min(len(seen), n_shards)
+        samples = sum(seen.values()) - samples_before
+        return progress_text(label, done, n_shards, elapsed, "shards", done_before=before,
+                             extra=f"{samples / elapsed if elapsed > 0 else 0:.3g} samples/s")
+
+    return describe
 
 
 def run_over_shards(
@@ -36,6 +116,7 @@ def run_over_shards(
     work: Callable[[int], dict],
     workers: int,
     start_method: str = "spawn",
+    describe: Callable[[], str] | None = None,
 ) -> list[dict]:
     """Apply ``work`` (a picklable callable returning a shard's stats) to every shard.
 
@@ -44,7 +125,8 @@ def run_over_shards(
     """
     results: dict[int, dict] = {}
     started = time.perf_counter()
-    with progress_bar() as progress:
+    # the progress thread starts once the pool has forked its workers (no thread is forked with them)
+    with progress_bar(describe, defer_report=True) as progress:
         task = progress.add_task(label, total=len(shards), rate="")
 
         def record(shard: int, stats: dict) -> None:
@@ -54,12 +136,14 @@ def run_over_shards(
             progress.update(task, advance=1, rate=f"{samples / elapsed:.1f} samples/s")
 
         if workers <= 1 or len(shards) <= 1:
+            progress.start_report()
             for shard in shards:
                 record(shard, work(shard))
         else:
             context = multiprocessing.get_context(start_method)
             with ProcessPoolExecutor(max_workers=min(workers, len(shards)), mp_context=context) as pool:
                 futures = {pool.submit(work, shard): shard for shard in shards}
+                progress.start_report()
                 for future in as_completed(futures):
                     record(futures[future], future.result())
     return [results[s] for s in sorted(results)]
@@ -124,14 +208,16 @@ def print_summary(report: dict) -> None:
     ]
     if report.get("samples_per_s"):
         parts.append(f"{report['samples_per_s']:.1f} samples/s")
-    console.print(f"[bold green]{report['stage']}[/] done: " + ", ".join(parts))
+    console.print(f"[bold green]{report['stage']}[/] done: " + ", ".join(parts), soft_wrap=True)
     if report.get("captions_per_s"):
-        console.print(f"  {report['captions_per_s']:.2f} captions/s")
+        console.print(f"  {report['captions_per_s']:.2f} captions/s", soft_wrap=True)
     if "truncated_share" in report:
-        console.print(f"  share of captions over the CLIP token limit: {report['truncated_share']}")
+        console.print(f"  share of captions over the CLIP token limit: {report['truncated_share']}", soft_wrap=True)
     failures = {k: v for k, v in report["status_counts"].items() if k != "ok"}
     if failures:
-        console.print("  failures by status: " + ", ".join(f"{k}={v}" for k, v in failures.items()))
+        console.print("  failures by status: " + ", ".join(f"{k}={v}" for k, v in failures.items()), soft_wrap=True)
+    if report.get("skipped_paths"):
+        console.print("  paths skipped (not inputs): " + ", ".join(f"{k}={v}" for k, v in report["skipped_paths"].items()), soft_wrap=True)
 
 
 def run_sharded_stage(stage: str, out: Path, n_shards: int, work: Callable[[int], dict], workers: int,
@@ -145,19 +231,23 @@ def run_sharded_stage(stage: str, out: Path, n_shards: int, work: Callable[[int]
     """
     from xpsr_core.dist import rank_and_world, shards_for_rank
     from xpsr_core.io.atomic import atomic_write_json
+    from xpsr_core.io.outputs import produced_by, read_record
     from xpsr_core.io.shards import is_done, read_stats, write_sizes
 
     started = time.perf_counter()
     rank, world = rank_and_world()
     mine = shards_for_rank(list(range(n_shards)), rank, world)
-    todo = [s for s in mine if not is_done(out, s)]
+    # a done marker counts only when it records this folder's config hash and code fingerprint
+    current = produced_by(read_record(out)) if read_record(out) else None
+    todo = [s for s in mine if not is_done(out, s, current)]
     label = f"{stage} (rank {rank}/{world})" if world > 1 else stage
-    processed = run_over_shards(label, todo, work, workers, start_method=start_method)
+    processed = run_over_shards(label, todo, work, workers, start_method=start_method,
+                                describe=shard_progress(stage, out, n_shards))
     all_stats = [read_stats(out, s) for s in mine]
     report = summarize(stage, all_stats, processed, time.perf_counter() - started)
     if enrich is not None:
         enrich(report, all_stats)
-    if all(is_done(out, s) for s in range(n_shards)):
+    if all(is_done(out, s, current) for s in range(n_shards)):
         write_sizes(out, {s: read_stats(out, s)["samples"] for s in range(n_shards)})
     atomic_write_json(out / (f"report.rank{rank}.json" if world > 1 else "report.json"), report)
     print_summary(report)

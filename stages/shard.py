@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -63,23 +65,36 @@ def parse_input_spec(spec: str) -> dict:
     return {"path": path, "dataset": name}
 
 
-def list_inputs(config: ShardConfig) -> list[tuple[str, Path, str]]:
-    """(dataset, root, relative path) for every image file, in a fixed order."""
-    from xpsr_core.io.images import find_images
+def list_inputs(config: ShardConfig, skipped: Counter | None = None) -> list[tuple]:
+    """(dataset, root, relative path, status, error) for every path with an image extension, in a fixed order.
+
+    ``status`` is None for files to decode, else why the path cannot be read (broken link, link loop,
+    not a file, unreadable folder): those get index rows too. Paths that are not inputs (other
+    extensions, links to folders) are counted by reason into ``skipped``.
+    """
+    from xpsr_core.io.images import walk_inputs
 
     items = []
     for source in config.inputs:
         root = Path(source.path)
         if not root.is_dir():
             raise UserError(f"Input folder {root} (dataset '{source.dataset}') does not exist or is not a folder.")
-        files = find_images(root)[: source.limit]
-        if not files:
-            raise UserError(f"Input folder {root} (dataset '{source.dataset}') holds no images (jpg, png, webp, tiff, bmp).")
-        items.extend((source.dataset, root, p.relative_to(root).as_posix()) for p in files)
+        try:
+            entries, other = walk_inputs(root)
+        except OSError as error:
+            raise UserError(f"Cannot list the input folder {root} (dataset '{source.dataset}'): {error.strerror or error}.") from None
+        entries = entries[: source.limit]
+        if not entries:
+            raise UserError(f"Input folder {root} (dataset '{source.dataset}') holds no images (jpg, png, webp, tiff, bmp)"
+                            + (f"; skipped: {', '.join(f'{k}={v}' for k, v in sorted(other.items()))}" if other else "") + ".")
+        if skipped is not None:
+            skipped.update(other)
+        items.extend((source.dataset, root, e.relative, e.status, e.error) for e in entries)
     return items
 
 
-INDEX_COLUMNS = ("file_index", "dataset", "source", "status", "error", "width", "height", "mode", "crops", "first_key")
+# source: the path below the input folder, readable (non-UTF-8 bytes as \\xNN); source_bytes: its exact bytes
+INDEX_COLUMNS = ("file_index", "dataset", "source", "source_bytes", "status", "error", "width", "height", "mode", "crops", "first_key")
 
 
 def build_shard(config: ShardConfig, out: Path, items: list[tuple[str, Path, str]], shard: int) -> dict:
@@ -98,10 +113,14 @@ def build_shard(config: ShardConfig, out: Path, items: list[tuple[str, Path, str
     batch = items[start : start + config.images_per_shard]
     rows = []
     with TarShardWriter(tar_path(out, shard)) as writer:
-        for offset, (dataset, root, relative) in enumerate(batch):
+        for offset, (dataset, root, relative, status, error) in enumerate(batch):
             row = dict.fromkeys(INDEX_COLUMNS)
-            row.update(file_index=start + offset, dataset=dataset, source=relative, status=images.OK, error="", crops=0)
+            shown = images.readable_name(relative)
+            row.update(file_index=start + offset, dataset=dataset, source=shown, source_bytes=os.fsencode(relative),
+                       status=images.OK, error="", crops=0)
             try:
+                if status is not None:  # the walk found it unusable (broken link, loop, not a file, unreadable folder)
+                    raise images.ImageRejected(status, error)
                 decoded = images.load_image(root / relative, config.max_pixels)
                 pixels = decoded.pixels
                 height, width = pixels.shape[:2]
@@ -120,7 +139,7 @@ def build_shard(config: ShardConfig, out: Path, items: list[tuple[str, Path, str
                     meta = {
                         "key": key,
                         "dataset": dataset,
-                        "source": relative,
+                        "source": shown,
                         "source_size": [width, height],
                         "source_mode": decoded.source_mode,
                         "exif_transposed": decoded.exif_transposed,
@@ -134,6 +153,9 @@ def build_shard(config: ShardConfig, out: Path, items: list[tuple[str, Path, str
                     row["crops"] += 1
             except images.ImageRejected as rejected:
                 row.update(status=rejected.status, error=rejected.message)
+            except Exception as unexpected:  # no input may end the run: it is recorded like any other failure
+                row.update(status=images.DECODE_ERROR, error=f"cannot decode image: {type(unexpected).__name__}: {unexpected}",
+                           crops=0, first_key=None)
             rows.append(row)
         samples = writer.count
     table = pa.Table.from_pylist(rows, schema=_index_schema())
@@ -149,7 +171,8 @@ def _index_schema():
 
     return pa.schema(
         [
-            ("file_index", pa.int64()), ("dataset", pa.string()), ("source", pa.string()), ("status", pa.string()),
+            ("file_index", pa.int64()), ("dataset", pa.string()), ("source", pa.string()), ("source_bytes", pa.binary()),
+            ("status", pa.string()),
             ("error", pa.string()), ("width", pa.int64()), ("height", pa.int64()), ("mode", pa.string()),
             ("crops", pa.int64()), ("first_key", pa.string()),
         ]
@@ -160,9 +183,16 @@ def run(config: ShardConfig) -> dict:
     from stages.common import run_sharded_stage
     from xpsr_core.io.outputs import prepare_output_dir
 
-    items = list_inputs(config)
+    skipped: Counter = Counter()
+    items = list_inputs(config, skipped)
     out = prepare_output_dir(config.out, STAGE, config, overwrite=config.overwrite)
     n_shards = math.ceil(len(items) / config.images_per_shard)
     work = functools.partial(build_shard, config, out, items)
+
+    def add_skipped(report: dict, _stats: list[dict]) -> None:
+        # paths below the inputs that are not input files (other extensions, links to folders), by reason
+        report["skipped_paths"] = dict(sorted(skipped.items()))
+
     # fork: shard workers only need Pillow and numpy, and start far faster than spawned ones
-    return run_sharded_stage(STAGE, out, n_shards, work, config.workers, "fork", config.max_failure_ratio, "input files")
+    return run_sharded_stage(STAGE, out, n_shards, work, config.workers, "fork", config.max_failure_ratio, "input files",
+                             enrich=add_skipped)

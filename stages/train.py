@@ -39,6 +39,18 @@ def prepare_run_dir(config: TrainConfig) -> None:
                 stale.unlink()
 
 
+def train_summary(report: dict) -> str:
+    """The final line, in words when this run had nothing to do (no None figures)."""
+    if not report.get("steps_this_run"):
+        return (f"[bold green]train[/] done: nothing to do, the run is already at step {report['steps']} "
+                f"(max_train_steps; resumed from its checkpoint); export in {report['final_export']}")
+    return (
+        f"[bold green]train[/] done: step {report['steps']} ({report['steps_this_run']} this run, from {report['resumed_from']}), "
+        f"loss {report['first_loss']} -> {report['final_loss']}, {report['samples_per_s']} samples/s, "
+        f"export in {report['final_export']}"
+    )
+
+
 def run(config: TrainConfig) -> dict:
     from stages.common import console
     from xpsr_core.dist import rank_and_world
@@ -59,9 +71,5 @@ def run(config: TrainConfig) -> dict:
             atomic_write_json(Path(config.metrics_file), metrics)
             # the loss curves beside the metrics, for `dvc plots` (the run folder is a DVC output)
             shutil.copyfile(run_dir / LOG_FILE, Path(config.metrics_file).with_name(LOG_FILE))
-        console.print(
-            f"[bold green]train[/] done: step {report['steps']} ({report['steps_this_run']} this run, from {report['resumed_from']}), "
-            f"loss {report['first_loss']} -> {report['final_loss']}, {report['samples_per_s']} samples/s, "
-            f"export in {report['final_export']}"
-        )
+        console.print(train_summary(report))
     return report

@@ -13,7 +13,8 @@ import numpy as np
 
 def derive_seed(seed: int, stage: str, key: str) -> int:
     """A 63-bit integer seed that is a stable function of (seed, stage, key)."""
-    digest = hashlib.blake2b(f"{seed}\x1f{stage}\x1f{key}".encode(), digest_size=8).digest()
+    # surrogateescape: a key built from a non-UTF-8 file name seeds from its exact bytes (others encode as UTF-8)
+    digest = hashlib.blake2b(f"{seed}\x1f{stage}\x1f{key}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 

@@ -43,6 +43,36 @@ class GenerationSettings:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+class SeededSampler:
+    """Samples each row of a batch from its own generator (seeded per key), so a sampled caption never
+    depends on its batch-mates or on global RNG state. A logits processor: it applies temperature and
+    top-p, draws the row's token, and leaves only that token possible, so the (greedy) decoding step
+    that follows takes it."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device="cpu"):
+        import torch
+
+        self.temperature, self.top_p = temperature, top_p
+        self.generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        logits = scores.float().cpu() / max(self.temperature, 1e-6)
+        chosen = []
+        for row, generator in zip(logits, self.generators):
+            probs = torch.softmax(row, dim=-1)
+            if self.top_p < 1.0:
+                ordered, order = torch.sort(probs, descending=True)
+                keep = (ordered.cumsum(0) - ordered) < self.top_p  # the smallest set reaching top_p (at least one)
+                keep[0] = True
+                probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
+            chosen.append(int(torch.multinomial(probs, 1, generator=generator)))
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(chosen)), torch.tensor(chosen)] = 0.0
+        return out
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     import torch
 
@@ -113,29 +143,43 @@ class Captioner:
         width = len(prompts)
         return [texts[i * width : (i + 1) * width] for i in range(len(images))]
 
-    def caption_pairs(self, pairs: Sequence[tuple]) -> list[str]:
-        """One caption per (image, instruction) pair, all in one batch (split in halves on out-of-memory)."""
+    def caption_pairs(self, pairs: Sequence[tuple], seeds: Sequence[int] | None = None) -> list[str]:
+        """One caption per (image, instruction) pair, all in one batch (split in halves on out-of-memory).
+
+        With sampling on (``do_sample``, one beam), ``seeds`` (one per pair, e.g. from (seed, stage, key))
+        seed each caption's own draws, so it does not depend on its batch-mates."""
         if not pairs:
             return []
         prompts = {text: self.prompt(text) for text in dict.fromkeys(text for _, text in pairs)}
-        return self._generate([(image, prompts[text]) for image, text in pairs])
+        items = [(image, prompts[text]) for image, text in pairs]
+        if seeds is None or not self.settings.do_sample:  # greedy decoding draws nothing
+            return self._generate(items)
+        return self._generate(items, list(seeds))
 
-    def _generate(self, items: list) -> list[str]:
+    def _generate(self, items: list, seeds: list[int] | None = None) -> list[str]:
         import torch
 
+        kwargs = self.settings.generate_kwargs()
+        if seeds is not None and self.settings.do_sample and self.settings.num_beams == 1:
+            from transformers import LogitsProcessorList
+
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("temperature", "top_p")}
+            kwargs.update(do_sample=False, logits_processor=LogitsProcessorList(
+                [SeededSampler(seeds, self.settings.temperature, self.settings.top_p)]))
         try:
             inputs = self.processor(images=[i for i, _ in items], text=[p for _, p in items], padding=True, return_tensors="pt")
             inputs = inputs.to(self.device)
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
             with torch.inference_mode():
-                output = self.model.generate(**inputs, **self.settings.generate_kwargs(), pad_token_id=self.processor.tokenizer.pad_token_id)
+                output = self.model.generate(**inputs, **kwargs, pad_token_id=self.processor.tokenizer.pad_token_id)
         except Exception as error:
             if not _is_out_of_memory(error) or len(items) == 1:
                 raise
             torch.cuda.empty_cache()
             half = len(items) // 2
-            return self._generate(items[:half]) + self._generate(items[half:])
+            halves = (seeds[:half], seeds[half:]) if seeds is not None else (None, None)
+            return self._generate(items[:half], halves[0]) + self._generate(items[half:], halves[1])
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
 

@@ -13,9 +13,13 @@ Conversions to RGB (deterministic, documented in the README):
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import stat
+from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,6 +35,13 @@ DECODE_ERROR = "decode_error"
 TOO_LARGE = "too_large"
 TOO_SMALL = "too_small"
 UNSUPPORTED_MODE = "unsupported_mode"
+# statuses of paths the input walk meets that are not readable image files
+BROKEN_LINK = "broken_link"  # a symbolic link whose target does not exist
+LINK_LOOP = "link_loop"  # a symbolic link that resolves to itself
+NOT_A_FILE = "not_a_file"  # a FIFO, socket or device with an image extension
+# reasons for paths that get no index row but a count in the report
+UNSUPPORTED_EXTENSION = "unsupported_extension"  # a file the reader does not take
+LINKED_FOLDER = "linked_folder"  # a symbolic link to a folder (not followed)
 
 
 class ImageRejected(Exception):
@@ -52,6 +63,88 @@ def find_images(root: Path) -> list[Path]:
     """Every image file below ``root`` (recursive), sorted by relative path for determinism."""
     root = Path(root)
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def readable_name(name: str) -> str:
+    """A file name for people: bytes that are not UTF-8 shown as \\xNN escapes (the exact bytes: ``os.fsencode``)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class WalkEntry:
+    relative: str  # posix path below the root, as os.fsdecode gives it (non-UTF-8 bytes as surrogate escapes)
+    status: str | None = None  # None: a file to read and decode; else why it cannot be
+    error: str = ""
+
+
+def _list_dir(path: str) -> list:
+    with os.scandir(path) as entries:
+        return list(entries)
+
+
+def walk_inputs(root: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> tuple[list[WalkEntry], Counter]:
+    """Every path below ``root``, accounted for: (entries, skipped).
+
+    ``entries`` (sorted by relative path): files with an image extension to decode, and, with a status,
+    every image-named path that cannot be read (broken links, link loops, FIFOs and devices) and every
+    folder that cannot be listed. ``skipped`` counts by reason the paths that are not inputs: files with
+    other extensions and links to folders (not followed), and links or special files without an image
+    extension. Never raises for what it finds below ``root``.
+    """
+    entries: list[WalkEntry] = []
+    skipped: Counter = Counter()
+    pending = [""]
+    while pending:
+        folder = pending.pop()
+        try:
+            listing = _list_dir(os.path.join(root, folder) if folder else str(root))
+        except OSError as error:
+            if not folder:
+                raise
+            entries.append(WalkEntry(folder, UNREADABLE, f"cannot list folder: {error.strerror or error}"))
+            continue
+        for entry in listing:
+            relative = f"{folder}/{entry.name}" if folder else entry.name
+            image_named = os.path.splitext(entry.name)[1].lower() in suffixes
+            kind, problem = _kind(entry)
+            if kind == "dir" and problem is None:
+                pending.append(relative)
+            elif kind == "file" and problem is None:
+                if image_named:
+                    entries.append(WalkEntry(relative))
+                else:
+                    skipped[UNSUPPORTED_EXTENSION] += 1
+            elif image_named and kind != "linked_dir":
+                entries.append(WalkEntry(relative, kind if problem is None else problem[0], problem[1] if problem else
+                                         "not a regular file (FIFO, socket or device)"))
+            else:
+                skipped[LINKED_FOLDER if kind == "linked_dir" else (problem[0] if problem else NOT_A_FILE)] += 1
+    entries.sort(key=lambda e: PurePosixPath(e.relative))
+    return entries, skipped
+
+
+def _kind(entry) -> tuple[str, tuple[str, str] | None]:
+    """(file | dir | linked_dir | not_a_file, (status, error) when the path is unusable)."""
+    try:
+        if entry.is_symlink():
+            try:
+                target = os.stat(entry.path)
+            except FileNotFoundError:
+                return "link", (BROKEN_LINK, f"symbolic link to a missing target ({readable_name(os.readlink(entry.path))})")
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    return "link", (LINK_LOOP, "symbolic link loop (it resolves to itself)")
+                return "link", (UNREADABLE, f"cannot follow symbolic link: {error.strerror or error}")
+            if stat.S_ISDIR(target.st_mode):
+                return "linked_dir", None
+            return ("file", None) if stat.S_ISREG(target.st_mode) else (NOT_A_FILE, None)
+        if entry.is_dir(follow_symlinks=False):
+            return "dir", None
+        if entry.is_file(follow_symlinks=False):
+            return "file", None
+        return NOT_A_FILE, None
+    except OSError as error:
+        return "unknown", (UNREADABLE, f"cannot inspect path: {error.strerror or error}")
 
 
 def read_file_bytes(path: Path) -> bytes:

@@ -1,8 +1,10 @@
 """Output folders: create, check writability, and record the config that made them.
 
 Each stage output folder holds ``config.json`` with the stage name, the hash of the settings
-that shape its outputs and the resolved config. A rerun with other settings is refused unless
-the caller asks to overwrite, in which case the stage's old outputs are removed first.
+that shape its outputs, the code fingerprint of the stage (``xpsr_core.fingerprint``: its source
+files and library versions) and the resolved config. A rerun with other settings or other code is
+refused, naming what changed, unless the caller asks to overwrite, in which case the stage's old
+outputs are removed first.
 """
 
 from __future__ import annotations
@@ -38,22 +40,40 @@ def _changed_fields(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
+def produced_by(record: dict) -> dict:
+    """What a done marker must match to be reused: the config hash and the code fingerprint of its folder."""
+    return {"config_hash": record.get("config_hash"), "code": (record.get("fingerprint") or {}).get("code")}
+
+
+def read_record(folder: Path) -> dict:
+    """The folder's ``config.json`` (empty when absent or unreadable)."""
+    try:
+        return json.loads((Path(folder) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def prepare_output_dir(folder: Path, stage: str, config: StageConfig, overwrite: bool = False, wait_seconds: float = 600) -> Path:
-    """Make ``folder`` ready for ``stage`` under ``config``; refuse to mix outputs of different configs.
+    """Make ``folder`` ready for ``stage`` under ``config``; refuse to mix outputs of different configs or code.
 
     Under a multi-process launcher only rank 0 checks, clears and records the folder; the other
     ranks wait until the record shows this config, so no rank deletes another's fresh work.
     """
+    import sys
+
     from ..dist import rank_and_world
+    from ..fingerprint import describe_changes, stage_fingerprint
 
     folder = ensure_writable_dir(folder)
     record = folder / CONFIG_FILE
+    fingerprint = stage_fingerprint(stage)
     rank, world = rank_and_world()
     if rank > 0 and world > 1:
         deadline = time.monotonic() + wait_seconds
         while time.monotonic() < deadline:
             try:
-                if json.loads(record.read_text()).get("config_hash") == config.output_hash():
+                found = json.loads(record.read_text())
+                if found.get("config_hash") == config.output_hash() and (found.get("fingerprint") or {}).get("code") == fingerprint["code"]:
                     return folder
             except (OSError, ValueError):
                 pass
@@ -66,18 +86,25 @@ def prepare_output_dir(folder: Path, stage: str, config: StageConfig, overwrite:
             previous = json.loads(record.read_text())
         except (OSError, ValueError):
             previous = {}
-        same = previous.get("stage") == stage and previous.get("config_hash") == config.output_hash()
-        if not same and not overwrite:
+        same_config = previous.get("stage") == stage and previous.get("config_hash") == config.output_hash()
+        same_code = (previous.get("fingerprint") or {}).get("code") == fingerprint["code"]
+        if not same_config:
             changed = _changed_fields(previous.get("settings", {}), settings)
-            raise UserError(
-                f"{folder} holds outputs of '{previous.get('stage', '?')}' made with a different configuration"
-                + (f" (changed: {', '.join(changed)})" if changed else "")
-                + ". Rerun with --overwrite to replace them, or choose another output folder."
-            )
-        if not same:
+            what = "a different configuration" + (f" (changed: {', '.join(changed)})" if changed else "")
+        elif not same_code:
+            what = f"other code (changed: {describe_changes(previous.get('fingerprint'), fingerprint)})"
+        if not (same_config and same_code):
+            if not overwrite:
+                raise UserError(
+                    f"{folder} holds outputs of '{previous.get('stage', '?')}' made with {what}. "
+                    "Rerun with --overwrite to rebuild them, or choose another output folder."
+                )
+            print(f"{folder} held outputs of '{previous.get('stage', '?')}' made with {what}; --overwrite: rebuilding them.",
+                  file=sys.stderr, flush=True)
             clear_folder(folder)
     remove_temporaries(folder)
-    atomic_write_json(record, {"stage": stage, "config_hash": config.output_hash(), "settings": settings, "config": config.resolved()})
+    atomic_write_json(record, {"stage": stage, "config_hash": config.output_hash(), "fingerprint": fingerprint,
+                               "settings": settings, "config": config.resolved()})
     return folder
 
 

@@ -45,9 +45,20 @@ def stats_path(folder: Path, shard: int) -> Path:
     return Path(folder) / f"{shard_stem(shard)}.stats.json"
 
 
-def is_done(folder: Path, shard: int) -> bool:
-    """The stats file is written after everything else of the shard, so it alone marks it done."""
-    return stats_path(folder, shard).exists()
+def is_done(folder: Path, shard: int, produced_by: Mapping | None = None) -> bool:
+    """The stats file is written after everything else of the shard, so it alone marks it done.
+
+    With ``produced_by`` (the folder record's config hash and code fingerprint, see
+    ``outputs.produced_by``) a shard counts as done only when its marker records the same: shards
+    made by other code or another config are stale and get rebuilt.
+    """
+    path = stats_path(folder, shard)
+    if produced_by is None:
+        return path.exists()
+    try:
+        return json.loads(path.read_text()).get("produced_by") == dict(produced_by)
+    except (OSError, ValueError):
+        return False
 
 
 def read_stats(folder: Path, shard: int) -> dict:
@@ -55,8 +66,14 @@ def read_stats(folder: Path, shard: int) -> dict:
 
 
 def write_stats(folder: Path, shard: int, stats: Mapping) -> None:
-    """Mark a shard done. Call only after its tar and index have been renamed into place."""
-    atomic_write_json(stats_path(folder, shard), dict(stats))
+    """Mark a shard done. Call only after its tar and index have been renamed into place.
+
+    The marker records what produced it (the folder record's config hash and code fingerprint)."""
+    from .outputs import produced_by, read_record
+
+    record = read_record(folder)
+    stamp = {"produced_by": produced_by(record)} if record else {}
+    atomic_write_json(stats_path(folder, shard), {**dict(stats), **stamp})
 
 
 class TarShardWriter:

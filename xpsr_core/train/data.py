@@ -8,6 +8,13 @@ batches and decodes them. Every random choice is seeded by (seed, rank, worker),
 batches is a fixed function of the configuration: resuming at batch N skips N batches' worth of
 raw samples (before decoding) and continues exactly where an uninterrupted run would be.
 
+A bad sample (truncated tar, undecodable image, missing field) is logged with its key and shard,
+counted and skipped, as open_clip's webdataset pipeline does; past ``max_bad_samples`` the stream
+yields a stop batch (``{"stop": message}``) and the loop ends the run with that message. Each batch
+carries ``stream``: the worker, how many raw samples it has pulled, and how many it skipped; a
+checkpoint records these, so a resume fast-forwards exactly past what was consumed, bad samples
+included.
+
 The authors' data recipe (``hr_condition_probability``): a sample drawn by ``hr_condition_draw``,
 a pure function of (seed, step, key), is conditioned on its HR image instead of its upsampled LR
 image and on the HR image's quality caption instead of the LR image's.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -133,7 +141,9 @@ class TrainingStream(torch.utils.data.IterableDataset):
 
     def __init__(self, shards: Sequence[Path], batch_size: int, seed: int, rank: int = 0, world: int = 1,
                  shuffle_buffer: int = 256, resampled: bool = True, skip_batches: int = 0, online_encoding: bool = False,
-                 hr_quality: bool = False):
+                 hr_quality: bool = False, max_bad_samples: int = 100, resume_state: dict | None = None):
+        """``resume_state``: {worker: {"position": raw samples pulled, "skipped": bad samples}} from a checkpoint;
+        without it a resume skips ``skip_batches`` batches' worth of raw samples."""
         super().__init__()
         self.shards = sorted(Path(s) for s in shards)
         if not self.shards:
@@ -142,6 +152,8 @@ class TrainingStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.resampled, self.skip_batches = shuffle_buffer, resampled, skip_batches
         self.online_encoding = online_encoding
         self.hr_quality = hr_quality  # also decode the HR images' quality captions (hr_condition_probability > 0)
+        self.max_bad_samples = max_bad_samples
+        self.resume_state = {int(k): v for k, v in (resume_state or {}).items()}
 
     def check_workers(self, workers: int) -> None:
         shard_partition(self.shards, self.rank, self.world, 0, max(workers, 1))
@@ -154,13 +166,49 @@ class TrainingStream(torch.utils.data.IterableDataset):
         mine = shard_partition(self.shards, self.rank, self.world, worker, workers)
         tag = f"{self.rank}-{worker}-{workers}"
         urls = _shard_urls(mine, random.Random(derive_seed(self.seed, "train-shards", tag)), self.resampled)
-        samples = wds.tarfile_to_samples()(urls)
+        bad, replaying = [0], [False]
+
+        def tar_error(error: Exception) -> bool:  # a truncated or unreadable tar: the rest of that shard is skipped
+            url = next((a for a in error.args if isinstance(a, str) and a.endswith(".tar")), "?")
+            bad[0] += 1
+            if not replaying[0]:  # a resume's fast-forward meets it again; it was logged then
+                _log_bad(f"a damaged tar member in shard {url}: {type(error).__name__}: {error.args[0] if error.args else error}")
+            return True
+
+        samples = wds.tarfile_to_samples(handler=tar_error)(urls)
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(derive_seed(self.seed, "train-shuffle", tag)))(samples)
-        # the DataLoader hands out batches round-robin: batch i comes from worker i % workers
-        done_here = len(range(worker, self.skip_batches, workers))
-        for _ in range(done_here * self.batch_size):
+        state = self.resume_state.get(worker)
+        if state is not None:  # exactly what the checkpointed run had pulled, bad samples included
+            pulled = int(state["position"])
+        else:  # the DataLoader hands out batches round-robin: batch i comes from worker i % workers
+            pulled = len(range(worker, self.skip_batches, workers)) * self.batch_size
+        replaying[0] = True
+        for _ in range(pulled):
             next(samples)
+        replaying[0] = False
+        bad[0] = int(state["skipped"]) if state is not None else 0  # those were counted (and logged) before
         while True:
-            raw = [next(samples) for _ in range(self.batch_size)]
-            yield collate([decode_training_sample(s, self.online_encoding, self.hr_quality) for s in raw])
+            items = []
+            while len(items) < self.batch_size:
+                raw = next(samples)
+                pulled += 1
+                try:
+                    items.append(decode_training_sample(raw, self.online_encoding, self.hr_quality))
+                except UserError:
+                    raise
+                except Exception as error:  # deterministic: the same sample fails in every run
+                    bad[0] += 1
+                    _log_bad(f"sample {raw.get('__key__', '?')} in shard {raw.get('__url__', '?')}: {type(error).__name__}: {error}")
+                if bad[0] > self.max_bad_samples:
+                    yield {"stop": f"{bad[0]} bad training samples were skipped on rank {self.rank}, worker {worker}, more than "
+                                   f"max_bad_samples={self.max_bad_samples}; the training shards are damaged (see the messages "
+                                   "above for keys and shards). Rebuild them with `xpsr embed --overwrite`, or raise max_bad_samples."}
+                    return
+            batch = collate(items)
+            batch["stream"] = {"worker": worker, "position": pulled, "skipped": bad[0]}
+            yield batch
+
+
+def _log_bad(what: str) -> None:
+    print(f"Skipping a bad training sample: {what}", file=sys.stderr, flush=True)

@@ -23,13 +23,14 @@ import torch
 
 from ..errors import UserError
 from ..io.atomic import atomic_write_json
-from ..seeding import derive_seed
+from ..seeding import torch_generator
 from .data import TrainingStream
 from .settings import TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 LOG_FILE = "train_log.tsv"
+STREAM_FILE_PREFIX = "stream.rank"
 
 
 class TrainingDiverged(UserError):
@@ -51,6 +52,31 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     if not (path / STATE_FILE).is_file():
         raise UserError(f"{path} is not a training checkpoint ({STATE_FILE} missing). Use --resume latest or a {CHECKPOINT_PREFIX}N folder.")
     return path
+
+
+def checkpoint_stamp(config: TrainConfig) -> dict:
+    """What a checkpoint records of what made it: the output-shaping settings (max_train_steps is a runtime
+    field, so extending a run still continues it), their hash, and the code fingerprint of the train stage."""
+    from ..fingerprint import stage_fingerprint
+
+    return {"config_hash": config.output_hash(), "settings": config.output_settings(), "fingerprint": stage_fingerprint("train")}
+
+
+def resume_mismatch(checkpoint: Path, config: TrainConfig) -> str | None:
+    """Why ``checkpoint`` cannot be continued under ``config`` and this code, in words; None when it can."""
+    from ..fingerprint import describe_changes
+
+    state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    stamp = checkpoint_stamp(config)
+    reasons = []
+    if state.get("config_hash") != stamp["config_hash"]:
+        old = state.get("settings") or {}
+        changed = sorted(k for k in set(old) | set(stamp["settings"]) if old.get(k) != stamp["settings"].get(k))
+        reasons.append("a different configuration" + (f" (changed: {', '.join(changed)})" if old and changed else
+                                                      " (not recorded)" if not old else ""))
+    if (state.get("fingerprint") or {}).get("code") != stamp["fingerprint"]["code"]:
+        reasons.append(f"other code (changed: {describe_changes(state.get('fingerprint'), stamp['fingerprint'])})")
+    return " and ".join(reasons) or None
 
 
 def rotate_checkpoints(run_dir: Path, keep: int | None) -> None:
@@ -118,7 +144,7 @@ class Trainer:
     def _initial_model(self, unet):
         """Fresh parts (``init`` zero or official), or the trained parts of a folder to fine-tune."""
         from ..models import XPSRModel, XPSRSettings
-        from ..models.dfc import DFCHeads
+        from ..models.xpsr import dfc_heads_for
 
         config = self.config
         if config.init in ("zero", "official"):
@@ -130,12 +156,8 @@ class Trainer:
             return XPSRModel.build(unet, settings)
         folder = trainable_folder(config.init)
         model = XPSRModel.load_trainable(folder, unet, with_dfc=True, dtype=unet.dtype, device=unet.device)
-        if model.dfc_heads is None and (model.settings.dfc_pixel or model.settings.dfc_latent):
-            model.dfc_heads = DFCHeads.from_controlnet(
-                model.controlnet, latent_channels=unet.config.out_channels, use_pixel=model.settings.dfc_pixel,
-                use_latent=model.settings.dfc_latent, latent_source=model.settings.dfc_latent_heads,
-                target_resize=model.settings.dfc_target_resize,
-            )
+        if model.dfc_heads is None:  # a folder saved for inference only: the heads start afresh
+            model.dfc_heads = dfc_heads_for(model.controlnet, model.settings, unet.config.out_channels)
         if self.accelerator.is_main_process:
             print(f"Fine-tuning from {folder} (its architecture: {model.settings})", flush=True)
         return model
@@ -226,9 +248,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _generator(self, step: int, micro: int) -> torch.Generator:
-        generator = torch.Generator(device=self.accelerator.device)
-        generator.manual_seed(derive_seed(self.config.seed, "train-step", f"{step}-{micro}-{self.accelerator.process_index}"))
-        return generator
+        return torch_generator(self.config.seed, "train-step", f"{step}-{micro}-{self.accelerator.process_index}",
+                               device=self.accelerator.device)
 
     def _latents(self, batch: dict, hr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         from ..encoding import encode_latent_moments, sample_latent
@@ -319,8 +340,12 @@ class Trainer:
     def save_checkpoint(self, step: int) -> Path:
         path = self.run_dir / f"{CHECKPOINT_PREFIX}{step}"
         self.accelerator.save_state(str(path))
+        # where this rank's data stream stands (raw samples pulled, bad ones skipped), for an exact resume
+        atomic_write_json(path / f"{STREAM_FILE_PREFIX}{self.accelerator.process_index}.json", getattr(self, "stream_state", {}))
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            atomic_write_json(path / STATE_FILE, {"global_step": step})  # written last: the checkpoint is complete
+            # written last: the checkpoint is complete; it records the config and code that made it
+            atomic_write_json(path / STATE_FILE, {"global_step": step, **checkpoint_stamp(self.config)})
             rotate_checkpoints(self.run_dir, self.config.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return path
@@ -331,14 +356,36 @@ class Trainer:
         start_step = 0
         checkpoint = resolve_resume(self.run_dir, config.resume)
         if checkpoint is not None:
+            mismatch = resume_mismatch(checkpoint, config)
+            if mismatch and not config.overwrite:
+                raise UserError(f"Cannot resume from {checkpoint}: it was made with {mismatch}. Pass --overwrite to start "
+                                "training afresh, or go back to the code and configuration that made it.")
+            if mismatch:
+                if accelerator.is_main_process:
+                    print(f"Not resuming from {checkpoint}: it was made with {mismatch}. --overwrite: training starts "
+                          "fresh from step 0.", flush=True)
+                    if Path(checkpoint).resolve().parent == self.run_dir.resolve():
+                        for old in list_checkpoints(self.run_dir):  # they would mix with the fresh run's
+                            shutil.rmtree(old)
+                accelerator.wait_for_everyone()
+                checkpoint = None
+        elif config.resume == "latest" and accelerator.is_main_process:
+            print(f"--resume latest: no checkpoint of this configuration and code in {self.run_dir}; training starts "
+                  "from step 0.", flush=True)
+        self.stream_state: dict = {}
+        if checkpoint is not None:
             accelerator.load_state(str(checkpoint))
             start_step = json.loads((checkpoint / STATE_FILE).read_text())["global_step"]
+            stream_file = checkpoint / f"{STREAM_FILE_PREFIX}{accelerator.process_index}.json"
+            if stream_file.is_file():
+                self.stream_state = json.loads(stream_file.read_text())
         shards = sorted(Path(config.train_dir).glob("*.tar"))
         stream = TrainingStream(
             shards, config.batch_size, config.seed, rank=accelerator.process_index, world=accelerator.num_processes,
             shuffle_buffer=config.shuffle_buffer, resampled=config.resampled,
             skip_batches=start_step * config.gradient_accumulation_steps, online_encoding=config.online_encoding,
-            hr_quality=config.hr_condition_probability > 0,
+            hr_quality=config.hr_condition_probability > 0, max_bad_samples=config.max_bad_samples,
+            resume_state=self.stream_state,
         )
         stream.check_workers(config.num_workers)
         # pinned batches let the host-to-device copies run asynchronously
@@ -356,12 +403,20 @@ class Trainer:
         history: list[dict] = []
         samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
         self.model.train()
+        from ..progress import StepReporter
+
+        # plain progress lines on rank 0 (any log): every progress_steps steps, or every XPSR_PROGRESS_SECONDS seconds
+        progress = StepReporter(every_steps=config.progress_steps) if accelerator.is_main_process else None
         started = time.perf_counter()
         for step in range(start_step, config.max_train_steps):
             step_start = time.perf_counter()
             logs_sum: dict[str, float] = {}
             for micro in range(config.gradient_accumulation_steps):
                 batch = next(loader)
+                if "stop" in batch:  # the stream met more bad samples than max_bad_samples
+                    raise UserError(batch["stop"])
+                stream = batch.pop("stream")
+                self.stream_state[str(stream["worker"])] = stream
                 with keys_log.open("a") as handle:
                     handle.write(f"{step}\t{micro}\t{','.join(batch['keys'])}\n")
                 logs = self.micro_step(batch, step, micro)
@@ -380,6 +435,12 @@ class Trainer:
                 self.save_checkpoint(done)
             if config.validation_steps and (done % config.validation_steps == 0 or done == config.max_train_steps):
                 self.validate(done)
+            if accelerator.num_processes > 1:  # the progress line shows the loss over all ranks
+                row_loss = accelerator.reduce(torch.tensor([row["loss"]], device=accelerator.device), reduction="mean").item()
+            else:
+                row_loss = row["loss"]
+            if progress is not None and progress.due(done) and done < config.max_train_steps:
+                progress.emit(self._progress_line(done, start_step, row_loss, time.perf_counter() - started, samples_per_step))
             if after_step is not None:
                 after_step(done)
         total = time.perf_counter() - started
@@ -424,6 +485,15 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
+    def _progress_line(self, done: int, start_step: int, loss: float, elapsed: float, samples_per_step: int) -> str:
+        from ..progress import format_duration
+
+        total = self.config.max_train_steps
+        rate = (done - start_step) / elapsed if elapsed > 0 else 0.0
+        eta = format_duration((total - done) / rate if rate else None)
+        return (f"train: step {done}/{total} ({100.0 * done / total:.0f}%), loss {loss:.4g}, "
+                f"{rate * samples_per_step:.3g} samples/s, {rate:.3g} steps/s, ETA {eta}")
+
     def _append_log(self, path: Path, row: dict) -> None:
         columns = list(row)
         new = not path.exists() or path.stat().st_size == 0
@@ -458,6 +528,7 @@ class Trainer:
             "final_loss": round(sum(r["loss"] for r in tail) / len(tail), 6) if tail else None,
             "first_loss": round(history[0]["loss"], 6) if history else None,
             "parameter_digest": parameter_digest(self._trainable()),
+            "bad_samples_skipped": sum(int(s["skipped"]) for s in getattr(self, "stream_state", {}).values()),
             "final_export": str(final),
         }
         if self.config.tensorboard:

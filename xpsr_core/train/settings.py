@@ -54,6 +54,8 @@ class TrainConfig(StageConfig):
     resampled: bool = Field(True, description="Resample shards with replacement (else seeded epochs).")
     shuffle_buffer: int = Field(256, ge=1)
     num_workers: int = Field(0, ge=0, description="Dataloader workers per process (shards >= processes x workers).")
+    max_bad_samples: int = runtime_field(100, "Bad training samples (truncated, undecodable) each dataloader stream logs and "
+                                         "skips before the run stops.", ge=0)
     online_encoding: bool = Field(False, description="Encode captions and HR latents in the loop (the paper code's practice; slower).")
     negative_prompt: str = Field(NEGATIVE_PROMPT, description="Replaces the content caption in the validation grids' guidance.")
     # checkpoints and logs
@@ -61,6 +63,8 @@ class TrainConfig(StageConfig):
     checkpoints_total_limit: Optional[int] = runtime_field(3, "Keep only the newest N checkpoints.", ge=1)
     resume: Optional[str] = runtime_field(None, "'latest' or a checkpoint folder to continue from.")
     log_every: int = runtime_field(1, "Log every N steps.", ge=1)
+    progress_steps: int = runtime_field(0, "Print a progress line (step, loss, samples/s, ETA) every N steps; 0: every "
+                                        "XPSR_PROGRESS_SECONDS seconds (default 30).", ge=0)
     validation_steps: int = runtime_field(0, "Write an LR | SR | HR grid every N steps (0: never).", ge=0)
     validation_samples: int = runtime_field(2, "Samples (the first of the first training shard) in the grid.", ge=1)
     validation_inference_steps: int = runtime_field(20, "Sampling steps of the validation super-resolution.", ge=1)
