@@ -32,7 +32,11 @@ def lr_images(count: int, size: int) -> list[Image.Image]:
         pixels = load_sample(DEMO_IMAGES[i % len(DEMO_IMAGES)])
         side = min(pixels.shape[:2])
         offset = (i // len(DEMO_IMAGES)) * 7 % max(side // 4, 1)
-        images.append(Image.fromarray(pixels[offset : offset + side // 2, offset : offset + side // 2]).resize((size, size), Image.BICUBIC))
+        images.append(
+            Image.fromarray(pixels[offset : offset + side // 2, offset : offset + side // 2]).resize(
+                (size, size), Image.BICUBIC
+            )
+        )
     return images
 
 

@@ -249,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     lines += _diagnose(args, per_sample, batched["lr"])
     if "cuda_peak_mib" in b:
-        lines.append(f"CUDA peak allocated: batched {b['cuda_peak_mib']:.0f} MiB, reference {r['cuda_peak_mib']:.0f} MiB")
+        lines.append(
+            f"CUDA peak allocated: batched {b['cuda_peak_mib']:.0f} MiB, reference {r['cuda_peak_mib']:.0f} MiB"
+        )
     print("\n".join(lines))
 
 

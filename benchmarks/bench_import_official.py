@@ -69,7 +69,9 @@ def prepare(work: Path) -> None:
 
 def run_child(kind: str, work: Path) -> dict:
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-c", CHILD, kind, str(work)], check=True, capture_output=True, text=True, cwd=root)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, kind, str(work)], check=True, capture_output=True, text=True, cwd=root
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -85,8 +87,14 @@ def main() -> None:
         for kind in results:
             figures = run_child("import" if kind == "import" else "copy", args.work)
             results[kind].append(figures)
-            print(f"round {round_index + 1} {kind}: {figures['seconds']:.1f} s, peak {figures['peak_gib']:.2f} GiB", flush=True)
-    medians = {kind: {k: statistics.median(r[k] for r in rows) for k in ("seconds", "peak_gib")} for kind, rows in results.items()}
+            print(
+                f"round {round_index + 1} {kind}: {figures['seconds']:.1f} s, peak {figures['peak_gib']:.2f} GiB",
+                flush=True,
+            )
+    medians = {
+        kind: {k: statistics.median(r[k] for r in rows) for k in ("seconds", "peak_gib")}
+        for kind, rows in results.items()
+    }
     for kind, figures in medians.items():
         print(f"{kind:>10}: {figures['seconds']:.1f} s, peak {figures['peak_gib']:.2f} GiB (median of {args.rounds})")
     print(f"import / copy floor: {medians['import']['seconds'] / medians['copy floor']['seconds']:.2f}x time, "

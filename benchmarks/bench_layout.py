@@ -49,7 +49,9 @@ def vae_cases(base_model: str, batch: int, size: int) -> dict:
     from xpsr_core.encoding import encode_latent_moments
     from xpsr_core.models import load_base_sd
 
-    vaes = {name: load_base_sd(base_model, components=("vae",)).vae.to(memory_format=fmt) for name, fmt in LAYOUTS.items()}
+    vaes = {
+        name: load_base_sd(base_model, components=("vae",)).vae.to(memory_format=fmt) for name, fmt in LAYOUTS.items()
+    }
     hr = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     return {name: (lambda vae=vae: encode_latent_moments(vae, hr)) for name, vae in vaes.items()}
 
@@ -102,7 +104,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sr-steps", type=int, default=4)
     args = parser.parse_args()
-    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, base model {args.base_model}; median ms of {args.rounds} rounds")
+    print(
+        f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, base model {args.base_model}; "
+        f"median ms of {args.rounds} rounds"
+    )
     rows = [
         (f"VAE encoder, {args.batch} x 256 px", vae_cases(args.base_model, args.batch, 256)),
         (f"training step, batch {args.batch}", training_cases(args.base_model, args.data, args.batch)),
@@ -111,7 +116,11 @@ def main() -> None:
     default, fast = LAYOUTS
     for label, cases in rows:
         ms = alternate(cases, args.rounds)
-        print(f"{label:34s} {default} {ms[default]:8.1f} ms | {fast} {ms[fast]:8.1f} ms | speed-up {ms[default] / ms[fast]:5.2f}x", flush=True)
+        print(
+            f"{label:34s} {default} {ms[default]:8.1f} ms | {fast} {ms[fast]:8.1f} ms | "
+            f"speed-up {ms[default] / ms[fast]:5.2f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ Every variant runs in this one process on the same frozen UNet, the same batch a
 * ``+sfa``, ``+condattn``, ``+dfc``: one XPSR component switched on at a time,
 * ``xpsr-full``: parallel SFA + Conditional Attention + DFC (the paper's model).
 
-Time: median of ``--repeats`` steps after one warm-up step, variants interleaved round-robin. Memory: on CUDA, peak allocated
-bytes of the step; on CPU (where torch keeps no allocator statistics) the bytes of the tensors
+Time: median of ``--repeats`` steps after one warm-up step, variants interleaved round-robin. Memory: on CUDA, peak
+allocated bytes of the step; on CPU (where torch keeps no allocator statistics) the bytes of the tensors
 autograd saves for backward (deduplicated by storage), which is what grows with the model's
 activations. Ratios are against ``diffusers``; the per-component overhead is also given against
 ``xpsr-plain``.
@@ -114,7 +114,13 @@ def step(kind, module, with_dfc, unet, batch):
     from xpsr_core.models import training_loss
 
     if kind == "diffusers":
-        res = module(batch["noisy_latents"], batch["timesteps"], encoder_hidden_states=batch["c_h"], controlnet_cond=batch["condition"], return_dict=False)
+        res = module(
+            batch["noisy_latents"],
+            batch["timesteps"],
+            encoder_hidden_states=batch["c_h"],
+            controlnet_cond=batch["condition"],
+            return_dict=False,
+        )
         pred = unet(batch["noisy_latents"], batch["timesteps"], encoder_hidden_states=batch["c_h"],
                     down_block_additional_residuals=res[0], mid_block_additional_residual=res[1]).sample
         loss, _ = training_loss(pred, batch["noise"], None)
@@ -186,7 +192,16 @@ def run_config(name: str, device, dtype, repeats: int) -> list[dict]:
         memory = step_memory(kind, module, with_dfc, unet, batch, device)
         seconds = statistics.median(times[variant])
         trainable = sum(p.numel() for p in _params(kind, module))
-        rows.append(dict(config=name, variant=variant, seconds=seconds, fastest=min(times[variant]), memory=memory, trainable=trainable))
+        rows.append(
+            dict(
+                config=name,
+                variant=variant,
+                seconds=seconds,
+                fastest=min(times[variant]),
+                memory=memory,
+                trainable=trainable,
+            )
+        )
         print(f"  {name:5s} {variant:11s} median {seconds * 1000:9.1f} ms  min {min(times[variant]) * 1000:9.1f} ms  "
               f"{memory / 2**20:9.1f} MiB  {trainable / 1e6:7.2f} M trainable", flush=True)
     ref = next(r for r in rows if r["variant"] == "diffusers")
@@ -212,17 +227,28 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     memory_kind = "peak CUDA allocated per step" if device.type == "cuda" else "autograd-saved activations"
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, {args.dtype}; "
-          f"memory = {memory_kind}")
+    print(
+        f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"device {device}, {args.dtype}; "
+        f"memory = {memory_kind}"
+    )
     table = []
     for name in args.configs:
         table.extend(run_config(name, device, dtype, args.repeats))
-    print("\n| config | variant | step ms (median) | time / diffusers | time / xpsr-plain | memory MiB | memory / diffusers | memory / xpsr-plain | trainable M |")
+    print(
+        "\n| config | variant | step ms (median) | time / diffusers | time / xpsr-plain | memory MiB "
+        "| memory / diffusers | memory / xpsr-plain | trainable M |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in table:
-        print(f"| {r['config']} | {r['variant']} | {r['seconds'] * 1000:.1f} | {r['time_vs_diffusers']:.2f} | {r['time_vs_plain']:.2f} | "
-              f"{r['memory'] / 2**20:.1f} | {r['memory_vs_diffusers']:.2f} | {r['memory_vs_plain']:.2f} | {r['trainable'] / 1e6:.2f} |")
+        print(
+            f"| {r['config']} | {r['variant']} | {r['seconds'] * 1000:.1f} | {r['time_vs_diffusers']:.2f} | "
+            f"{r['time_vs_plain']:.2f} | "
+            f"{r['memory'] / 2**20:.1f} | {r['memory_vs_diffusers']:.2f} | {r['memory_vs_plain']:.2f} | "
+            f"{r['trainable'] / 1e6:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ def load(args):
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     settings = SRSettings(steps=args.steps, tile_size=512, tile_overlap=128, vae_tile_size=512, vae_tile_overlap=128)
     if args.xpsr:
-        return XPSRPipeline.from_pretrained(base_model=args.base_model, xpsr=args.xpsr, dtype=args.dtype, device=args.device, settings=settings)
+        return XPSRPipeline.from_pretrained(
+            base_model=args.base_model, xpsr=args.xpsr, dtype=args.dtype, device=args.device, settings=settings
+        )
     base = load_base_sd(args.base_model, dtype=dtype, device=args.device)
     model = XPSRModel.from_base(base, with_dfc=False, dtype=dtype, device=args.device)
     return XPSRPipeline.from_model(model, base, settings)
@@ -66,8 +68,15 @@ def case_image(args, lr_size: int) -> dict:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    return {"lr": lr_size, "sr": result.image.shape[0], "latent_tiles": result.latent_tiles, "steps": args.steps,
-            "seconds_per_image": min(times), "seconds_per_step": min(times) / args.steps, "peak_gib": peak_memory_gib(args.device)}
+    return {
+        "lr": lr_size,
+        "sr": result.image.shape[0],
+        "latent_tiles": result.latent_tiles,
+        "steps": args.steps,
+        "seconds_per_image": min(times),
+        "seconds_per_step": min(times) / args.steps,
+        "peak_gib": peak_memory_gib(args.device),
+    }
 
 
 def case_cfg(args) -> dict:
@@ -100,8 +109,24 @@ def case_cfg(args) -> dict:
 
 
 def run_case(name: str, args) -> dict:
-    command = [sys.executable, __file__, "--case", name, "--base-model", args.base_model, "--steps", str(args.steps),
-               "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats), "--cfg-repeats", str(args.cfg_repeats)]
+    command = [
+        sys.executable,
+        __file__,
+        "--case",
+        name,
+        "--base-model",
+        args.base_model,
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--repeats",
+        str(args.repeats),
+        "--cfg-repeats",
+        str(args.cfg_repeats),
+    ]
     if args.xpsr:
         command += ["--xpsr", args.xpsr]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -120,7 +145,11 @@ def main() -> None:
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        result = {"128to512": lambda: case_image(args, 128), "512to2048": lambda: case_image(args, 512), "cfg": lambda: case_cfg(args)}[args.case]()
+        result = {
+            "128to512": lambda: case_image(args, 128),
+            "512to2048": lambda: case_image(args, 512),
+            "cfg": lambda: case_cfg(args),
+        }[args.case]()
         print(json.dumps(result))
         return
     if args.base_model is None:

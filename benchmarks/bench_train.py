@@ -4,7 +4,8 @@ The reference is the paper code's practice: every step runs the CLIP text encode
 captions and the VAE encoder on the HR batch. Ours reads the fp16 embeddings and the VAE
 posterior moments that `xpsr embed` stored. Same model, data, batch and steps, one process.
 
-    python benchmarks/bench_train.py --data data/shards/train --base-model models/tiny/sd15 [--steps 30 --batches 4 --rounds 3]
+    python benchmarks/bench_train.py --data data/shards/train --base-model models/tiny/sd15
+        [--steps 30 --batches 4 --rounds 3]
     python benchmarks/bench_train.py --build mid [--pairs data/shards/pairs --captions manifests/captions]
     python benchmarks/bench_train.py --build sd15 --mixed-precision bf16 --batches 4 8 --workers 4   # on a GPU
     python benchmarks/bench_train.py --flops   # the work alone, any machine, seconds
@@ -67,18 +68,29 @@ RECIPES = ("default", "official")
 def samples_per_second(data: Path, base_model: str, steps: int, batch: int, online: bool, mixed_precision: str,
                        workers: int, recipe: str = "default") -> tuple[float, float, float]:
     """(samples/s, peak GPU GiB or nan, CPU seconds per sample) over the steps after two warm-up steps. The CPU
-    seconds are this process's (all its threads): with one torch thread they barely depend on what else loads the cores."""
+    seconds are this process's (all its threads): with one torch thread they barely depend on what else loads the
+    cores."""
     out = Path(tempfile.mkdtemp())
     config = TrainConfig(
-        train_dir=data, base_model=base_model, out=out, batch_size=batch, max_train_steps=steps + 2, online_encoding=online,
-        checkpointing_steps=10**9, tensorboard=False, metrics_file=None, mixed_precision=mixed_precision, shuffle_buffer=8,
-        num_workers=workers, **recipe_options(recipe),
+        train_dir=data,
+        base_model=base_model,
+        out=out,
+        batch_size=batch,
+        max_train_steps=steps + 2,
+        online_encoding=online,
+        checkpointing_steps=10**9,
+        tensorboard=False,
+        metrics_file=None,
+        mixed_precision=mixed_precision,
+        shuffle_buffer=8,
+        num_workers=workers,
+        **recipe_options(recipe),
     )
     trainer = Trainer(config)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     cpu = {}
-    report = trainer.train(after_step=lambda step: cpu.__setitem__(step, time.process_time()))
+    trainer.train(after_step=lambda step: cpu.__setitem__(step, time.process_time()))
     log = (out / "train_log.tsv").read_text().splitlines()[1:]
     columns = (out / "train_log.tsv").read_text().splitlines()[0].split("\t")
     rates = [float(line.split("\t")[columns.index("samples_per_s")]) for line in log][2:]  # skip warm-up steps
@@ -105,7 +117,9 @@ def encoder_ms(base, data: Path, batch: int, repeats: int = 10) -> float:
     from xpsr_core.train.data import TrainingStream, images_on_device
 
     device = base.vae.device
-    sample = next(iter(TrainingStream(sorted(data.glob("*.tar")), batch, seed=0, shuffle_buffer=1, online_encoding=True)))
+    sample = next(
+        iter(TrainingStream(sorted(data.glob("*.tar")), batch, seed=0, shuffle_buffer=1, online_encoding=True))
+    )
     _, hr = images_on_device(sample, device)
 
     def once() -> float:
@@ -129,12 +143,34 @@ def peak_rss_gib() -> float:
 def measured_apart(args, batch: int, case: str) -> dict:
     """``samples_per_second`` in a fresh process, so one run's leftovers never count in the other's peak memory.
     ``case``: online or ours (encoding on the fly or pre-encoded, default recipe), or a recipe of RECIPES (pre-encoded).
-    Returns rate (samples/s), peak (GPU GiB, nan on the CPU), cpu (CPU seconds per sample) and rss (the process's peak RSS, GiB)."""
+    Returns rate (samples/s), peak (GPU GiB, nan on the CPU), cpu (CPU seconds per sample) and rss (the process's peak
+    RSS, GiB)."""
     result = Path(tempfile.mkdtemp()) / "case.json"
     threads = ["--threads", str(args.threads)] if args.threads else []
-    subprocess.run([sys.executable, __file__, "--case", case, "--data", str(args.data),
-                    "--base-model", args.base_model, "--steps", str(args.steps), "--batches", str(batch),
-                    "--mixed-precision", args.mixed_precision, "--workers", str(args.workers), *threads, "--json", str(result)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--case",
+            case,
+            "--data",
+            str(args.data),
+            "--base-model",
+            args.base_model,
+            "--steps",
+            str(args.steps),
+            "--batches",
+            str(batch),
+            "--mixed-precision",
+            args.mixed_precision,
+            "--workers",
+            str(args.workers),
+            *threads,
+            "--json",
+            str(result),
+        ],
+        check=True,
+    )
     return json.loads(result.read_text())
 
 
@@ -147,8 +183,18 @@ def compare_recipes(args, device: str) -> list[dict]:
         for recipe in args.recipes:
             rates = [run[recipe]["rate"] for run in runs]
             cpus = [run[recipe]["cpu"] for run in runs]
-            rows.append(dict(batch=batch, recipe=recipe, rate=statistics.median(rates), rounds=rates, cpu_s=statistics.median(cpus), cpu_rounds=cpus,
-                             rss_gib=max(run[recipe]["rss"] for run in runs), peak_gib=max(run[recipe]["peak"] for run in runs)))
+            rows.append(
+                dict(
+                    batch=batch,
+                    recipe=recipe,
+                    rate=statistics.median(rates),
+                    rounds=rates,
+                    cpu_s=statistics.median(cpus),
+                    cpu_rounds=cpus,
+                    rss_gib=max(run[recipe]["rss"] for run in runs),
+                    peak_gib=max(run[recipe]["peak"] for run in runs),
+                )
+            )
         base = next(r for r in rows if r["batch"] == batch and r["recipe"] == first)
         for row in rows[-len(args.recipes):]:
             row["ratio"] = row["rate"] / base["rate"]
@@ -159,13 +205,19 @@ def compare_recipes(args, device: str) -> list[dict]:
     gpu = torch.cuda.is_available()
     print(f"\nbase model {args.build or args.base_model}, {args.steps} timed steps (+2 warm-up), {args.rounds} rounds, "
           f"precision {args.mixed_precision}, threads {args.threads or torch.get_num_threads()}, device {device}")
-    print(f"| batch | recipe | samples/s (median) | per round | {first}=1 (median; per round) | CPU s/sample (median) | "
-          f"{first}=1 by CPU time | peak RSS GiB |" + (" peak GPU GiB |" if gpu else ""))
+    print(
+        f"| batch | recipe | samples/s (median) | per round | {first}=1 (median; per round) | CPU s/sample (median) | "
+        f"{first}=1 by CPU time | peak RSS GiB |" + (" peak GPU GiB |" if gpu else "")
+    )
     print("|---:|---|---:|---|---|---:|---:|---:|" + ("---:|" if gpu else ""))
     for row in rows:
-        print(f"| {row['batch']} | {row['recipe']} | {row['rate']:.3f} | {', '.join(f'{r:.3f}' for r in row['rounds'])} | "
-              f"{row['ratio']:.2f}x; {', '.join(f'{r:.2f}' for r in row['round_ratios'])} | {row['cpu_s']:.3f} | "
-              f"{row['cpu_ratio']:.2f}x | {row['rss_gib']:.2f} |" + (f" {row['peak_gib']:.2f} |" if gpu else ""), flush=True)
+        print(
+            f"| {row['batch']} | {row['recipe']} | {row['rate']:.3f} | "
+            f"{', '.join(f'{r:.3f}' for r in row['rounds'])} | "
+            f"{row['ratio']:.2f}x; {', '.join(f'{r:.2f}' for r in row['round_ratios'])} | {row['cpu_s']:.3f} | "
+            f"{row['cpu_ratio']:.2f}x | {row['rss_gib']:.2f} |" + (f" {row['peak_gib']:.2f} |" if gpu else ""),
+            flush=True,
+        )
     return rows
 
 
@@ -181,9 +233,19 @@ def base_preset(kind: str):
             SD15_SHAPED,
             name="mid",
             dtype="float32",
-            unet={**SD15_SHAPED.unet, "block_out_channels": (64, 128, 256, 256), "cross_attention_dim": 192, "sample_size": 32},
+            unet={
+                **SD15_SHAPED.unet,
+                "block_out_channels": (64, 128, 256, 256),
+                "cross_attention_dim": 192,
+                "sample_size": 32,
+            },
             vae={**SD15_SHAPED.vae, "block_out_channels": (32, 64, 128, 128), "sample_size": 256},
-            text_encoder={**SD15_SHAPED.text_encoder, "hidden_size": 192, "intermediate_size": 768, "projection_dim": 192},
+            text_encoder={
+                **SD15_SHAPED.text_encoder,
+                "hidden_size": 192,
+                "intermediate_size": 768,
+                "projection_dim": 192,
+            },
         )
     return SD15_SHAPED
 
@@ -230,12 +292,16 @@ def print_flops() -> None:
     for kind, size in FLOP_CASES.items():
         step, encoders = gflop_per_sample(kind, size)
         share = encoders / (step + encoders)
-        print(f"{kind:5s} at {size} px: training step {step:8.1f} GFLOP/sample, encoders {encoders:7.1f} GFLOP/sample = "
-              f"{100 * share:4.1f}% of an on-the-fly step's work: removing them can give at most {1 / (1 - share):.2f}x", flush=True)
+        print(
+            f"{kind:5s} at {size} px: training step {step:8.1f} GFLOP/sample, encoders {encoders:7.1f} GFLOP/sample = "
+            f"{100 * share:4.1f}% of an on-the-fly step's work: removing them can give at most {1 / (1 - share):.2f}x",
+            flush=True,
+        )
 
 
 def built_data(kind: str, pairs: Path, captions: Path, tokenizer: Path | None) -> tuple[Path, str]:
-    """A base model of SD-1.5's proportions (``mid``: a quarter width) or shapes (``sd15``), and training shards embedded with it."""
+    """A base model of SD-1.5's proportions (``mid``: a quarter width) or shapes (``sd15``), and training shards
+    embedded with it."""
     from stages import embed
     from xpsr_core.zoo import write_sd
 
@@ -246,7 +312,11 @@ def built_data(kind: str, pairs: Path, captions: Path, tokenizer: Path | None) -
     sd = write_sd(root / "sd15", preset, device=device, tokenizer_from=tokenizer)
     print(f"built the {kind} base model in {time.perf_counter() - started:.1f} s", flush=True)
     started = time.perf_counter()
-    embed.run(embed.EmbedConfig(pairs_dir=pairs, captions_dir=captions, out=root / "train", base_model=str(sd), batch_size=8, device=device))
+    embed.run(
+        embed.EmbedConfig(
+            pairs_dir=pairs, captions_dir=captions, out=root / "train", base_model=str(sd), batch_size=8, device=device
+        )
+    )
     print(f"embedded the pair shards in {time.perf_counter() - started:.1f} s", flush=True)
     return root / "train", str(sd)
 
@@ -258,25 +328,53 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batches", type=int, nargs="+", default=[4])
     parser.add_argument("--mixed-precision", default="no")
-    parser.add_argument("--workers", type=int, default=0, help="dataloader workers (the training shards must number at least this)")
-    parser.add_argument("--build", choices=["mid", "sd15"], help="build a base model and embed --pairs/--captions with it (see above)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="dataloader workers (the training shards must number at least this)"
+    )
+    parser.add_argument(
+        "--build", choices=["mid", "sd15"], help="build a base model and embed --pairs/--captions with it (see above)"
+    )
     parser.add_argument("--pairs", type=Path, default=Path("data/shards/pairs"))
     parser.add_argument("--captions", type=Path, default=Path("manifests/captions"))
-    parser.add_argument("--tokenizer", type=Path, help="with --build: copy this CLIP tokenizer folder (where open_clip is not installed)")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="with --build: copy this CLIP tokenizer folder (where open_clip is not installed)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--rounds", type=int, default=1, help="measure each case this many times, alternating; report medians")
-    parser.add_argument("--flops", action="store_true", help="only count the work of a step and of the encoders at tiny, mid and SD-1.5 shapes")
-    parser.add_argument("--recipes", nargs="+", choices=RECIPES,
-                        help="compare these training recipes (pre-encoded) instead of on-the-fly against pre-encoded conditions")
-    parser.add_argument("--threads", type=int, help="torch threads in each measured process (default: torch's, one per core)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure each case this many times, alternating; report medians"
+    )
+    parser.add_argument(
+        "--flops",
+        action="store_true",
+        help="only count the work of a step and of the encoders at tiny, mid and SD-1.5 shapes",
+    )
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=RECIPES,
+        help="compare these training recipes (pre-encoded) instead of on-the-fly against pre-encoded conditions",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads in each measured process (default: torch's, one per core)"
+    )
     parser.add_argument("--case", choices=["online", "ours", *RECIPES], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.case:  # one measurement, in a process of its own (see measured_apart)
         recipe = args.case if args.case in RECIPES else "default"
-        rate, peak, cpu = samples_per_second(args.data, args.base_model, args.steps, args.batches[0], args.case == "online",
-                                             args.mixed_precision, args.workers, recipe)
+        rate, peak, cpu = samples_per_second(
+            args.data,
+            args.base_model,
+            args.steps,
+            args.batches[0],
+            args.case == "online",
+            args.mixed_precision,
+            args.workers,
+            recipe,
+        )
         args.json.write_text(json.dumps({"rate": rate, "peak": peak, "cpu": cpu, "rss": peak_rss_gib()}))
         return
     if args.flops:
@@ -288,18 +386,38 @@ def main() -> None:
     if args.recipes:
         rows = compare_recipes(args, device)
         if args.json:
-            args.json.write_text(json.dumps({"device": device, "base_model": args.build or args.base_model, "steps": args.steps,
-                                             "mixed_precision": args.mixed_precision, "workers": args.workers, "rounds": args.rounds,
-                                             "threads": args.threads or torch.get_num_threads(), "recipes": rows}, indent=1))
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "device": device,
+                        "base_model": args.build or args.base_model,
+                        "steps": args.steps,
+                        "mixed_precision": args.mixed_precision,
+                        "workers": args.workers,
+                        "rounds": args.rounds,
+                        "threads": args.threads or torch.get_num_threads(),
+                        "recipes": rows,
+                    },
+                    indent=1,
+                )
+            )
         return
-    print(f"base model: {args.build or args.base_model}  steps {args.steps} (+2 warm-up)  precision {args.mixed_precision}  "
-          f"workers {args.workers}  device {device}")
+    print(
+        f"base model: {args.build or args.base_model}  steps {args.steps} (+2 warm-up)  "
+        f"precision {args.mixed_precision}  "
+        f"workers {args.workers}  device {device}"
+    )
     encoders_alone = frozen_encoders(args.base_model, args.mixed_precision)
     rows = []
     for batch in args.batches:
         # the two cases take turns, so that drifting load on a shared machine hits both alike
-        runs = [tuple((m["rate"], m["peak"]) for m in (measured_apart(args, batch, "online"), measured_apart(args, batch, "ours")))
-                for _ in range(args.rounds)]
+        runs = [
+            tuple(
+                (m["rate"], m["peak"])
+                for m in (measured_apart(args, batch, "online"), measured_apart(args, batch, "ours"))
+            )
+            for _ in range(args.rounds)
+        ]
         if args.rounds > 1:
             print(f"batch {batch}, each round (on the fly -> pre-encoded samples/s): "
                   + ", ".join(f"{a[0]:.2f} -> {b[0]:.2f}" for a, b in runs), flush=True)
@@ -307,15 +425,44 @@ def main() -> None:
         ours, ours_peak = statistics.median(b[0] for _, b in runs), max(b[1] for _, b in runs)
         encoders = encoder_ms(encoders_alone, args.data, batch)
         share = encoders / (1000 * batch / online)  # of an on-the-fly step
-        rows.append(dict(batch=batch, online=online, online_peak_gib=online_peak, ours=ours, ours_peak_gib=ours_peak, speedup=ours / online,
-                         encoders_ms=encoders, encoders_share=share))
-        print(f"batch {batch}: encode on the fly (reference) {online:8.3f} samples/s  peak GPU {online_peak:6.2f} GiB | "
-              f"pre-encoded (xpsr train) {ours:8.3f} samples/s  peak GPU {ours_peak:6.2f} GiB | speed-up {ours / online:5.2f}x", flush=True)
-        print(f"         the encoders alone take {encoders:.1f} ms per batch, {100 * share:.0f}% of an on-the-fly step: "
-              f"removing them can give at most {1 / (1 - min(share, 0.99)):.2f}x", flush=True)
+        rows.append(
+            dict(
+                batch=batch,
+                online=online,
+                online_peak_gib=online_peak,
+                ours=ours,
+                ours_peak_gib=ours_peak,
+                speedup=ours / online,
+                encoders_ms=encoders,
+                encoders_share=share,
+            )
+        )
+        print(
+            f"batch {batch}: encode on the fly (reference) {online:8.3f} samples/s  peak GPU {online_peak:6.2f} GiB | "
+            f"pre-encoded (xpsr train) {ours:8.3f} samples/s  peak GPU {ours_peak:6.2f} GiB | "
+            f"speed-up {ours / online:5.2f}x",
+            flush=True,
+        )
+        print(
+            f"         the encoders alone take {encoders:.1f} ms per batch, {100 * share:.0f}% of an on-the-fly step: "
+            f"removing them can give at most {1 / (1 - min(share, 0.99)):.2f}x",
+            flush=True,
+        )
     if args.json:
-        args.json.write_text(json.dumps({"device": device, "base_model": args.build or args.base_model, "steps": args.steps,
-                                         "mixed_precision": args.mixed_precision, "workers": args.workers, "rounds": args.rounds, "rows": rows}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": device,
+                    "base_model": args.build or args.base_model,
+                    "steps": args.steps,
+                    "mixed_precision": args.mixed_precision,
+                    "workers": args.workers,
+                    "rounds": args.rounds,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

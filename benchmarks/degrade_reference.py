@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# basicsr's noise functions, imported after compat has installed the torchvision alias.
+from basicsr.data.degradations import add_gaussian_noise_pt, add_poisson_noise_pt  # noqa: E402
+
 from xpsr_core.degrade.compat import DiffJPEG, USMSharp, filter2D
 from xpsr_core.degrade.sampling import DegradationParams, StageParams
 from xpsr_core.degrade.settings import DegradationSettings
-
-# basicsr's noise functions, imported after compat has installed the torchvision alias.
-from basicsr.data.degradations import add_gaussian_noise_pt, add_poisson_noise_pt  # noqa: E402
 
 
 class ReferenceDegrader:
@@ -46,7 +46,9 @@ class ReferenceDegrader:
         return self.jpeger(out, quality=out.new_tensor([quality])).contiguous()
 
     @torch.no_grad()
-    def __call__(self, gt: torch.Tensor, p: DegradationParams, usm_hr: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, gt: torch.Tensor, p: DegradationParams, usm_hr: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """gt: [1, 3, H, W] in [0, 1]. Returns (hr_target, lr) like ``degrade_batch`` for one image."""
         s = self.settings
         ori_h, ori_w = gt.shape[2:4]

@@ -8,8 +8,8 @@ so that ``xpsr --help`` stays instant.
 from __future__ import annotations
 
 import errno
-import json
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -36,8 +36,14 @@ OverwriteOption = typer.Option(False, "--overwrite", help="Replace outputs made 
 def main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (or set XPSR_DEBUG=1)."),
     progress_seconds: Optional[float] = typer.Option(
-        None, "--progress-seconds", min=0,
-        help="When output is not a terminal, print a progress line every N seconds (or set XPSR_PROGRESS_SECONDS; default 30)."),
+        None,
+        "--progress-seconds",
+        min=0,
+        help=(
+            "When output is not a terminal, print a progress line every N seconds "
+            "(or set XPSR_PROGRESS_SECONDS; default 30)."
+        ),
+    ),
 ) -> None:
     _state["debug"] = debug or os.environ.get("XPSR_DEBUG", "") not in ("", "0")
     if progress_seconds is not None:
@@ -67,10 +73,19 @@ def user_command(function: Callable) -> Callable:
         except KeyboardInterrupt:
             _fail("interrupted. Finished shards are kept; rerun the same command to resume.", code=130)
         except OSError as error:
-            if _state["debug"] or error.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENOENT):
+            if _state["debug"] or error.errno not in (
+                errno.ENOSPC,
+                errno.EACCES,
+                errno.EROFS,
+                errno.EDQUOT,
+                errno.ENOENT,
+            ):
                 raise
             where = f" ({error.filename})" if error.filename else ""
-            _fail(f"{error.strerror}{where}. Nothing half-written was left under a final name; fix the cause and rerun to resume.")
+            _fail(
+                f"{error.strerror}{where}. Nothing half-written was left under a final name; "
+                "fix the cause and rerun to resume."
+            )
 
     return wrapper
 
@@ -104,7 +119,9 @@ def demo_data(
 @app.command()
 @user_command
 def shard(
-    inputs: Optional[List[str]] = typer.Argument(None, help="Image folders as PATH or NAME=PATH (NAME: dataset name; default: folder name)."),
+    inputs: Optional[List[str]] = typer.Argument(
+        None, help="Image folders as PATH or NAME=PATH (NAME: dataset name; default: folder name)."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the HR shards."),
     crop_size: Optional[int] = typer.Option(None, "--crop-size", help="HR crop size in pixels (512 in the paper)."),
     crop_mode: Optional[str] = typer.Option(None, "--crop-mode", help="random | grid"),
@@ -158,13 +175,23 @@ def degrade(
 @app.command()
 @user_command
 def caption(
-    images: Optional[Path] = typer.Argument(None, help="A folder of images to caption (default: the pair shards' LR images)."),
+    images: Optional[Path] = typer.Argument(
+        None, help="A folder of images to caption (default: the pair shards' LR images)."
+    ),
     input_dir: Optional[Path] = typer.Option(None, "--in", help="Folder of pair shards (output of `xpsr degrade`)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Manifest folder, or a .parquet file when captioning a folder."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Manifest folder, or a .parquet file when captioning a folder."
+    ),
     model: Optional[str] = typer.Option(None, "--model", help="Captioner folder or hub id (llava-hf layout)."),
-    quality_model: Optional[str] = typer.Option(None, "--quality-model", help="A second captioner for the quality captions (e.g. Q-Instruct)."),
-    caption_hr: Optional[bool] = typer.Option(None, "--caption-hr/--no-caption-hr", help="Also caption the HR images' quality (pair shards)."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="Base SD folder whose CLIP tokenizer counts tokens."),
+    quality_model: Optional[str] = typer.Option(
+        None, "--quality-model", help="A second captioner for the quality captions (e.g. Q-Instruct)."
+    ),
+    caption_hr: Optional[bool] = typer.Option(
+        None, "--caption-hr/--no-caption-hr", help="Also caption the HR images' quality (pair shards)."
+    ),
+    base_model: Optional[str] = typer.Option(
+        None, "--base-model", help="Base SD folder whose CLIP tokenizer counts tokens."
+    ),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per generate() call."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16"),
@@ -193,7 +220,9 @@ def embed(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the training shards."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="Base SD folder or hub id."),
     encode_latents: Optional[bool] = typer.Option(None, "--latents/--no-latents", help="Pre-encode HR VAE latents."),
-    drop_missing: Optional[bool] = typer.Option(None, "--drop-missing", help="Leave out keys lacking an image or caption."),
+    drop_missing: Optional[bool] = typer.Option(
+        None, "--drop-missing", help="Leave out keys lacking an image or caption."
+    ),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N"),
     params: Optional[Path] = ParamsOption,
@@ -214,7 +243,9 @@ def embed(
 @app.command()
 @user_command
 def train(
-    train_dir: Optional[Path] = typer.Option(None, "--data", help="Folder of training shards (output of `xpsr embed`)."),
+    train_dir: Optional[Path] = typer.Option(
+        None, "--data", help="Folder of training shards (output of `xpsr embed`)."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (checkpoints, logs, final export)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="Frozen SD-1.5 folder or hub id."),
     max_train_steps: Optional[int] = typer.Option(None, "--max-train-steps"),
@@ -222,7 +253,9 @@ def train(
     learning_rate: Optional[float] = typer.Option(None, "--lr"),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | fp16 | bf16"),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoint folder."),
-    init: Optional[str] = typer.Option(None, "--init", help="zero | official | a folder to fine-tune (from `xpsr import-official` or `xpsr train`)."),
+    init: Optional[str] = typer.Option(
+        None, "--init", help="zero | official | a folder to fine-tune (from `xpsr import-official` or `xpsr train`)."
+    ),
     params: Optional[Path] = ParamsOption,
     sets: Optional[List[str]] = SetOption,
     overwrite: bool = OverwriteOption,
@@ -231,144 +264,218 @@ def train(
     from stages import train as stage
 
     options = dict(
-        train_dir=train_dir, out=out, base_model=base_model, max_train_steps=max_train_steps, batch_size=batch_size,
-        learning_rate=learning_rate, mixed_precision=mixed_precision, resume=resume, init=init, overwrite=overwrite or None,
+        train_dir=train_dir,
+        out=out,
+        base_model=base_model,
+        max_train_steps=max_train_steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        mixed_precision=mixed_precision,
+        resume=resume,
+        init=init,
+        overwrite=overwrite or None,
     )
     config = _resolve(stage.TrainConfig, "train", params, options, sets)
     stage.run(config)
 
 
-def _sr_options(
-    base_model, xpsr, pipeline, captions, captioner, manifest, content, quality, scale, steps, scheduler,
-    guidance_scale, negative_prompt, color_fix, tile_size, tile_overlap, vae_tile_size, seed, dtype, device, **recipe,
-) -> dict:
-    return dict(
-        base_model=base_model, xpsr=xpsr, pipeline=pipeline, captions=captions, captioner=captioner, manifest=manifest,
-        content_caption=content, quality_caption=quality, scale=scale, steps=steps, scheduler=scheduler,
-        guidance_scale=guidance_scale, negative_prompt=negative_prompt, color_fix=color_fix, tile_size=tile_size,
-        tile_overlap=tile_overlap, vae_tile_size=vae_tile_size, seed=seed, dtype=dtype, device=device, **recipe,
-    )
+# the options `xpsr sr` and `xpsr evaluate` share: parameter name -> (config field, type, option)
+SR_OPTIONS = {
+    "base_model": (
+        "base_model",
+        Optional[str],
+        typer.Option(None, "--base-model", help="Frozen SD-1.5 folder or hub id."),
+    ),
+    "xpsr": (
+        "xpsr",
+        Optional[str],
+        typer.Option(None, "--xpsr", help="Trained XPSR folder (a run's final/, or a run folder)."),
+    ),
+    "pipeline": (
+        "pipeline",
+        Optional[str],
+        typer.Option(None, "--pipeline", help="A saved XPSR pipeline folder (instead of --base-model/--xpsr)."),
+    ),
+    "captions": ("captions", Optional[str], typer.Option(None, "--captions", help="captioner | manifest | given")),
+    "captioner": (
+        "captioner",
+        Optional[str],
+        typer.Option(None, "--captioner", help="Captioner folder or hub id (llava-hf layout)."),
+    ),
+    "manifest": (
+        "manifest",
+        Optional[Path],
+        typer.Option(None, "--manifest", help="Caption manifest (.parquet file or folder) for --captions manifest."),
+    ),
+    "content": (
+        "content_caption",
+        Optional[str],
+        typer.Option(None, "--content", help="High-level caption for every image (--captions given)."),
+    ),
+    "quality": (
+        "quality_caption",
+        Optional[str],
+        typer.Option(None, "--quality", help="Low-level caption for every image (--captions given)."),
+    ),
+    "scale": ("scale", Optional[int], typer.Option(None, "--scale", help="Upscaling factor (4 in the paper).")),
+    "steps": ("steps", Optional[int], typer.Option(None, "--steps", help="Sampling steps (20 in the paper).")),
+    "scheduler": (
+        "scheduler",
+        Optional[str],
+        typer.Option(None, "--scheduler", help="ddpm | ddim | dpm-solver | unipc | euler"),
+    ),
+    "guidance_scale": (
+        "guidance_scale",
+        Optional[float],
+        typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale (5.5 in the paper)."),
+    ),
+    "negative_prompt": (
+        "negative_prompt",
+        Optional[str],
+        typer.Option(None, "--negative-prompt", help="Replaces the content caption in the guidance branch."),
+    ),
+    "color_fix": (
+        "color_fix",
+        Optional[str],
+        typer.Option(None, "--color-fix", help="adain | wavelet | adain-official | none"),
+    ),
+    "tile_size": (
+        "tile_size",
+        Optional[int],
+        typer.Option(None, "--tile-size", help="Latent tile in output pixels (default: the model's native size)."),
+    ),
+    "tile_overlap": (
+        "tile_overlap",
+        Optional[int],
+        typer.Option(None, "--tile-overlap", help="Latent tile overlap in pixels."),
+    ),
+    "vae_tile_size": (
+        "vae_tile_size",
+        Optional[int],
+        typer.Option(None, "--vae-tile-size", help="VAE tile in pixels."),
+    ),
+    "seed": ("seed", Optional[int], typer.Option(None, "--seed")),
+    "dtype": (
+        "dtype",
+        Optional[str],
+        typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (half precision on a GPU)."),
+    ),
+    "device": ("device", Optional[str], typer.Option(None, "--device", help="cpu | cuda | cuda:N")),
+    "preset": (
+        "preset",
+        Optional[str],
+        typer.Option(
+            None,
+            "--preset",
+            help="default | paper | official (the authors' inference recipe); explicit values override it.",
+        ),
+    ),
+    "added_prompt": (
+        "added_prompt",
+        Optional[str],
+        typer.Option(None, "--added-prompt", help="Text appended to every content caption."),
+    ),
+    "negative_quality_prompt": (
+        "negative_quality_prompt",
+        Optional[str],
+        typer.Option(None, "--negative-quality-prompt", help="Low-level caption of the negative guidance branch."),
+    ),
+    "added_noise_level": (
+        "added_noise_level",
+        Optional[int],
+        typer.Option(
+            None, "--added-noise-level", help="Noise the start latent again, to this timestep (official: 800)."
+        ),
+    ),
+    "process_size": (
+        "process_size",
+        Optional[int],
+        typer.Option(None, "--process-size", help="Enlarge conditions whose short side is smaller (official: 512)."),
+    ),
+}
 
 
-BaseModelOption = typer.Option(None, "--base-model", help="Frozen SD-1.5 folder or hub id.")
-XPSROption = typer.Option(None, "--xpsr", help="Trained XPSR folder (a run's final/, or a run folder).")
-PipelineOption = typer.Option(None, "--pipeline", help="A saved XPSR pipeline folder (instead of --base-model/--xpsr).")
-CaptionsOption = typer.Option(None, "--captions", help="captioner | manifest | given")
-CaptionerOption = typer.Option(None, "--captioner", help="Captioner folder or hub id (llava-hf layout).")
-ManifestOption = typer.Option(None, "--manifest", help="Caption manifest (.parquet file or folder) for --captions manifest.")
-ContentOption = typer.Option(None, "--content", help="High-level caption for every image (--captions given).")
-QualityOption = typer.Option(None, "--quality", help="Low-level caption for every image (--captions given).")
-ScaleOption = typer.Option(None, "--scale", help="Upscaling factor (4 in the paper).")
-StepsOption = typer.Option(None, "--steps", help="Sampling steps (20 in the paper).")
-SchedulerOption = typer.Option(None, "--scheduler", help="ddpm | ddim | dpm-solver | unipc | euler")
-GuidanceOption = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale (5.5 in the paper).")
-NegativeOption = typer.Option(None, "--negative-prompt", help="Replaces the content caption in the guidance branch.")
-ColorFixOption = typer.Option(None, "--color-fix", help="adain | wavelet | adain-official | none")
-TileOption = typer.Option(None, "--tile-size", help="Latent tile in output pixels (default: the model's native size).")
-TileOverlapOption = typer.Option(None, "--tile-overlap", help="Latent tile overlap in pixels.")
-VaeTileOption = typer.Option(None, "--vae-tile-size", help="VAE tile in pixels.")
-SeedOption = typer.Option(None, "--seed")
-DtypeOption = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (half precision on a GPU).")
-DeviceOption = typer.Option(None, "--device", help="cpu | cuda | cuda:N")
-PresetOption = typer.Option(None, "--preset", help="default | paper | official (the authors' inference recipe); explicit values override it.")
-AddedPromptOption = typer.Option(None, "--added-prompt", help="Text appended to every content caption.")
-NegativeQualityOption = typer.Option(None, "--negative-quality-prompt", help="Low-level caption of the negative guidance branch.")
-AddedNoiseOption = typer.Option(None, "--added-noise-level", help="Noise the start latent again, to this timestep (official: 800).")
-ProcessSizeOption = typer.Option(None, "--process-size", help="Enlarge conditions whose short side is smaller (official: 512).")
+def with_sr_options(command: Callable) -> Callable:
+    """Give ``command`` the SR_OPTIONS; their values reach it as one dict ``sr_options`` keyed by config field."""
+    import inspect
+
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(command).parameters.values()
+           if p.name != "sr_options"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+              for name, (_, kind, option) in SR_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        values = {field: kwargs.pop(name) for name, (field, _, _) in SR_OPTIONS.items()}
+        return command(**kwargs, sr_options=values)
+
+    wrapper.__signature__ = inspect.Signature([*own[:-3], *shared, *own[-3:]])  # params, --set, --overwrite last
+    return wrapper
 
 
 @app.command()
 @user_command
+@with_sr_options
 def sr(
     inputs: Optional[List[str]] = typer.Argument(None, help="Image files, folders or glob patterns (quote globs)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the SR PNGs and their JSON sidecars."),
-    base_model: Optional[str] = BaseModelOption,
-    xpsr: Optional[str] = XPSROption,
-    pipeline: Optional[str] = PipelineOption,
-    captions: Optional[str] = CaptionsOption,
-    captioner: Optional[str] = CaptionerOption,
-    manifest: Optional[Path] = ManifestOption,
-    content: Optional[str] = ContentOption,
-    quality: Optional[str] = QualityOption,
-    scale: Optional[int] = ScaleOption,
-    steps: Optional[int] = StepsOption,
-    scheduler: Optional[str] = SchedulerOption,
-    guidance_scale: Optional[float] = GuidanceOption,
-    negative_prompt: Optional[str] = NegativeOption,
-    color_fix: Optional[str] = ColorFixOption,
-    tile_size: Optional[int] = TileOption,
-    tile_overlap: Optional[int] = TileOverlapOption,
-    vae_tile_size: Optional[int] = VaeTileOption,
-    seed: Optional[int] = SeedOption,
-    dtype: Optional[str] = DtypeOption,
-    device: Optional[str] = DeviceOption,
-    preset: Optional[str] = PresetOption,
-    added_prompt: Optional[str] = AddedPromptOption,
-    negative_quality_prompt: Optional[str] = NegativeQualityOption,
-    added_noise_level: Optional[int] = AddedNoiseOption,
-    process_size: Optional[int] = ProcessSizeOption,
     params: Optional[Path] = ParamsOption,
     sets: Optional[List[str]] = SetOption,
     overwrite: bool = OverwriteOption,
+    sr_options: Optional[dict] = None,
 ) -> None:
     """Super-resolve images with XPSR (captions from the captioner, a manifest, or given); PNG + JSON per image."""
     from stages import sr as stage
 
-    options = _sr_options(base_model, xpsr, pipeline, captions, captioner, manifest, content, quality, scale, steps, scheduler,
-                          guidance_scale, negative_prompt, color_fix, tile_size, tile_overlap, vae_tile_size, seed, dtype, device,
-                          preset=preset, added_prompt=added_prompt, negative_quality_prompt=negative_quality_prompt,
-                          added_noise_level=added_noise_level, process_size=process_size)
-    options.update(inputs=inputs or None, out=out, overwrite=overwrite or None)
+    options = dict(sr_options, inputs=inputs or None, out=out, overwrite=overwrite or None)
     config = _resolve(stage.SRConfig, "sr", params, options, sets)
     stage.run(config)
 
 
 @app.command()
 @user_command
+@with_sr_options
 def evaluate(
-    pairs_dir: Optional[Path] = typer.Option(None, "--pairs", help="Validation pair shards (lr.png / hr.png per key)."),
+    pairs_dir: Optional[Path] = typer.Option(
+        None, "--pairs", help="Pair shards (lr.png / hr.png per key: xpsr testset, xpsr degrade)."
+    ),
     lr_dir: Optional[Path] = typer.Option(None, "--lr-dir", help="Folder of LR images (with --hr-dir)."),
     hr_dir: Optional[Path] = typer.Option(None, "--hr-dir", help="Folder of HR images matched by relative path."),
-    sr_dir: Optional[Path] = typer.Option(None, "--sr-dir", help="Score existing SR images instead of generating them."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for per_image.parquet, metrics.json, grid.png."),
+    methods: Optional[List[str]] = typer.Option(
+        None,
+        "--method",
+        help="A compared method (repeatable): xpsr | bicubic | realesrgan[:WEIGHTS] | NAME=folder:DIR "
+        "| xpsr-no-high | xpsr-no-low | xpsr-no-prompts | xpsr-no-negative; NAME=KIND names the column.",
+    ),
+    ablations: Optional[bool] = typer.Option(
+        None, "--ablations/--no-ablations", help="Add the xpsr ablations (Tables 2, 5a)."
+    ),
+    metrics: Optional[List[str]] = typer.Option(
+        None, "--metric", help="A metric to compute (repeatable; default: all)."
+    ),
+    metric_weights_dir: Optional[Path] = typer.Option(
+        None, "--metric-weights-dir", help="The one folder of metric weights."
+    ),
+    crop_border: Optional[int] = typer.Option(
+        None, "--crop-border", help="Border cropped before PSNR/SSIM (authors: 0)."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Folder for the table, per-image values, grids and SR images."
+    ),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most this many pairs."),
-    base_model: Optional[str] = BaseModelOption,
-    xpsr: Optional[str] = XPSROption,
-    pipeline: Optional[str] = PipelineOption,
-    captions: Optional[str] = CaptionsOption,
-    captioner: Optional[str] = CaptionerOption,
-    manifest: Optional[Path] = ManifestOption,
-    content: Optional[str] = ContentOption,
-    quality: Optional[str] = QualityOption,
-    scale: Optional[int] = ScaleOption,
-    steps: Optional[int] = StepsOption,
-    scheduler: Optional[str] = SchedulerOption,
-    guidance_scale: Optional[float] = GuidanceOption,
-    negative_prompt: Optional[str] = NegativeOption,
-    color_fix: Optional[str] = ColorFixOption,
-    tile_size: Optional[int] = TileOption,
-    tile_overlap: Optional[int] = TileOverlapOption,
-    vae_tile_size: Optional[int] = VaeTileOption,
-    seed: Optional[int] = SeedOption,
-    dtype: Optional[str] = DtypeOption,
-    device: Optional[str] = DeviceOption,
-    preset: Optional[str] = PresetOption,
-    added_prompt: Optional[str] = AddedPromptOption,
-    negative_quality_prompt: Optional[str] = NegativeQualityOption,
-    added_noise_level: Optional[int] = AddedNoiseOption,
-    process_size: Optional[int] = ProcessSizeOption,
     params: Optional[Path] = ParamsOption,
     sets: Optional[List[str]] = SetOption,
     overwrite: bool = OverwriteOption,
+    sr_options: Optional[dict] = None,
 ) -> None:
-    """Score XPSR on LR/HR pairs: Y-channel PSNR/SSIM, optional LPIPS/DISTS/FID/MANIQA/MUSIQ/CLIPIQA, sample grid."""
+    """Compare methods on LR/HR pairs with the paper's metrics: a Table 1 style table, per-image values, grids."""
     from stages import evaluate as stage
+    from xpsr_core.evaluation.methods import parse_method
 
-    options = _sr_options(base_model, xpsr, pipeline, captions, captioner, manifest, content, quality, scale, steps, scheduler,
-                          guidance_scale, negative_prompt, color_fix, tile_size, tile_overlap, vae_tile_size, seed, dtype, device,
-                          preset=preset, added_prompt=added_prompt, negative_quality_prompt=negative_quality_prompt,
-                          added_noise_level=added_noise_level, process_size=process_size)
-    options.update(pairs_dir=pairs_dir, lr_dir=lr_dir, hr_dir=hr_dir, sr_dir=sr_dir, out=out, limit=limit, overwrite=overwrite or None)
+    options = dict(sr_options, pairs_dir=pairs_dir, lr_dir=lr_dir, hr_dir=hr_dir, out=out, limit=limit,
+                   methods=[parse_method(m).model_dump() for m in methods] if methods else None, ablations=ablations,
+                   metrics=list(metrics) if metrics else None, metric_weights_dir=metric_weights_dir,
+                   crop_border=crop_border, overwrite=overwrite or None)
     config = _resolve(stage.EvaluateConfig, "evaluate", params, options, sets)
     stage.run(config)
 
@@ -376,10 +483,18 @@ def evaluate(
 @app.command("import-official")
 @user_command
 def import_official(
-    checkpoint: Path = typer.Argument(..., help="The authors' checkpoint folder, holding unet/ and controlnet/ (e.g. checkpoint-300000)."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="The SD-1.5 folder the checkpoint was trained on."),
+    checkpoint: Path = typer.Argument(
+        ..., help="The authors' checkpoint folder, holding unet/ and controlnet/ (e.g. checkpoint-300000)."
+    ),
+    base_model: Optional[str] = typer.Option(
+        None, "--base-model", help="The SD-1.5 folder the checkpoint was trained on."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", help="Pipeline folder to write (for `xpsr sr --pipeline`)."),
-    allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Use the checkpoint's SD UNet tensors when they differ from the base model's."),
+    allow_base_mismatch: bool = typer.Option(
+        False,
+        "--allow-base-mismatch",
+        help="Use the checkpoint's SD UNet tensors when they differ from the base model's.",
+    ),
     params: Optional[Path] = ParamsOption,
     sets: Optional[List[str]] = SetOption,
     overwrite: bool = OverwriteOption,
@@ -393,11 +508,20 @@ def import_official(
     stage.run(config)
 
 
-models_app = typer.Typer(no_args_is_help=True, help="Write the offline model zoo (random weights in the real folder layouts).")
+models_app = typer.Typer(
+    no_args_is_help=True, help="Write the offline model zoo (random weights in the real folder layouts)."
+)
 app.add_typer(models_app, name="models")
 
 
-def _models_command(kind: str, out: Optional[Path], seed: Optional[int], params: Optional[Path], sets: Optional[List[str]], overwrite: bool) -> None:
+def _models_command(
+    kind: str,
+    out: Optional[Path],
+    seed: Optional[int],
+    params: Optional[Path],
+    sets: Optional[List[str]],
+    overwrite: bool,
+) -> None:
     from stages import models as stage
 
     options = dict(kind=kind, out=out, seed=seed, overwrite=overwrite or None)
@@ -429,6 +553,74 @@ def models_sd15_shaped(
 ) -> None:
     """SD-1.5 and LLaVA-1.5-7B shapes with random fp16 weights (for GPU speed/memory benchmarks)."""
     _models_command("sd15-shaped", out, seed, params, sets, overwrite)
+
+
+testset_app = typer.Typer(
+    no_args_is_help=True, help="Build the paper's test sets as pair shards for `xpsr evaluate --pairs`.")
+app.add_typer(testset_app, name="testset")
+
+
+@testset_app.command("synthetic")
+@user_command
+def testset_synthetic(
+    hr_dirs: Optional[List[Path]] = typer.Option(
+        None, "--hr-dir", help="Folder of HR images, e.g. DIV2K_valid_HR (repeatable)."),
+    count: Optional[int] = typer.Option(
+        None, "--count", help="Random crops in the set (default 3000: the paper's 3K)."),
+    hr_size: Optional[int] = typer.Option(None, "--hr-size", help="HR crop size (512 in the paper)."),
+    scale: Optional[int] = typer.Option(None, "--scale", help="HR size / LR size (4 in the paper)."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops degraded together."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the test-set pair shards."),
+    params: Optional[Path] = ParamsOption,
+    sets: Optional[List[str]] = SetOption,
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """Random HR crops degraded with the training degradation (the paper's DIV2K-val set) into pair shards."""
+    from stages import testset as stage
+
+    options = dict(
+        hr_dirs=hr_dirs or None, count=count, hr_size=hr_size,
+        degradation={"scale": scale} if scale is not None else None, seed=seed, device=device, batch_size=batch_size,
+        out=out, overwrite=overwrite or None,
+    )
+    config = _resolve(stage.SyntheticTestsetConfig, "testset_synthetic", params, options, sets)
+    stage.run_synthetic(config)
+
+
+@testset_app.command("paired")
+@user_command
+def testset_paired(
+    lr_dir: Optional[Path] = typer.Option(
+        None, "--lr-dir", help="Folder of LR images (e.g. RealSR or DRealSR test LR)."),
+    hr_dir: Optional[Path] = typer.Option(
+        None, "--hr-dir", help="Folder of HR images matched to the LR by relative path."),
+    lr_size: Optional[int] = typer.Option(None, "--lr-size", help="LR centre-crop size (128 in the paper)."),
+    scale: Optional[int] = typer.Option(None, "--scale", help="HR size / LR size (4 in the paper)."),
+    lr_suffix: Optional[str] = typer.Option(
+        None, "--lr-suffix", help="Removed from LR stems before matching (RealSR: _LR4)."),
+    hr_suffix: Optional[str] = typer.Option(
+        None, "--hr-suffix", help="Removed from HR stems before matching (RealSR: _HR)."),
+    allow_unmatched: bool = typer.Option(
+        False, "--allow-unmatched", help="Skip files without a partner instead of refusing."),
+    skip_bad_pairs: bool = typer.Option(
+        False, "--skip-bad-pairs", help="Skip pairs of wrong size, too small or unreadable instead of refusing."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the test-set pair shards."),
+    params: Optional[Path] = ParamsOption,
+    sets: Optional[List[str]] = SetOption,
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """Real LR/HR pairs (RealSR, DRealSR) matched by name and centre-cropped into pair shards."""
+    from stages import testset as stage
+
+    options = dict(
+        lr_dir=lr_dir, hr_dir=hr_dir, lr_size=lr_size, scale=scale, lr_suffix=lr_suffix, hr_suffix=hr_suffix,
+        allow_unmatched=allow_unmatched or None, skip_bad_pairs=skip_bad_pairs or None, out=out,
+        overwrite=overwrite or None,
+    )
+    config = _resolve(stage.PairedTestsetConfig, "testset_paired", params, options, sets)
+    stage.run_paired(config)
 
 
 if __name__ == "__main__":  # pragma: no cover

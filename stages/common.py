@@ -1,19 +1,20 @@
-"""What every shard-based stage shares: a worker pool over shards, progress, and the summary."""
+"""What the stages show: the console, progress bars (plain lines in logs), a sharded stage's progress and summary.
+
+The work itself, and the loop over shards, is the library's (``xpsr_core.sharded``).
+"""
 
 from __future__ import annotations
 
 import json
-import multiprocessing
-from collections import Counter
 import time
 from pathlib import Path
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from xpsr_core.errors import FailureRatioExceeded
+if TYPE_CHECKING:
+    from xpsr_core.sharded import ShardedStage, ShardProgress
 
 console = Console(stderr=True)
 
@@ -110,96 +111,10 @@ def shard_progress(label: str, out: Path, n_shards: int) -> Callable[[], str]:
     return describe
 
 
-def run_over_shards(
-    label: str,
-    shards: list[int],
-    work: Callable[[int], dict],
-    workers: int,
-    start_method: str = "spawn",
-    describe: Callable[[], str] | None = None,
-) -> list[dict]:
-    """Apply ``work`` (a picklable callable returning a shard's stats) to every shard.
+def print_summary(report: dict, notes: Mapping[str, str] | None = None) -> None:
+    """The report in a few lines; ``notes`` maps a stage figure of the report to its line ("{} captions/s")."""
+    from xpsr_core.sharded import NOT_FAILED
 
-    One worker runs in this process; more run in a process pool. Results come back in shard
-    order whatever the completion order, so summaries are deterministic.
-    """
-    results: dict[int, dict] = {}
-    started = time.perf_counter()
-    # the progress thread starts once the pool has forked its workers (no thread is forked with them)
-    with progress_bar(describe, defer_report=True) as progress:
-        task = progress.add_task(label, total=len(shards), rate="")
-
-        def record(shard: int, stats: dict) -> None:
-            results[shard] = stats
-            samples = sum(r.get("samples", 0) for r in results.values())
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            progress.update(task, advance=1, rate=f"{samples / elapsed:.1f} samples/s")
-
-        if workers <= 1 or len(shards) <= 1:
-            progress.start_report()
-            for shard in shards:
-                record(shard, work(shard))
-        else:
-            context = multiprocessing.get_context(start_method)
-            with ProcessPoolExecutor(max_workers=min(workers, len(shards)), mp_context=context) as pool:
-                futures = {pool.submit(work, shard): shard for shard in shards}
-                progress.start_report()
-                for future in as_completed(futures):
-                    record(futures[future], future.result())
-    return [results[s] for s in sorted(results)]
-
-
-def shard_stats(shard: int, statuses: Iterable[str], samples: int, **extra) -> dict:
-    """A shard's stats file (its done marker): inputs, samples written, failures, counts by status."""
-    counts = Counter(statuses)
-    inputs = sum(counts.values())
-    return {
-        "shard": shard,
-        "inputs": inputs,
-        "samples": samples,
-        "failed": inputs - counts.get("ok", 0),
-        "status_counts": dict(sorted(counts.items())),
-        **extra,
-    }
-
-
-def summarize(stage: str, all_stats: Iterable[dict], processed: list[dict], seconds: float) -> dict:
-    """Totals over every done shard of the stage, plus this run's timing (``processed``: shards built now)."""
-    all_stats = list(all_stats)
-    status_counts: dict[str, int] = {}
-    for stats in all_stats:
-        for status, count in stats.get("status_counts", {}).items():
-            status_counts[status] = status_counts.get(status, 0) + count
-    inputs = sum(s.get("inputs", 0) for s in all_stats)
-    failed = sum(s.get("failed", 0) for s in all_stats)
-    samples = sum(s.get("samples", 0) for s in all_stats)
-    processed_samples = sum(s.get("samples", 0) for s in processed)
-    return {
-        "stage": stage,
-        "shards": len(all_stats),
-        "shards_processed": len(processed),
-        "shards_skipped": len(all_stats) - len(processed),
-        "inputs": inputs,
-        "samples": samples,
-        "failed": failed,
-        "status_counts": dict(sorted(status_counts.items())),
-        "seconds": round(seconds, 3),
-        "samples_per_s": round(processed_samples / seconds, 3) if seconds > 0 and processed else None,
-    }
-
-
-def check_failure_ratio(report: dict, max_ratio: float, what: str) -> None:
-    inputs = report["inputs"]
-    if inputs and report["failed"] / inputs > max_ratio:
-        counts = ", ".join(f"{k}: {v}" for k, v in report["status_counts"].items() if k != "ok")
-        raise FailureRatioExceeded(
-            f"{report['failed']} of {inputs} {what} failed ({counts}), more than the allowed share "
-            f"{max_ratio:.0%}. The shards that worked are kept; see the Parquet indexes for each failure, "
-            f"or raise max_failure_ratio."
-        )
-
-
-def print_summary(report: dict) -> None:
     parts = [
         f"{report['shards']} shards ({report['shards_processed']} built, {report['shards_skipped']} already done)",
         f"{report['samples']} samples",
@@ -209,47 +124,64 @@ def print_summary(report: dict) -> None:
     if report.get("samples_per_s"):
         parts.append(f"{report['samples_per_s']:.1f} samples/s")
     console.print(f"[bold green]{report['stage']}[/] done: " + ", ".join(parts), soft_wrap=True)
-    if report.get("captions_per_s"):
-        console.print(f"  {report['captions_per_s']:.2f} captions/s", soft_wrap=True)
-    if "truncated_share" in report:
-        console.print(f"  share of captions over the CLIP token limit: {report['truncated_share']}", soft_wrap=True)
-    failures = {k: v for k, v in report["status_counts"].items() if k != "ok"}
+    for name, line in (notes or {}).items():
+        value = report.get(name)
+        if value:
+            shown = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, Mapping) else value
+            console.print("  " + line.format(shown), soft_wrap=True)
+    failures = {k: v for k, v in report["status_counts"].items() if k not in NOT_FAILED}
     if failures:
         console.print("  failures by status: " + ", ".join(f"{k}={v}" for k, v in failures.items()), soft_wrap=True)
-    if report.get("skipped_paths"):
-        console.print("  paths skipped (not inputs): " + ", ".join(f"{k}={v}" for k, v in report["skipped_paths"].items()), soft_wrap=True)
 
 
-def run_sharded_stage(stage: str, out: Path, n_shards: int, work: Callable[[int], dict], workers: int,
-                      start_method: str, max_failure_ratio: float, what: str,
-                      enrich: Callable[[dict, list[dict]], None] | None = None) -> dict:
-    """The loop every shard stage shares: this rank's unfinished shards, summary, sizes.json, report.
+class ShardBar:
+    """``run_sharded``'s progress as a bar, or plain lines with every rank's figures in a log; keeps the report."""
 
-    ``work(shard)`` builds one shard and writes its stats file last. sizes.json appears once every
-    shard of every rank is done (whichever rank finishes last writes it; the content is the same).
-    ``enrich(report, stats)`` may add stage-specific totals before the report is written.
-    """
-    from xpsr_core.dist import rank_and_world, shards_for_rank
-    from xpsr_core.io.atomic import atomic_write_json
-    from xpsr_core.io.outputs import produced_by, read_record
-    from xpsr_core.io.shards import is_done, read_stats, write_sizes
+    def __init__(self, stage: str, out: Path, n_shards: int):
+        # plain lines start once the workers are up (a progress thread must not be forked with them)
+        self.progress = progress_bar(shard_progress(stage, out, n_shards), defer_report=True)
+        self.task = None
+        self.report: dict | None = None
 
-    started = time.perf_counter()
-    rank, world = rank_and_world()
-    mine = shards_for_rank(list(range(n_shards)), rank, world)
-    # a done marker counts only when it records this folder's config hash and code fingerprint
-    current = produced_by(read_record(out)) if read_record(out) else None
-    todo = [s for s in mine if not is_done(out, s, current)]
-    label = f"{stage} (rank {rank}/{world})" if world > 1 else stage
-    processed = run_over_shards(label, todo, work, workers, start_method=start_method,
-                                describe=shard_progress(stage, out, n_shards))
-    all_stats = [read_stats(out, s) for s in mine]
-    report = summarize(stage, all_stats, processed, time.perf_counter() - started)
-    if enrich is not None:
-        enrich(report, all_stats)
-    if all(is_done(out, s, current) for s in range(n_shards)):
-        write_sizes(out, {s: read_stats(out, s)["samples"] for s in range(n_shards)})
-    atomic_write_json(out / (f"report.rank{rank}.json" if world > 1 else "report.json"), report)
-    print_summary(report)
-    check_failure_ratio(report, max_failure_ratio, what)
-    return report
+    def __enter__(self) -> "ShardBar":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return self.progress.__exit__(*exc)
+
+    def __call__(self, update: ShardProgress) -> None:
+        if update.report is not None:
+            self.report = update.report
+            return
+        if self.task is None:
+            self.task = self.progress.add_task(update.label, total=update.total, rate="")
+            self.progress.start_report()
+        rate = f"{update.samples / max(update.seconds, 1e-9):.1f} samples/s" if update.done else ""
+        self.progress.update(self.task, completed=update.done, rate=rate)
+
+
+def run_stage(stage: ShardedStage, notes: Mapping[str, str] | None = None) -> dict:
+    """Run a ``ShardedStage`` with a progress bar and print its summary, also when too many inputs failed."""
+    from xpsr_core.sharded import run_sharded
+
+    bar = ShardBar(stage.name, stage.out, stage.n_shards)
+    try:
+        with bar:
+            return run_sharded(stage, progress=bar)
+    finally:  # the report exists once every shard ran: the summary then precedes a failure-ratio error
+        if bar.report is not None:
+            print_summary(bar.report, notes)
+
+
+def progress_task(progress, label: str):
+    """A rich task and two callbacks: ``advance(done, total)`` and ``reset(description)`` (e.g. per image)."""
+    task = progress.add_task(label, total=1, rate="")
+
+    def callback(done: int, total: int) -> None:
+        progress.update(task, total=total, completed=done)
+
+    def reset(description: str) -> None:
+        progress.update(task, description=description, completed=0)
+
+    return callback, reset

@@ -24,7 +24,9 @@ class DemoDataConfig(StageConfig):
     out: Path = runtime_field(Path("data/raw/demo"), "Folder for the training photographs.")
     val_out: Path = runtime_field(Path("data/raw/demo-val"), "Folder for the held-out validation photographs.")
     images: list[str] = Field(default=list(DEMO_IMAGES), min_length=1, description="scikit-image sample names.")
-    val_images: list[str] = Field(default=["coffee", "chelsea"], description="Held out of training, written to val_out.")
+    val_images: list[str] = Field(
+        default=["coffee", "chelsea"], description="Held out of training, written to val_out."
+    )
     overwrite: bool = runtime_field(False, "Replace a folder made with a different image list.")
 
     @field_validator("images", "val_images")
@@ -58,7 +60,10 @@ def run(config: DemoDataConfig) -> dict:
     started = time.perf_counter()
     held_out = set(config.val_images)
     counts = {}
-    for folder, names in ((config.out, [n for n in config.images if n not in held_out]), (config.val_out, config.val_images)):
+    for folder, names in (
+        (config.out, [n for n in config.images if n not in held_out]),
+        (config.val_out, config.val_images),
+    ):
         if not names:
             continue
         out = prepare_output_dir(folder, "demo_data", config, overwrite=config.overwrite)

@@ -19,9 +19,13 @@ from xpsr_core.errors import UserError
 
 class ImportOfficialConfig(StageConfig):
     checkpoint: Path = Field(..., description="The authors' checkpoint folder (holding unet/ and controlnet/).")
-    base_model: str = Field("models/stable-diffusion-v1-5", description="The SD-1.5 folder the checkpoint was trained on.")
+    base_model: str = Field(
+        "models/stable-diffusion-v1-5", description="The SD-1.5 folder the checkpoint was trained on."
+    )
     out: Path = Field(Path("models/xpsr-official"), description="Pipeline folder to write.")
-    allow_base_mismatch: bool = Field(False, description="Use the checkpoint's own SD UNet tensors when they differ from the base model's.")
+    allow_base_mismatch: bool = Field(
+        False, description="Use the checkpoint's own SD UNet tensors when they differ from the base model's."
+    )
     overwrite: bool = runtime_field(False, "Replace an existing folder.")
 
 
@@ -44,11 +48,16 @@ def run(config: ImportOfficialConfig) -> dict:
     )
     report = {"stage": "import-official", **summary.as_dict(), "seconds": round(time.perf_counter() - started, 2)}
     mapped = ", ".join(f"{part} {count}" for part, count in summary.mapped.items())
-    base = ("the checkpoint's own SD UNet (differs from the base by up to "
-            f"{summary.base_max_abs_diff:.3g})" if summary.used_checkpoint_unet else "SD UNet identical to the base model")
+    base = (
+        f"the checkpoint's own SD UNet (differs from the base by up to {summary.base_max_abs_diff:.3g})"
+        if summary.used_checkpoint_unet
+        else "SD UNet identical to the base model"
+    )
     console.print(
-        f"[bold green]import-official[/] done: {out} ({summary.controlnet_tensors} ControlNet + {summary.unet_tensors} UNet "
-        f"tensors; filled {mapped}; {base}), {report['seconds']:.1f} s. Run `xpsr sr IMAGE --pipeline {out} --out DIR`.",
+        f"[bold green]import-official[/] done: {out} ({summary.controlnet_tensors} ControlNet + "
+        f"{summary.unet_tensors} UNet "
+        f"tensors; filled {mapped}; {base}), {report['seconds']:.1f} s. "
+        f"Run `xpsr sr IMAGE --pipeline {out} --out DIR`.",
         highlight=False,
     )
     return report

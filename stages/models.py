@@ -19,7 +19,10 @@ from xpsr_core.errors import UserError
 
 
 class ModelsConfig(StageConfig):
-    kind: Literal["tiny", "sd15-shaped"] = Field("tiny", description="tiny: small random models; sd15-shaped: real SD-1.5 and LLaVA-1.5-7B shapes, random weights.")
+    kind: Literal["tiny", "sd15-shaped"] = Field(
+        "tiny",
+        description="tiny: small random models; sd15-shaped: real SD-1.5 and LLaVA-1.5-7B shapes, random weights.",
+    )
     out: Path = Field(Path("models/tiny"), description="Folder that receives sd15/ and captioner/.")
     seed: int = Field(0, description="Seed of the random weights.")
     overwrite: bool = runtime_field(False, "Replace a zoo written with other settings.")
@@ -45,11 +48,15 @@ def run(config: ModelsConfig) -> dict:
         console.print(f"[bold green]models[/] {config.kind} zoo already in {out}; nothing to do.")
     else:
         if config.kind == "sd15-shaped":
-            console.print("Writing SD-1.5 and LLaVA-1.5-7B shaped random weights (about 16 GB in fp16; needs about 16 GB of RAM).")
+            console.print(
+                "Writing SD-1.5 and LLaVA-1.5-7B shaped random weights (about 16 GB in fp16; needs about 16 GB of RAM)."
+            )
         try:
             write_zoo(out, config.kind, seed=config.seed, overwrite=True)
         except MemoryError:
-            raise UserError(f"Not enough memory to build the {config.kind} zoo; free memory or use a larger machine.") from None
+            raise UserError(
+                f"Not enough memory to build the {config.kind} zoo; free memory or use a larger machine."
+            ) from None
     report = {
         "stage": "models",
         "kind": config.kind,
@@ -61,5 +68,7 @@ def run(config: ModelsConfig) -> dict:
         "seconds": round(time.perf_counter() - started, 3),
     }
     params = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in report["parameters"].items())
-    console.print(f"[bold green]models[/] done: {report['sd']} and {report['captioner']} ({params}), {report['seconds']:.1f} s")
+    console.print(
+        f"[bold green]models[/] done: {report['sd']} and {report['captioner']} ({params}), {report['seconds']:.1f} s"
+    )
     return report

@@ -45,7 +45,8 @@ def train_summary(report: dict) -> str:
         return (f"[bold green]train[/] done: nothing to do, the run is already at step {report['steps']} "
                 f"(max_train_steps; resumed from its checkpoint); export in {report['final_export']}")
     return (
-        f"[bold green]train[/] done: step {report['steps']} ({report['steps_this_run']} this run, from {report['resumed_from']}), "
+        f"[bold green]train[/] done: step {report['steps']} ({report['steps_this_run']} this run, "
+        f"from {report['resumed_from']}), "
         f"loss {report['first_loss']} -> {report['final_loss']}, {report['samples_per_s']} samples/s, "
         f"export in {report['final_export']}"
     )
@@ -55,11 +56,10 @@ def run(config: TrainConfig) -> dict:
     from stages.common import console
     from xpsr_core.dist import rank_and_world
     from xpsr_core.io.atomic import atomic_write_json
-    from xpsr_core.io.shards import SIZES_FILE
+    from xpsr_core.io.shards import require_finished
     from xpsr_core.train.loop import LOG_FILE, train
 
-    if not (Path(config.train_dir) / SIZES_FILE).is_file():
-        raise UserError(f"{config.train_dir} is not a finished training-shard folder (no {SIZES_FILE}). Run `xpsr embed` first.")
+    require_finished(Path(config.train_dir), "training-shard", "Run `xpsr embed` first.")
     report = train(config, prepare_run_dir)
     rank, world = rank_and_world()
     run_dir = Path(config.out)
@@ -67,7 +67,9 @@ def run(config: TrainConfig) -> dict:
     if rank == 0:
         if config.metrics_file is not None:
             Path(config.metrics_file).parent.mkdir(parents=True, exist_ok=True)
-            metrics = {k: report[k] for k in ("steps", "final_loss", "first_loss", "samples_per_s", "seconds", "processes")}
+            metrics = {
+                k: report[k] for k in ("steps", "final_loss", "first_loss", "samples_per_s", "seconds", "processes")
+            }
             atomic_write_json(Path(config.metrics_file), metrics)
             # the loss curves beside the metrics, for `dvc plots` (the run folder is a DVC output)
             shutil.copyfile(run_dir / LOG_FILE, Path(config.metrics_file).with_name(LOG_FILE))

@@ -159,7 +159,11 @@ def pair_shards(photo_dir, tmp_path_factory) -> Path:
     from stages import degrade, shard
 
     hr = tmp_path_factory.mktemp("hr")
-    shard.run(shard.ShardConfig(inputs=[{"path": str(photo_dir), "dataset": "photos"}], out=hr, crop_size=96, images_per_shard=2))
+    shard.run(
+        shard.ShardConfig(
+            inputs=[{"path": str(photo_dir), "dataset": "photos"}], out=hr, crop_size=96, images_per_shard=2
+        )
+    )
     pairs = tmp_path_factory.mktemp("pairs")
     degrade.run(degrade.DegradeConfig(input_dir=hr, out=pairs, batch_size=2))
     return pairs
@@ -171,9 +175,22 @@ def train_shards(tiny_models, pair_shards, tmp_path_factory) -> Path:
     from stages import caption, embed
 
     captions = tmp_path_factory.mktemp("train-captions")
-    caption.run(caption.CaptionConfig(input_dir=pair_shards, out=captions, model=str(tiny_models.captioner), base_model=str(tiny_models.sd), max_new_tokens=6, batch_size=4))
+    caption.run(
+        caption.CaptionConfig(
+            input_dir=pair_shards,
+            out=captions,
+            model=str(tiny_models.captioner),
+            base_model=str(tiny_models.sd),
+            max_new_tokens=6,
+            batch_size=4,
+        )
+    )
     out = tmp_path_factory.mktemp("train-shards")
-    embed.run(embed.EmbedConfig(pairs_dir=pair_shards, captions_dir=captions, out=out, base_model=str(tiny_models.sd), batch_size=4))
+    embed.run(
+        embed.EmbedConfig(
+            pairs_dir=pair_shards, captions_dir=captions, out=out, base_model=str(tiny_models.sd), batch_size=4
+        )
+    )
     return out
 
 
@@ -182,7 +199,12 @@ def quality_captioner(tiny_models, tmp_path_factory) -> Path:
     """A second tiny captioner (other weights, another folder) standing in for a separate quality model (Q-Instruct)."""
     from xpsr_core.zoo import get_preset, write_captioner
 
-    return write_captioner(tmp_path_factory.mktemp("quality-captioner") / "captioner", get_preset("tiny"), tiny_models.sd / "tokenizer", seed=7)
+    return write_captioner(
+        tmp_path_factory.mktemp("quality-captioner") / "captioner",
+        get_preset("tiny"),
+        tiny_models.sd / "tokenizer",
+        seed=7,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -191,8 +213,18 @@ def hr_captions(tiny_models, quality_captioner, pair_shards, tmp_path_factory) -
     from stages import caption
 
     out = tmp_path_factory.mktemp("hr-captions")
-    caption.run(caption.CaptionConfig(input_dir=pair_shards, out=out, model=str(tiny_models.captioner), quality_model=str(quality_captioner),
-                                      caption_hr=True, base_model=str(tiny_models.sd), max_new_tokens=6, batch_size=2))
+    caption.run(
+        caption.CaptionConfig(
+            input_dir=pair_shards,
+            out=out,
+            model=str(tiny_models.captioner),
+            quality_model=str(quality_captioner),
+            caption_hr=True,
+            base_model=str(tiny_models.sd),
+            max_new_tokens=6,
+            batch_size=2,
+        )
+    )
     return out
 
 
@@ -202,5 +234,9 @@ def train_shards_hr(tiny_models, pair_shards, hr_captions, tmp_path_factory) -> 
     from stages import embed
 
     out = tmp_path_factory.mktemp("train-shards-hr")
-    embed.run(embed.EmbedConfig(pairs_dir=pair_shards, captions_dir=hr_captions, out=out, base_model=str(tiny_models.sd), batch_size=4))
+    embed.run(
+        embed.EmbedConfig(
+            pairs_dir=pair_shards, captions_dir=hr_captions, out=out, base_model=str(tiny_models.sd), batch_size=4
+        )
+    )
     return out

@@ -15,6 +15,7 @@ from PIL import Image
 from conftest import photo
 from stages import caption as caption_stage
 from xpsr_core.caption import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION, Captioner
+from xpsr_core.caption.manifests import CAPTIONER_COLUMNS, load_captioner, manifest_schema
 from xpsr_core.errors import UserError
 from xpsr_core.io.shards import read_shard
 
@@ -26,7 +27,11 @@ def make_config(tiny_models, **changes) -> caption_stage.CaptionConfig:
 
 
 def manifests(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix == ".parquet" or p.name.endswith("stats.json")}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir())
+        if p.suffix == ".parquet" or p.name.endswith("stats.json")
+    }
 
 
 def test_manifest_rows_schema_and_token_counts(tiny_models, pair_shards, tmp_path):
@@ -38,16 +43,20 @@ def test_manifest_rows_schema_and_token_counts(tiny_models, pair_shards, tmp_pat
     keys = [s["__key__"] for p in sorted(pair_shards.glob("*.tar")) for s in read_shard(p)]
     files = sorted(out.glob("*.parquet"))
     assert [f.name for f in files] == ["00000.parquet", "00001.parquet", "00002.parquet"]
-    assert pq.read_schema(files[0]).equals(caption_stage.manifest_schema(), check_metadata=False)
+    assert pq.read_schema(files[0]).equals(manifest_schema(), check_metadata=False)
     table = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     assert list(table["key"]) == keys
     assert (table["status"] == "ok").all()
-    assert (table["content_instruction"] == CONTENT_INSTRUCTION).all() and (table["quality_instruction"] == QUALITY_INSTRUCTION).all()
+    assert (table["content_instruction"] == CONTENT_INSTRUCTION).all() and (
+        table["quality_instruction"] == QUALITY_INSTRUCTION
+    ).all()
     assert table["captioner_revision"].str.startswith("local-").all()
     tokenizer = CLIPTokenizer.from_pretrained(tiny_models.sd / "tokenizer")
     for kind in ("content", "quality"):
         assert table[f"{kind}_caption"].str.len().gt(0).all()
-        for text, tokens, truncated in zip(table[f"{kind}_caption"], table[f"{kind}_clip_tokens"], table[f"{kind}_truncated"]):
+        for text, tokens, truncated in zip(
+            table[f"{kind}_caption"], table[f"{kind}_clip_tokens"], table[f"{kind}_truncated"]
+        ):
             assert tokens == len(tokenizer(text)["input_ids"])
             assert truncated == (tokens > 77)
     assert (table["dataset"] == "photos").all() and table["source"].str.endswith(".png").all()
@@ -58,11 +67,11 @@ def test_interrupted_run_resumes_to_identical_manifests(tiny_models, pair_shards
     real = caption_stage.caption_shard
     calls = {"n": 0}
 
-    def crash_on_second(config, out, shard):
+    def crash_on_second(*args):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated crash")
-        return real(config, out, shard)
+        return real(*args)
 
     monkeypatch.setattr(caption_stage, "caption_shard", crash_on_second)
     with pytest.raises(RuntimeError):
@@ -161,7 +170,9 @@ def test_cli_reports_missing_model_cleanly(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "imgs").mkdir()
     Image.fromarray(photo("coffee", (32, 32))).save(tmp_path / "imgs" / "a.png")
-    result = CliRunner().invoke(app, ["caption", "imgs", "--out", "c.parquet", "--model", "no/such/folder", "--base-model", "nowhere"])
+    result = CliRunner().invoke(
+        app, ["caption", "imgs", "--out", "c.parquet", "--model", "no/such/folder", "--base-model", "nowhere"]
+    )
     assert result.exit_code != 0 and "Traceback" not in result.output
 
 
@@ -187,13 +198,17 @@ def test_separate_quality_captioner_and_hr_captions(tiny_models, quality_caption
 
     files = sorted(hr_captions.glob("*.parquet"))
     schema = pq.read_schema(files[0])
-    assert schema.equals(caption_stage.manifest_schema(separate_quality=True, hr=True), check_metadata=False)
-    default_columns = set(caption_stage.manifest_schema().names)
-    assert {"hr_quality_caption", "hr_quality_clip_tokens", "hr_quality_truncated", *caption_stage.CAPTIONER_COLUMNS} <= set(schema.names) - default_columns
+    assert schema.equals(manifest_schema(separate_quality=True, hr=True), check_metadata=False)
+    default_columns = set(manifest_schema().names)
+    assert {"hr_quality_caption", "hr_quality_clip_tokens", "hr_quality_truncated", *CAPTIONER_COLUMNS} <= set(
+        schema.names
+    ) - default_columns
     table = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     assert len(table) == 6 and (table["status"] == "ok").all()
     # both models' ids and revisions on every row; captioner/captioner_revision stay the content model's
-    assert (table["content_captioner"] == str(tiny_models.captioner)).all() and (table["captioner"] == str(tiny_models.captioner)).all()
+    assert (table["content_captioner"] == str(tiny_models.captioner)).all() and (
+        table["captioner"] == str(tiny_models.captioner)
+    ).all()
     assert (table["quality_captioner"] == str(quality_captioner)).all()
     assert (table["content_captioner_revision"] == model_revision(tiny_models.captioner)).all()
     assert (table["quality_captioner_revision"] == model_revision(quality_captioner)).all()
@@ -202,14 +217,19 @@ def test_separate_quality_captioner_and_hr_captions(tiny_models, quality_caption
     from xpsr_core.caption import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=6)
-    content_model, quality_model = Captioner(tiny_models.captioner, settings=settings), Captioner(quality_captioner, settings=settings)
+    content_model, quality_model = (
+        Captioner(tiny_models.captioner, settings=settings),
+        Captioner(quality_captioner, settings=settings),
+    )
     expected, one_model = {}, {}
     for tar in sorted(pair_shards.glob("*.tar")):
         samples = list(read_shard(tar))
         lr = [Image.open(io.BytesIO(s["lr.png"])).convert("RGB") for s in samples]
         hr = [Image.open(io.BytesIO(s["hr.png"])).convert("RGB") for s in samples]
         content = content_model.caption_pairs([(image, CONTENT_INSTRUCTION) for image in lr])
-        quality = quality_model.caption_pairs([pair for a, b in zip(lr, hr) for pair in ((a, QUALITY_INSTRUCTION), (b, QUALITY_INSTRUCTION))])
+        quality = quality_model.caption_pairs(
+            [pair for a, b in zip(lr, hr) for pair in ((a, QUALITY_INSTRUCTION), (b, QUALITY_INSTRUCTION))]
+        )
         by_content_model = content_model.caption_pairs([(image, QUALITY_INSTRUCTION) for image in lr])
         for i, sample in enumerate(samples):
             expected[sample["__key__"]] = (content[i], quality[2 * i], quality[2 * i + 1])
@@ -221,7 +241,9 @@ def test_separate_quality_captioner_and_hr_captions(tiny_models, quality_caption
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_models.sd / "tokenizer")
-    for text, tokens, truncated in zip(table["hr_quality_caption"], table["hr_quality_clip_tokens"], table["hr_quality_truncated"]):
+    for text, tokens, truncated in zip(
+        table["hr_quality_caption"], table["hr_quality_clip_tokens"], table["hr_quality_truncated"]
+    ):
         assert text and tokens == len(tokenizer(text)["input_ids"]) and truncated == (tokens > 77)
     stats = __import__("json").loads((hr_captions / "00000.stats.json").read_text())
     assert set(stats["truncated"]) == {"content", "quality", "hr_quality"}
@@ -239,13 +261,37 @@ def test_trust_remote_code_reaches_only_the_quality_model(tiny_models, quality_c
             return _real(klass, model, *args, **kwargs)
 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
-    caption_stage._load_captioner.cache_clear()
+    load_captioner.cache_clear()
     folder = tmp_path / "photos"
     folder.mkdir()
     Image.fromarray(photo("rocket", (40, 40))).save(folder / "rocket.png")
     out = tmp_path / "captions.parquet"
-    caption_stage.run(make_config(tiny_models, images=folder, out=out, quality_model=str(quality_captioner), quality_trust_remote_code=True))
-    caption_stage._load_captioner.cache_clear()
+    caption_stage.run(
+        make_config(
+            tiny_models, images=folder, out=out, quality_model=str(quality_captioner), quality_trust_remote_code=True
+        )
+    )
+    load_captioner.cache_clear()
     assert sorted(set(calls)) == sorted({(str(tiny_models.captioner), False), (str(quality_captioner), True)})
     row = pd.read_parquet(out).iloc[0]
     assert row["quality_captioner"] == str(quality_captioner) and "hr_quality_caption" not in row.index
+
+
+def test_caption_settings_carry_the_generation_settings():
+    from pydantic import ValidationError
+
+    from xpsr_core.caption import GenerationSettings
+    from xpsr_core.config import resolve_config
+
+    config = caption_stage.CaptionConfig(max_new_tokens=5, do_sample=True, temperature=0.5)
+    generation = config.generation()
+    assert generation == GenerationSettings(max_new_tokens=5, do_sample=True, temperature=0.5)
+    assert hash(generation) == hash(GenerationSettings(max_new_tokens=5, do_sample=True, temperature=0.5))
+    assert (config.content_instruction, config.quality_instruction) == (CONTENT_INSTRUCTION, QUALITY_INSTRUCTION)
+    # the manifests' generation column
+    assert GenerationSettings().to_json() == ('{"do_sample": false, "max_new_tokens": 128, "num_beams": 1, '
+                                             '"repetition_penalty": 1.0, "temperature": 1.0, "top_p": 1.0}')
+    with pytest.raises(UserError, match=r"caption.*top_p: Input should be less than or equal to 1 \(got 2\)"):
+        resolve_config(caption_stage.CaptionConfig, "caption", {"caption": {"top_p": 2}})
+    with pytest.raises(ValidationError, match="num_beams"):
+        GenerationSettings(num_beams=0)

@@ -76,13 +76,24 @@ def test_unwritable_output(photo_dir, tmp_path):
 
 
 def test_failure_ratio_is_a_clean_error(bad_corpus, tmp_path):
-    result = invoke("shard", str(bad_corpus), "--out", str(tmp_path / "out"), "--set", "max_failure_ratio=0.2", "--set", "min_size=8")
+    result = invoke(
+        "shard",
+        str(bad_corpus),
+        "--out",
+        str(tmp_path / "out"),
+        "--set",
+        "max_failure_ratio=0.2",
+        "--set",
+        "min_size=8",
+    )
     assert_user_error(result, "failed", "max_failure_ratio")
 
 
 def test_degrade_needs_finished_shards(tmp_path):
     (tmp_path / "empty").mkdir()
-    assert_user_error(invoke("degrade", "--in", str(tmp_path / "empty"), "--out", str(tmp_path / "pairs")), "xpsr shard")
+    assert_user_error(
+        invoke("degrade", "--in", str(tmp_path / "empty"), "--out", str(tmp_path / "pairs")), "xpsr shard"
+    )
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):

@@ -306,7 +306,11 @@ def test_separable_usm_matches_basicsr_dense_usmsharp(photos):
     )
     # It really sharpens: more high-frequency energy than the input.
     def laplacian_energy(x):
-        return (x[..., 1:-1, 1:-1] * 4 - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]).abs().mean()
+        return (
+            (x[..., 1:-1, 1:-1] * 4 - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:])
+            .abs()
+            .mean()
+        )
 
     assert laplacian_energy(usm_sharpen(photos)) > 1.05 * laplacian_energy(photos)
 
@@ -334,7 +338,9 @@ def test_resize_matches_f_interpolate(photos, mode):
 
     for scale in (0.15, 0.37, 1.0, 1.23, 1.5):
         size = math.floor(HR * scale)
-        same(resize(photos, (size, size), mode, scale_factor=scale), F.interpolate(photos, scale_factor=scale, mode=mode))
+        same(
+            resize(photos, (size, size), mode, scale_factor=scale), F.interpolate(photos, scale_factor=scale, mode=mode)
+        )
     for size in (9, 32, 41):
         same(resize(photos, (size, size), mode), F.interpolate(photos, size=(size, size), mode=mode))
 
@@ -369,7 +375,9 @@ def test_noise_follows_basicsr_formulas_exactly(photos, noise_type, gray):
     with torch.random.fork_rng():
         torch.manual_seed(stage.noise_seed)
         if noise_type == "gaussian":
-            theirs = add_gaussian_noise_pt(image, sigma=torch.tensor([17.0]), gray_noise=gray_t, clip=True, rounds=False)
+            theirs = add_gaussian_noise_pt(
+                image, sigma=torch.tensor([17.0]), gray_noise=gray_t, clip=True, rounds=False
+            )
         else:
             theirs = add_poisson_noise_pt(image, scale=torch.tensor([1.7]), gray_noise=gray_t, clip=True, rounds=False)
     assert torch.equal(ours, theirs)

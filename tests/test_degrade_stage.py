@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_shard import output_bytes
 
 from stages import degrade as degrade_stage
 from stages import shard as shard_stage
-from test_shard import output_bytes
 from xpsr_core.errors import UserError
 from xpsr_core.io.images import decode_png
 from xpsr_core.io.shards import read_shard, read_sizes
@@ -20,7 +20,15 @@ from xpsr_core.io.shards import read_shard, read_sizes
 @pytest.fixture(scope="module")
 def hr_shards(photo_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hr")
-    shard_stage.run(shard_stage.ShardConfig(inputs=[{"path": str(photo_dir), "dataset": "photos"}], out=out, crop_size=96, images_per_shard=2, crops_per_image=1))
+    shard_stage.run(
+        shard_stage.ShardConfig(
+            inputs=[{"path": str(photo_dir), "dataset": "photos"}],
+            out=out,
+            crop_size=96,
+            images_per_shard=2,
+            crops_per_image=1,
+        )
+    )
     return out
 
 
@@ -71,11 +79,11 @@ def test_deterministic_across_workers_batches_and_interruptions(hr_shards, tmp_p
     real = degrade_stage.degrade_shard
     calls = {"n": 0}
 
-    def crash_on_second(*args):
+    def crash_on_second(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated crash")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(degrade_stage, "degrade_shard", crash_on_second)
     with pytest.raises(RuntimeError):

@@ -13,7 +13,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-
 from test_shard import output_bytes
 
 XPSR = str(Path(sys.executable).parent / "xpsr")
@@ -26,7 +25,9 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def kill_midway(args: list[str], cwd: Path, out: Path, total: int, seed: int) -> int:
     """Start the command, SIGKILL it once a random number (>= 1, < total) of shards is done."""
     target = random.Random(seed).randint(1, total - 1)
-    process = subprocess.Popen([XPSR, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [XPSR, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and process.poll() is None:
@@ -42,10 +43,47 @@ def kill_midway(args: list[str], cwd: Path, out: Path, total: int, seed: int) ->
 
 
 STAGES = {
-    "shard": lambda d, out, m: ["shard", f"photos={d['photos']}", "--out", str(out), "--crop-size", "96", "--images-per-shard", "1", "-j", "1"],
+    "shard": lambda d, out, m: [
+        "shard",
+        f"photos={d['photos']}",
+        "--out",
+        str(out),
+        "--crop-size",
+        "96",
+        "--images-per-shard",
+        "1",
+        "-j",
+        "1",
+    ],
     "degrade": lambda d, out, m: ["degrade", "--in", str(d["hr"]), "--out", str(out), "-j", "1", "--batch-size", "1"],
-    "caption": lambda d, out, m: ["caption", "--in", str(d["pairs"]), "--out", str(out), "--model", str(m.captioner), "--base-model", str(m.sd), "--max-new-tokens", "6", "--batch-size", "1"],
-    "embed": lambda d, out, m: ["embed", "--pairs", str(d["pairs"]), "--captions", str(d["captions"]), "--out", str(out), "--base-model", str(m.sd), "--batch-size", "1"],
+    "caption": lambda d, out, m: [
+        "caption",
+        "--in",
+        str(d["pairs"]),
+        "--out",
+        str(out),
+        "--model",
+        str(m.captioner),
+        "--base-model",
+        str(m.sd),
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "1",
+    ],
+    "embed": lambda d, out, m: [
+        "embed",
+        "--pairs",
+        str(d["pairs"]),
+        "--captions",
+        str(d["captions"]),
+        "--out",
+        str(out),
+        "--base-model",
+        str(m.sd),
+        "--batch-size",
+        "1",
+    ],
 }
 
 
@@ -66,7 +104,9 @@ def test_kill_9_then_rerun_gives_identical_outputs(stage, one_per_shard, tiny_mo
     reference = tmp_path / "reference"
     assert run_cli(STAGES[stage](one_per_shard, reference, tiny_models), tmp_path).returncode == 0
     out = tmp_path / "killed"
-    done_at_kill = kill_midway(STAGES[stage](one_per_shard, out, tiny_models), tmp_path, out, total=6, seed=zlib.crc32(stage.encode()))
+    done_at_kill = kill_midway(
+        STAGES[stage](one_per_shard, out, tiny_models), tmp_path, out, total=6, seed=zlib.crc32(stage.encode())
+    )
     assert 1 <= done_at_kill < 6, f"the kill landed after {done_at_kill} of 6 shards"
     assert not (out / "sizes.json").exists()
     result = run_cli(STAGES[stage](one_per_shard, out, tiny_models), tmp_path)
@@ -87,10 +127,17 @@ def test_changed_params_refuse_to_mix_unless_overwrite(one_per_shard, tiny_model
 
 def small_filesystem(path: Path, size: str) -> bool:
     path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
-def test_full_disk_gives_a_clear_message_and_no_complete_looking_file(one_per_shard, tiny_models, tmp_path, monkeypatch):
+def test_full_disk_gives_a_clear_message_and_no_complete_looking_file(
+    one_per_shard, tiny_models, tmp_path, monkeypatch
+):
     disk = tmp_path / "disk"
     mounted = small_filesystem(disk, "150k")
     try:
@@ -136,7 +183,9 @@ def test_bad_corpus_through_the_pipeline_accounts_for_every_input(bad_corpus, ph
 
     hr, pairs, captions, train = (tmp_path / n for n in ("hr", "pairs", "captions", "train"))
     inputs = [{"path": str(bad_corpus), "dataset": "bad"}, {"path": str(photo_dir), "dataset": "good"}]
-    shard_report = shard.run(shard.ShardConfig(inputs=inputs, out=hr, crop_size=96, images_per_shard=4, min_size=8, max_failure_ratio=1.0))
+    shard_report = shard.run(
+        shard.ShardConfig(inputs=inputs, out=hr, crop_size=96, images_per_shard=4, min_size=8, max_failure_ratio=1.0)
+    )
     bad = sum(status != "ok" for status, _ in BAD_CORPUS_EXPECTED.values())
     files = len(BAD_CORPUS_EXPECTED) + 6
     assert shard_report["inputs"] == files and shard_report["failed"] == bad
@@ -144,7 +193,17 @@ def test_bad_corpus_through_the_pipeline_accounts_for_every_input(bad_corpus, ph
     assert shard_report["samples"] == files - bad
     degrade_report = degrade.run(degrade.DegradeConfig(input_dir=hr, out=pairs))
     assert degrade_report["inputs"] == shard_report["samples"] and degrade_report["failed"] == 0
-    caption_report = caption.run(caption.CaptionConfig(input_dir=pairs, out=captions, model=str(tiny_models.captioner), base_model=str(tiny_models.sd), max_new_tokens=6))
+    caption_report = caption.run(
+        caption.CaptionConfig(
+            input_dir=pairs,
+            out=captions,
+            model=str(tiny_models.captioner),
+            base_model=str(tiny_models.sd),
+            max_new_tokens=6,
+        )
+    )
     assert caption_report["inputs"] == degrade_report["samples"]
-    embed_report = embed.run(embed.EmbedConfig(pairs_dir=pairs, captions_dir=captions, out=train, base_model=str(tiny_models.sd)))
+    embed_report = embed.run(
+        embed.EmbedConfig(pairs_dir=pairs, captions_dir=captions, out=train, base_model=str(tiny_models.sd))
+    )
     assert embed_report["samples"] == caption_report["samples"]

@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_shard import output_bytes
 
 from stages import caption as caption_stage
 from stages import embed as embed_stage
-from test_shard import output_bytes
 from xpsr_core.encoding import NEGATIVE_PROMPT, encode_latent_moments, encode_prompts, npy_load, sample_latent
 from xpsr_core.errors import UserError
 from xpsr_core.io.images import decode_png
@@ -20,7 +20,16 @@ from xpsr_core.models.loading import load_base_sd
 @pytest.fixture(scope="module")
 def captions(tiny_models, pair_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("captions")
-    caption_stage.run(caption_stage.CaptionConfig(input_dir=pair_shards, out=out, model=str(tiny_models.captioner), base_model=str(tiny_models.sd), max_new_tokens=6, batch_size=4))
+    caption_stage.run(
+        caption_stage.CaptionConfig(
+            input_dir=pair_shards,
+            out=out,
+            model=str(tiny_models.captioner),
+            base_model=str(tiny_models.sd),
+            max_new_tokens=6,
+            batch_size=4,
+        )
+    )
     return out
 
 
@@ -38,7 +47,9 @@ def test_training_shards_hold_exact_encodings(tiny_models, pair_shards, captions
     width = base.text_encoder.config.hidden_size
     negative = npy_load((out / "negative.npy").read_bytes())
     assert negative.dtype == np.float16 and negative.shape == (77, width)
-    expected_negative = encode_prompts(base.text_encoder, base.tokenizer, [NEGATIVE_PROMPT])[0].numpy().astype(np.float16)
+    expected_negative = (
+        encode_prompts(base.text_encoder, base.tokenizer, [NEGATIVE_PROMPT])[0].numpy().astype(np.float16)
+    )
     assert np.array_equal(negative, expected_negative)
     samples = [s for p in sorted(out.glob("*.tar")) for s in read_shard(p)]
     assert len(samples) == 6
@@ -49,15 +60,25 @@ def test_training_shards_hold_exact_encodings(tiny_models, pair_shards, captions
         meta = json.loads(sample["json"])
         content = npy_load(sample["content.npy"])
         assert content.dtype == np.float16 and content.shape == (77, width)
-        recomputed = encode_prompts(base.text_encoder, base.tokenizer, [meta["captions"]["content"]])[0].numpy().astype(np.float16)
+        recomputed = (
+            encode_prompts(base.text_encoder, base.tokenizer, [meta["captions"]["content"]])[0]
+            .numpy()
+            .astype(np.float16)
+        )
         assert np.array_equal(content, recomputed)
         moments = npy_load(sample["latent.npy"])
         assert moments.shape == (8, 12, 12) and moments.dtype == np.float32
         hr = torch.from_numpy(decode_png(sample["hr.png"])).permute(2, 0, 1)[None].float() / 127.5 - 1
-        assert torch.allclose(torch.from_numpy(moments)[None], encode_latent_moments(base.vae, hr), atol=1e-4), "batched and single encodings agree to float tolerance"
+        assert torch.allclose(torch.from_numpy(moments)[None], encode_latent_moments(base.vae, hr), atol=1e-4), (
+            "batched and single encodings agree to float tolerance"
+        )
         # a latent drawn from the stored moments equals online encoding with the same noise
-        online = base.vae.encode(hr).latent_dist.sample(generator=torch.Generator().manual_seed(3)) * base.vae_scaling_factor
-        stored = sample_latent(torch.from_numpy(moments)[None], base.vae_scaling_factor, torch.Generator().manual_seed(3))
+        online = (
+            base.vae.encode(hr).latent_dist.sample(generator=torch.Generator().manual_seed(3)) * base.vae_scaling_factor
+        )
+        stored = sample_latent(
+            torch.from_numpy(moments)[None], base.vae_scaling_factor, torch.Generator().manual_seed(3)
+        )
         assert torch.allclose(online, stored, atol=1e-5)
 
 
@@ -87,7 +108,9 @@ def test_mismatched_inputs_are_refused_with_the_keys(tiny_models, pair_shards, c
     assert missing_key not in keys and len(keys) == 5
 
 
-def test_hr_quality_captions_reach_the_training_shards(tiny_models, pair_shards, captions, hr_captions, train_shards_hr, tmp_path):
+def test_hr_quality_captions_reach_the_training_shards(
+    tiny_models, pair_shards, captions, hr_captions, train_shards_hr, tmp_path
+):
     import json
 
     import pandas as pd
@@ -99,13 +122,21 @@ def test_hr_quality_captions_reach_the_training_shards(tiny_models, pair_shards,
     for sample in samples:
         meta = json.loads(sample["json"])
         row = manifest.loc[sample["__key__"]]
-        assert meta["captions"] == {"content": row["content_caption"], "quality": row["quality_caption"], "hr_quality": row["hr_quality_caption"]}
+        assert meta["captions"] == {
+            "content": row["content_caption"],
+            "quality": row["quality_caption"],
+            "hr_quality": row["hr_quality_caption"],
+        }
         assert meta["caption_clip_tokens"]["hr_quality"] == row["hr_quality_clip_tokens"]
         stored = npy_load(sample["hr_quality.npy"])
         assert stored.dtype == np.float16 and stored.shape == npy_load(sample["quality.npy"]).shape
-        expected = encode_prompts(base.text_encoder, base.tokenizer, [row["hr_quality_caption"]])[0].numpy().astype(np.float16)
+        expected = (
+            encode_prompts(base.text_encoder, base.tokenizer, [row["hr_quality_caption"]])[0].numpy().astype(np.float16)
+        )
         assert np.array_equal(stored, expected)
     # without HR captions in the manifests the shards are as before: no hr_quality.npy, no hr_quality caption
     embed_stage.run(make_config(tiny_models, pair_shards, captions, tmp_path / "plain"))
     plain = [s for p in sorted((tmp_path / "plain").glob("*.tar")) for s in read_shard(p)]
-    assert plain and all("hr_quality.npy" not in s and "hr_quality" not in json.loads(s["json"])["captions"] for s in plain)
+    assert plain and all(
+        "hr_quality.npy" not in s and "hr_quality" not in json.loads(s["json"])["captions"] for s in plain
+    )

@@ -1,4 +1,4 @@
-"""Evaluation: PSNR/SSIM against basicsr, optional metrics reported honestly, the evaluate stage."""
+"""The evaluate stage: several methods on the same pairs, the comparison report, the inference-time ablations."""
 
 from __future__ import annotations
 
@@ -11,144 +11,246 @@ from PIL import Image
 
 from conftest import photo
 
-
-def _basicsr_metrics():
-    import xpsr_core.degrade.compat  # noqa: F401  (installs the torchvision alias basicsr 1.4.2 needs)
-    from basicsr.metrics.psnr_ssim import calculate_psnr, calculate_ssim
-
-    return calculate_psnr, calculate_ssim
-
-
-@pytest.mark.parametrize("shape,crop", [((64, 64, 3), 4), ((67, 53, 3), 2), ((40, 96, 3), 0)])
-def test_psnr_ssim_equal_basicsr(shape, crop):
-    from xpsr_core.metrics import psnr_y, ssim_y
-
-    calculate_psnr, calculate_ssim = _basicsr_metrics()
-    reference = photo("astronaut", (shape[1], shape[0]))
-    rng = np.random.default_rng(shape[0])
-    degraded = np.clip(reference.astype(np.int16) + rng.integers(-25, 26, reference.shape), 0, 255).astype(np.uint8)
-    # basicsr reads images with OpenCV (BGR); ours are RGB, so basicsr gets the channel-reversed arrays
-    expected_psnr = calculate_psnr(degraded[..., ::-1], reference[..., ::-1], crop, test_y_channel=True)
-    expected_ssim = calculate_ssim(degraded[..., ::-1], reference[..., ::-1], crop, test_y_channel=True)
-    assert psnr_y(degraded, reference, crop) == pytest.approx(expected_psnr, abs=1e-6)
-    assert ssim_y(degraded, reference, crop) == pytest.approx(expected_ssim, abs=1e-6)
-    assert psnr_y(reference, reference, crop) == calculate_psnr(reference, reference, crop, test_y_channel=True) == float("inf")
-    assert ssim_y(reference, reference, crop) == pytest.approx(1.0, abs=1e-9)
-
-
-def test_optional_metrics_without_weights_are_not_computed_with_a_reason(tmp_path):
-    from xpsr_core.metrics import OPTIONAL_METRICS, prepare_metrics
-
-    paths = {name: str(tmp_path / "absent" / name) for name in OPTIONAL_METRICS}
-    paths["musiq"] = None
-    runs = prepare_metrics(OPTIONAL_METRICS, paths)
-    assert [r.name for r in runs] == ["lpips", "dists", "fid", "maniqa", "musiq", "clipiqa"]
-    for run in runs:
-        assert not run.computed and run.metric is None
-        assert run.reason and (str(tmp_path) in run.reason or "no weights path" in run.reason)
-    # weights present but no implementation installed: the reason says so
-    (tmp_path / "dists.pt").write_bytes(b"x")
-    (dists,) = prepare_metrics(["dists"], {"dists": str(tmp_path / "dists.pt")})
-    assert not dists.computed and "pyiqa" in dists.reason
-
-
-def test_lpips_runs_from_local_weight_files(tmp_path):
-    """LPIPS from a local VGG-16 state dict and linear-layer file (random here: no real weights offline)."""
-    import torchvision
-
-    from xpsr_core.metrics import prepare_metrics
-
-    torch.manual_seed(0)
-    features = torchvision.models.vgg16(weights=None).features
-    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / "vgg16-test.pth")
-    lins = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))}
-    torch.save(lins, tmp_path / "vgg.pth")
-    (lpips,) = prepare_metrics(["lpips"], {"lpips": str(tmp_path)})
-    assert lpips.computed, lpips.reason
-    image = photo("coffee", (64, 64))
-    other = photo("rocket", (64, 64))
-    assert lpips.metric(image, image) == pytest.approx(0.0, abs=1e-7)
-    assert lpips.metric(image, other) > 0
-    # a broken weights file is reported, not fatal
-    torch.save({"lin0.model.1.weight": torch.rand(1, 3, 1, 1)}, tmp_path / "vgg.pth")
-    (broken,) = prepare_metrics(["lpips"], {"lpips": str(tmp_path)})
-    assert not broken.computed and "failed" in broken.reason
+Y_METRICS = ["psnr_y", "ssim_y"]
 
 
 @pytest.fixture
 def folder_pairs(tmp_path):
-    """HR photographs, their x4 bicubic LR, and 'SR' images (bicubic back up) in three folders."""
-    roots = {name: tmp_path / name for name in ("lr", "hr", "sr")}
+    """HR photographs, their x4 bicubic LR, and 'SR' images made elsewhere (a blurred HR) in three folders."""
+    from PIL import ImageFilter
+
+    roots = {name: tmp_path / name for name in ("lr", "hr", "other")}
     for root in roots.values():
         (root / "sub").mkdir(parents=True)
     names = ["astronaut", "sub/coffee", "chelsea"]
     for name, sample in zip(names, ["astronaut", "coffee", "chelsea"]):
-        hr = photo(sample, (64, 48))
-        lr = Image.fromarray(hr).resize((16, 12), Image.BICUBIC)
-        lr.save(roots["lr"] / f"{name}.png")
-        Image.fromarray(hr).save(roots["hr"] / f"{name}.png")
-        lr.resize((64, 48), Image.BICUBIC).save(roots["sr"] / f"{name}.png")
+        hr = Image.fromarray(photo(sample, (64, 48)))
+        hr.resize((16, 12), Image.BICUBIC).save(roots["lr"] / f"{name}.png")
+        hr.save(roots["hr"] / f"{name}.png")
+        hr.filter(ImageFilter.GaussianBlur(1.2)).save(roots["other"] / f"{name}.png")
     return roots, names
 
 
-def test_evaluate_existing_sr_folder(folder_pairs, tmp_path):
+def _rrdbnet_weights(path, seed=0):
+    """A small random RRDBNet in the state-dict layout of RealESRGAN_x4plus.pth."""
+    from basicsr.archs.rrdbnet_arch import RRDBNet
+
+    import xpsr_core.degrade.compat  # noqa: F401  (basicsr 1.4.2's torchvision import)
+
+    torch.manual_seed(seed)
+    network = RRDBNet(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=1, num_grow_ch=4, scale=4)
+    torch.save({"params_ema": network.state_dict()}, path)
+    return path
+
+
+def test_evaluate_scores_folder_results_against_bicubic(folder_pairs, tmp_path):
     import pandas as pd
 
     from stages import evaluate
+    from xpsr_core.evaluation.baselines import bicubic_upscale
     from xpsr_core.metrics import psnr_y, ssim_y
 
     roots, names = folder_pairs
-    report = evaluate.run(evaluate.EvaluateConfig(lr_dir=roots["lr"], hr_dir=roots["hr"], sr_dir=roots["sr"], out=tmp_path / "eval",
-                                                  metric_weights={}, grid_images=2))
-    table = pd.read_parquet(tmp_path / "eval" / "per_image.parquet")
-    assert sorted(table["key"]) == sorted(names) and (table["status"] == "ok").all()
+    out = tmp_path / "eval"
+    report = evaluate.run(
+        evaluate.EvaluateConfig(
+            lr_dir=roots["lr"],
+            hr_dir=roots["hr"],
+            out=out,
+            metrics=Y_METRICS + ["lpips", "fid"],
+            metric_weights_dir=tmp_path / "no-weights",
+            grid_images=2,
+            methods=[
+                {"name": "bicubic", "kind": "bicubic"},
+                {"name": "Other", "kind": "folder", "path": str(roots["other"])},
+                {"name": "realesrgan", "kind": "realesrgan", "path": str(tmp_path / "missing.pth")},
+            ],
+        )
+    )
+    table = pd.read_parquet(out / "per_image.parquet")
+    assert sorted(table["method"].unique()) == ["Other", "bicubic"] and (table["status"] == "ok").all()
     for name in names:
-        sr = np.asarray(Image.open(roots["sr"] / f"{name}.png").convert("RGB"))
         hr = np.asarray(Image.open(roots["hr"] / f"{name}.png").convert("RGB"))
-        row = table[table["key"] == name].iloc[0]
-        assert row["psnr_y"] == pytest.approx(psnr_y(sr, hr, 4)) and row["ssim_y"] == pytest.approx(ssim_y(sr, hr, 4))
-    numbers = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert all(isinstance(v, (int, float)) for v in numbers.values()), "metrics.json holds numbers only"
-    metrics = {**numbers, **json.loads((tmp_path / "eval" / "metric_details.json").read_text())}
-    assert metrics["images"] == 3 and metrics["crop_border"] == 4
-    assert metrics["psnr_y"] == pytest.approx(table["psnr_y"].mean())
-    assert metrics["metrics"]["ssim_y"]["value"] == pytest.approx(table["ssim_y"].mean())
-    for name in ("lpips", "dists", "fid", "maniqa", "musiq", "clipiqa"):
-        entry = metrics["metrics"][name]
-        assert entry["computed"] is False and entry["reason"] and "value" not in entry and name not in metrics
-        assert metrics["not_computed"][name] == entry["reason"]
-    grid = Image.open(tmp_path / "eval" / "grid.png")
-    assert grid.size == (3 * 64 + 2 * 4, 2 * 48 + 4)
-    assert report["images"] == 3
+        lr = np.asarray(Image.open(roots["lr"] / f"{name}.png").convert("RGB"))
+        other = np.asarray(Image.open(roots["other"] / f"{name}.png").convert("RGB"))
+        for method, sr in (("bicubic", bicubic_upscale(lr, 4)), ("Other", other)):
+            row = table[(table["key"] == name) & (table["method"] == method)].iloc[0]
+            assert row["psnr_y"] == pytest.approx(psnr_y(sr, hr, 4)) and row["ssim_y"] == pytest.approx(
+                ssim_y(sr, hr, 4)
+            )
+        assert (out / "sr" / "Other" / f"{name}.png").is_file()
+    numbers = json.loads((out / "metrics.json").read_text())
+    for method in ("bicubic", "Other"):
+        assert numbers[method]["psnr_y"] == pytest.approx(table[table["method"] == method]["psnr_y"].mean())
+        assert "lpips" not in numbers[method] and "fid" not in numbers[method], "not computed is never a number"
+    details = json.loads((out / "metric_details.json").read_text())
+    assert details["crop_border"] == 4 and details["methods"]["Other"]["images"] == 3
+    assert (
+        details["methods"]["realesrgan"]["ran"] is False
+        and "missing.pth is missing" in details["methods"]["realesrgan"]["reason"]
+    )
+    for name in ("lpips", "fid"):
+        assert details["metrics"][name]["computed"] is False and "no-weights" in details["metrics"][name]["reason"]
+    markdown = (out / "table.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("|"))
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == ["bicubic", "Other"]
+    assert "n/c" in markdown
+    assert sorted(p.name for p in (out / "grids").glob("*.png")) == ["astronaut.png", "chelsea.png"]
+    assert report["counts"] == {"bicubic": {"images": 3, "failed": 0}, "Other": {"images": 3, "failed": 0}}
 
 
-def test_make_grid_places_lr_sr_hr_side_by_side():
-    from xpsr_core.infer import make_grid
-
-    lr_up, sr, hr = (np.full((20, 30, 3), v, np.uint8) for v in (10, 120, 250))
-    grid = np.asarray(make_grid(lr_up, sr, Image.fromarray(hr).resize((15, 10))))
-    assert grid.shape == (20, 3 * 30 + 2 * 4, 3)
-    assert (grid[:, :30] == 10).all() and (grid[:, 34:64] == 120).all() and (grid[:, 68:] >= 249).all()
-
-
-def test_evaluate_runs_the_pipeline_on_pair_shards(tiny_models, pair_shards, tmp_path):
+def test_folder_method_reports_missing_results_per_pair(folder_pairs, tmp_path):
     import pandas as pd
 
     from stages import evaluate
+
+    roots, _ = folder_pairs
+    (roots["other"] / "chelsea.png").unlink()
+    evaluate.run(
+        evaluate.EvaluateConfig(
+            lr_dir=roots["lr"],
+            hr_dir=roots["hr"],
+            out=tmp_path / "eval",
+            metrics=Y_METRICS,
+            methods=[{"name": "Other", "kind": "folder", "path": str(roots["other"])}],
+        )
+    )
+    table = pd.read_parquet(tmp_path / "eval" / "per_image.parquet").set_index("key")
+    assert table.loc["chelsea", "status"] == "error" and "no image for chelsea" in table.loc["chelsea", "error"]
+    assert (table.drop("chelsea")["status"] == "ok").all()
+
+
+@pytest.fixture(scope="module")
+def xpsr_checkpoint(tiny_models, tmp_path_factory):
+    """A tiny XPSR whose ControlNet and SFA are not at their zero initialisation (so prompts matter)."""
     from xpsr_core.models.xpsr import XPSRModel
 
-    checkpoint = XPSRModel.from_base(tiny_models.sd, with_dfc=False).save_trainable(tmp_path / "run" / "final")
-    report = evaluate.run(evaluate.EvaluateConfig(
-        pairs_dir=pair_shards, out=tmp_path / "eval", base_model=str(tiny_models.sd), xpsr=str(checkpoint.parent),
-        captions="given", content_caption="a photograph", quality_caption="blurry", steps=1, limit=3, grid_images=3,
+    model = XPSRModel.from_base(tiny_models.sd, with_dfc=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model.save_trainable(tmp_path_factory.mktemp("run") / "final")
+
+
+def test_report_compares_bicubic_a_random_rrdbnet_and_tiny_xpsr(tiny_models, pair_shards, xpsr_checkpoint, tmp_path):
+    import pandas as pd
+
+    from stages import evaluate
+    from xpsr_core.evaluation.report import rank_marks
+
+    weights = _rrdbnet_weights(tmp_path / "RealESRGAN_x4plus.pth")
+    out = tmp_path / "eval"
+    report = evaluate.run(
+        evaluate.EvaluateConfig(
+            pairs_dir=pair_shards,
+            out=out,
+            base_model=str(tiny_models.sd),
+            xpsr=str(xpsr_checkpoint),
+            captions="given",
+            content_caption="a photograph",
+            quality_caption="blurry",
+            steps=2,
+            limit=3,
+            grid_images=2,
+            metrics=Y_METRICS,
+            methods=[
+                {"name": "bicubic", "kind": "bicubic"},
+                {"name": "realesrgan", "kind": "realesrgan", "path": str(weights)},
+                {"name": "xpsr", "kind": "xpsr"},
+            ],
+        )
+    )
+    assert report["counts"] == {m: {"images": 3, "failed": 0} for m in ("bicubic", "realesrgan", "xpsr")}
+    table = pd.read_parquet(out / "per_image.parquet")
+    means = table.groupby("method")["psnr_y"].mean()
+    assert len(set(np.round(means.values, 6))) == 3, "each method gives its own values"
+    numbers = json.loads((out / "metrics.json").read_text())
+    for metric in Y_METRICS:
+        values = {m: numbers[m][metric] for m in ("bicubic", "realesrgan", "xpsr")}
+        marks = rank_marks(values, higher_is_better=True)
+        ordered = sorted(values, key=values.get, reverse=True)
+        assert marks[ordered[0]] == "best" and marks[ordered[1]] == "second" and marks[ordered[2]] == ""
+        row = next(
+            line for line in (out / "table.md").read_text().splitlines() if line.startswith(f"| {report_label(metric)}")
+        )
+        cells = dict(zip(["bicubic", "realesrgan", "xpsr"], [c.strip() for c in row.strip("|").split("|")[1:4]]))
+        assert (
+            cells[ordered[0]].startswith("**")
+            and cells[ordered[1]].startswith("_")
+            and not cells[ordered[2]].startswith(("*", "_"))
+        )
+    grid = Image.open(next((out / "grids").glob("*.png")))
+    assert grid.size[0] >= 5 * 96, "LR | three methods | HR"
+
+
+def report_label(metric: str) -> str:
+    from xpsr_core.metrics import METRICS
+
+    return METRICS[metric].label
+
+
+def test_ablations_change_the_prompts_the_model_sees(tiny_models, pair_shards, xpsr_checkpoint, tmp_path, monkeypatch):
+    from stages import evaluate
+    from xpsr_core.infer.pipeline import XPSRPipeline
+
+    seen: list[tuple[list[str], torch.Tensor]] = []
+    encode = XPSRPipeline.encode_text
+
+    def recording(self, texts):
+        embeddings = encode(self, texts)
+        seen.append((list(texts), embeddings.clone()))
+        return embeddings
+
+    monkeypatch.setattr(XPSRPipeline, "encode_text", recording)
+    out = tmp_path / "eval"
+    evaluate.run(evaluate.EvaluateConfig(
+        pairs_dir=pair_shards, out=out, base_model=str(tiny_models.sd), xpsr=str(xpsr_checkpoint), captions="given",
+        content_caption="a photograph of a cat", quality_caption="blurry and noisy", steps=1, limit=1, grid_images=1,
+        metrics=Y_METRICS, methods=[{"name": "xpsr", "kind": "xpsr"}], ablations=True,
     ))
-    table = pd.read_parquet(tmp_path / "eval" / "per_image.parquet")
-    assert len(table) == 3 and (table["status"] == "ok").all()
-    assert table["psnr_y"].notna().all() and table["ssim_y"].between(-1, 1).all()
-    assert (table["content_caption"] == "a photograph").all()
-    assert report["images"] == 3 and report["psnr_y"] == pytest.approx(table["psnr_y"].mean())
-    assert len(list((tmp_path / "eval" / "sr").glob("*.png"))) == 3
-    assert Image.open(tmp_path / "eval" / "grid.png").size == (3 * 96 + 8, 3 * 96 + 8)
+    calls = [c for c in seen if len(c[0]) >= 3]  # one sampling per method: [c_h, c_l, c_neg]
+    assert len(calls) == 5
+    by_method = dict(zip(["xpsr", "xpsr-no-high", "xpsr-no-low", "xpsr-no-prompts", "xpsr-no-negative"], calls))
+    full_texts, full = by_method["xpsr"]
+    assert full_texts[:2] == ["a photograph of a cat", "blurry and noisy"]
+    pipe = XPSRPipeline.from_pretrained(base_model=str(tiny_models.sd), xpsr=str(xpsr_checkpoint))
+    empty = encode(pipe, [""])[0]
+
+    def same(a, b):
+        return torch.allclose(a, b, atol=1e-6)
+
+    _, no_high = by_method["xpsr-no-high"]
+    assert same(no_high[0], empty) and not same(no_high[0], full[0]) and same(no_high[1], full[1])
+    _, no_low = by_method["xpsr-no-low"]
+    assert same(no_low[1], empty) and same(no_low[0], full[0]) and not same(no_low[1], full[1])
+    _, no_prompts = by_method["xpsr-no-prompts"]
+    assert same(no_prompts[0], empty) and same(no_prompts[1], empty)
+    _, no_negative = by_method["xpsr-no-negative"]
+    assert same(no_negative[2], empty) and not same(full[2], empty) and same(no_negative[0], full[0])
+    outputs = {m: np.asarray(Image.open(next((out / "sr" / m).glob("*.png")))) for m in by_method}
+    assert not np.array_equal(outputs["xpsr"], outputs["xpsr-no-high"]), "what the model is told changes its output"
+
+
+def test_parse_method_forms():
+    from xpsr_core.errors import UserError
+    from xpsr_core.evaluation.methods import parse_method
+
+    assert parse_method("bicubic").model_dump() == {
+        "name": "bicubic",
+        "kind": "bicubic",
+        "path": None,
+        "ablation": "none",
+    }
+    assert parse_method("realesrgan:w/x4.pth").path == "w/x4.pth"
+    seesr = parse_method("SeeSR=folder:results/seesr")
+    assert (seesr.name, seesr.kind, seesr.path) == ("SeeSR", "folder", "results/seesr")
+    ablated = parse_method("xpsr-no-low")
+    assert (ablated.name, ablated.kind, ablated.ablation) == ("xpsr-no-low", "xpsr", "no_low")
+    for bad in ("sharp", "x=folder", "bad name=bicubic"):
+        with pytest.raises(UserError):
+            parse_method(bad)
 
 
 def test_evaluate_cli_missing_checkpoint(tiny_models, pair_shards, tmp_path, monkeypatch):
@@ -161,3 +263,35 @@ def test_evaluate_cli_missing_checkpoint(tiny_models, pair_shards, tmp_path, mon
                                       str(tiny_models.sd), "--xpsr", "nowhere/final", "--captions", "given"])
     text = result.output + (result.stderr if hasattr(result, "stderr") else "")
     assert result.exit_code != 0 and "Traceback" not in text and "nowhere/final does not exist" in text
+
+
+def test_evaluate_cli_methods_reach_the_config(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from stages import evaluate
+    from stages.cli import app
+
+    captured = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluate, "run", captured.append)
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--method",
+            "bicubic",
+            "--method",
+            "SeeSR=folder:elsewhere",
+            "--ablations",
+            "--metric",
+            "psnr",
+            "--crop-border",
+            "0",
+            "--steps",
+            "3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    config = captured[0]
+    assert [m.name for m in config.methods] == ["bicubic", "SeeSR"] and config.ablations
+    assert config.metrics == ["psnr"] and config.crop_border == 0 and config.steps == 3

@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_shard import output_bytes
 
 from stages import degrade as degrade_stage
 from stages import shard as shard_stage
-from test_shard import output_bytes
 from xpsr_core import fingerprint
 from xpsr_core.errors import UserError
 from xpsr_core.io.shards import read_shard
@@ -19,8 +19,15 @@ from xpsr_core.io.shards import read_shard
 @pytest.fixture(scope="module")
 def hr_shards(photo_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fp-hr")
-    shard_stage.run(shard_stage.ShardConfig(inputs=[{"path": str(photo_dir), "dataset": "photos"}], out=out, crop_size=96,
-                                            images_per_shard=2, crops_per_image=1))
+    shard_stage.run(
+        shard_stage.ShardConfig(
+            inputs=[{"path": str(photo_dir), "dataset": "photos"}],
+            out=out,
+            crop_size=96,
+            images_per_shard=2,
+            crops_per_image=1,
+        )
+    )
     return out
 
 
@@ -77,7 +84,9 @@ def test_one_changed_source_line_rebuilds(hr_shards, tmp_path, monkeypatch):
     reference = output_bytes(out)
     copy = tmp_path / "src"
     for part in ("stages", "xpsr_core"):
-        shutil.copytree(Path(fingerprint.PROJECT_ROOT) / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            Path(fingerprint.PROJECT_ROOT) / part, copy / part, ignore=shutil.ignore_patterns("__pycache__")
+        )
     pipeline = copy / "xpsr_core" / "degrade" / "pipeline.py"
     pipeline.write_text(pipeline.read_text() + "\n# one changed line\n")
     monkeypatch.setattr(fingerprint, "PROJECT_ROOT", copy)

@@ -71,7 +71,11 @@ def _new_zero_params(model: XPSRModel):
 
 def _reference(unet, model, inputs, controlnet):
     out = controlnet(
-        inputs["noisy_latents"], inputs["timesteps"], encoder_hidden_states=inputs["c_h"], controlnet_cond=inputs["condition"], return_dict=False
+        inputs["noisy_latents"],
+        inputs["timesteps"],
+        encoder_hidden_states=inputs["c_h"],
+        controlnet_cond=inputs["condition"],
+        return_dict=False,
     )
     sample = unet(
         inputs["noisy_latents"], inputs["timesteps"], encoder_hidden_states=inputs["c_h"],
@@ -82,9 +86,15 @@ def _reference(unet, model, inputs, controlnet):
 
 def _xpsr(model, inputs, **kwargs):
     cn = model.controlnet(
-        inputs["noisy_latents"], inputs["timesteps"], inputs["c_h"], inputs["condition"], low_level_hidden_states=inputs["c_l"]
+        inputs["noisy_latents"],
+        inputs["timesteps"],
+        inputs["c_h"],
+        inputs["condition"],
+        low_level_hidden_states=inputs["c_l"],
     )
-    sample = model(inputs["noisy_latents"], inputs["timesteps"], inputs["c_h"], inputs["c_l"], inputs["condition"], **kwargs).sample
+    sample = model(
+        inputs["noisy_latents"], inputs["timesteps"], inputs["c_h"], inputs["c_l"], inputs["condition"], **kwargs
+    ).sample
     return cn.down_block_res_samples, cn.mid_block_res_sample, sample
 
 
@@ -126,7 +136,9 @@ def test_fresh_xpsr_equals_diffusers_controlnet_and_unet(unet, inputs, mode, kin
         model.controlnet.load_plain_state_dict(reference.state_dict(), strict_subset=True)
         ref = _reference(unet, model, inputs, reference)
         got = _xpsr(model, inputs)
-    assert max(r.abs().max().item() for r in ref[0]) > 1e-2, "residuals must be non-trivial for the test to mean anything"
+    assert max(r.abs().max().item() for r in ref[0]) > 1e-2, (
+        "residuals must be non-trivial for the test to mean anything"
+    )
     assert _max_diff(ref[0], got[0]) <= 1e-5
     assert _max_diff(ref[1], got[1]) <= 1e-5
     assert _max_diff(ref[2], got[2]) <= 1e-5
@@ -140,8 +152,20 @@ def test_from_trained_diffusers_controlnet_keeps_its_behaviour(unet, inputs):
     _perturb_(_diffusers_zero_params(reference), seed=3)
     controlnet = XPSRControlNet.from_controlnet(reference).eval()
     with torch.no_grad():
-        ref = reference(inputs["noisy_latents"], inputs["timesteps"], encoder_hidden_states=inputs["c_h"], controlnet_cond=inputs["condition"], return_dict=False)
-        got = controlnet(inputs["noisy_latents"], inputs["timesteps"], inputs["c_h"], inputs["condition"], low_level_hidden_states=inputs["c_l"])
+        ref = reference(
+            inputs["noisy_latents"],
+            inputs["timesteps"],
+            encoder_hidden_states=inputs["c_h"],
+            controlnet_cond=inputs["condition"],
+            return_dict=False,
+        )
+        got = controlnet(
+            inputs["noisy_latents"],
+            inputs["timesteps"],
+            inputs["c_h"],
+            inputs["condition"],
+            low_level_hidden_states=inputs["c_l"],
+        )
     assert _max_diff(ref[0], got.down_block_res_samples) <= 1e-5
     assert _max_diff(ref[1], got.mid_block_res_sample) <= 1e-5
 
@@ -179,10 +203,20 @@ def test_low_level_prompt_reaches_output_only_through_low_branch_and_fusion(unet
 
     def residuals(c_l):
         seen = {}
-        hooks = [getattr(first, name).register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, (o[0] if isinstance(o, tuple) else o).clone()))
-                 for name in ("high", "low", "fusion")]
+        hooks = [
+            getattr(first, name).register_forward_hook(
+                lambda m, a, o, name=name: seen.__setitem__(name, (o[0] if isinstance(o, tuple) else o).clone())
+            )
+            for name in ("high", "low", "fusion")
+        ]
         with torch.no_grad():
-            out = model.controlnet(inputs["noisy_latents"], inputs["timesteps"], inputs["c_h"], inputs["condition"], low_level_hidden_states=c_l)
+            out = model.controlnet(
+                inputs["noisy_latents"],
+                inputs["timesteps"],
+                inputs["c_h"],
+                inputs["condition"],
+                low_level_hidden_states=c_l,
+            )
         for h in hooks:
             h.remove()
         return out, seen
@@ -205,7 +239,9 @@ def test_fusion_attention_matches_explicit_formula():
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     torch.manual_seed(0)
-    transformer = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=8, cross_attention_dim=12)
+    transformer = Transformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=8, cross_attention_dim=12
+    )
     sfa = SemanticFusionTransformer(transformer, mode="parallel").eval()
     _perturb_(sfa.fusion.output_projection.parameters(), seed=1)
     x = torch.randn(2, 16, 4, 3)
@@ -247,7 +283,9 @@ def test_ablation_modes_read_the_right_prompts(unet, inputs, mode, ignores):
 
     def run(c_h, c_l):
         with torch.no_grad():
-            return model.controlnet(inputs["noisy_latents"], inputs["timesteps"], c_h, inputs["condition"], low_level_hidden_states=c_l).down_block_res_samples
+            return model.controlnet(
+                inputs["noisy_latents"], inputs["timesteps"], c_h, inputs["condition"], low_level_hidden_states=c_l
+            ).down_block_res_samples
 
     base = run(inputs["c_h"], inputs["c_l"])
     new_h = run(torch.randn_like(inputs["c_h"]), inputs["c_l"])
@@ -264,7 +302,9 @@ def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(unet, input
     model = XPSRModel.build(unet)
     model.train()
     trainable = dict(
-        (f"{part}.{name}", p) for part, module in model.trainable_modules().items() for name, p in module.named_parameters()
+        (f"{part}.{name}", p)
+        for part, module in model.trainable_modules().items()
+        for name, p in module.named_parameters()
     )
     assert all(p.requires_grad for p in trainable.values())
     assert not any(p.requires_grad for p in model.frozen_parameters())
@@ -320,10 +360,20 @@ def test_dfc_loss_terms_are_nonzero_finite_and_fall_when_heads_train(unet, input
     dfc = out.dfc
     assert sorted(dfc.terms) == ["latent_0", "latent_1", "latent_2", "pixel_0", "pixel_1", "pixel_2"]
     assert all(torch.isfinite(v) and v.item() > 0 for v in dfc.terms.values())
-    assert torch.isfinite(dfc.total) and dfc.total.item() == pytest.approx(sum(v.item() for v in dfc.terms.values()), rel=1e-6)
+    assert torch.isfinite(dfc.total) and dfc.total.item() == pytest.approx(
+        sum(v.item() for v in dfc.terms.values()), rel=1e-6
+    )
     # Scales: pixel levels at HR/2, HR/4, HR/8; latent levels at h, h/2, h/4.
-    assert [tuple(dfc.predictions[f"pixel_{i}"].shape[-2:]) for i in range(3)] == [(HR // 2,) * 2, (HR // 4,) * 2, (HR // 8,) * 2]
-    assert [tuple(dfc.predictions[f"latent_{i}"].shape[-2:]) for i in range(3)] == [(LATENT,) * 2, (LATENT // 2,) * 2, (LATENT // 4,) * 2]
+    assert [tuple(dfc.predictions[f"pixel_{i}"].shape[-2:]) for i in range(3)] == [
+        (HR // 2,) * 2,
+        (HR // 4,) * 2,
+        (HR // 8,) * 2,
+    ]
+    assert [tuple(dfc.predictions[f"latent_{i}"].shape[-2:]) for i in range(3)] == [
+        (LATENT,) * 2,
+        (LATENT // 2,) * 2,
+        (LATENT // 4,) * 2,
+    ]
     assert [dfc.predictions[f"latent_{i}"].shape[1] for i in range(3)] == [4, 4, 4]
 
     # Without return_dfc nothing DFC-related is computed.
@@ -332,7 +382,14 @@ def test_dfc_loss_terms_are_nonzero_finite_and_fall_when_heads_train(unet, input
 
     # Optimise only the heads on fixed features: the loss falls.
     with torch.no_grad():
-        cn = model.controlnet(inputs["noisy_latents"], inputs["timesteps"], inputs["c_h"], inputs["condition"], inputs["c_l"], return_features=True)
+        cn = model.controlnet(
+            inputs["noisy_latents"],
+            inputs["timesteps"],
+            inputs["c_h"],
+            inputs["condition"],
+            inputs["c_l"],
+            return_features=True,
+        )
     heads = model.dfc_heads
     optimiser = torch.optim.Adam(heads.parameters(), lr=1e-2)
     losses = []
@@ -378,6 +435,21 @@ def test_save_then_load_gives_bit_identical_outputs(unet, inputs, tiny_models, t
     for part, module in model.trainable_modules().items():
         other = loaded.trainable_modules()[part].state_dict()
         assert all(torch.equal(v, other[k]) for k, v in module.state_dict().items()), part
+
+
+def test_settings_are_validated_and_load_from_saved_dicts(unet, tmp_path):
+    import dataclasses
+
+    with pytest.raises(ValueError, match="sfa_mode"):
+        XPSRSettings(sfa_mode="both")
+    saved = dataclasses.asdict(XPSRSettings.official(fusion_heads=4)) | {
+        "conditioning_embedding_out_channels": [8, 16, 32, 64], "option_of_another_version": 1}
+    expected = XPSRSettings.official(fusion_heads=4, conditioning_embedding_out_channels=(8, 16, 32, 64))
+    assert XPSRSettings.from_dict(saved) == expected
+    (tmp_path / "xpsr.json").write_text(json.dumps({"settings": {"fusion": "mlp"}}))
+    with pytest.raises(UserError, match=r"not a valid XPSR settings file \(fusion: Input should be 'attention' or "
+                                        r"'transformer' \(got 'mlp'\)\)"):
+        XPSRModel.load_trainable(tmp_path, unet)
 
 
 def test_cpu_models_keep_conv_weights_channels_last_with_unchanged_outputs(unet, inputs, tiny_models):

@@ -79,8 +79,14 @@ def test_export_then_import_gives_identical_outputs(unet, tiny_models, inputs, t
     names = json.loads((tmp_path / "checkpoint-7/controlnet/config.json").read_text())
     assert names["use_lowlevel_prompt"] is True and names["use_rrdb"] is False
     controlnet_keys = load_tensors(tmp_path / "checkpoint-7/controlnet/diffusion_pytorch_model.safetensors")
-    assert any(".attentions_connect.0." in k for k in controlnet_keys) and "conv_degradation_mid.0.weight" in controlnet_keys
-    assert any(".pixel_attentions." in k for k in load_tensors(tmp_path / "checkpoint-7/unet/diffusion_pytorch_model.safetensors"))
+    assert (
+        any(".attentions_connect.0." in k for k in controlnet_keys)
+        and "conv_degradation_mid.0.weight" in controlnet_keys
+    )
+    assert any(
+        ".pixel_attentions." in k
+        for k in load_tensors(tmp_path / "checkpoint-7/unet/diffusion_pytorch_model.safetensors")
+    )
 
     messages = []
     summary = import_official(tmp_path / "checkpoint-7", tiny_models.sd, tmp_path / "imported", log=messages.append)
@@ -131,19 +137,31 @@ def _edit_tensors(folder, part, edit):
     "change,fragments",
     [
         (lambda f: _edit_config(f, "controlnet", use_rrdb=True), ["use_rrdb: true"]),
-        (lambda f: _edit_config(f, "unet", up_use_lowlevel_prompt=[False, True, False, False]), ["up_use_lowlevel_prompt"]),
+        (
+            lambda f: _edit_config(f, "unet", up_use_lowlevel_prompt=[False, True, False, False]),
+            ["up_use_lowlevel_prompt"],
+        ),
         (lambda f: _edit_config(f, "unet", mid_use_lowlevel_prompt=True), ["mid_use_lowlevel_prompt"]),
         (lambda f: _edit_config(f, "controlnet", use_magic=1), ["use_magic"]),
         (lambda f: _edit_config(f, "controlnet", controlnet_conditioning_channel_order="bgr"), ["bgr"]),
         (lambda f: _edit_config(f, "unet", block_out_channels=[32, 64, 64, 64]), ["block_out_channels"]),
-        (lambda f: _edit_tensors(f, "controlnet", lambda t: t.pop("conv_degradation.3.0.weight")),
-         ["1 model tensors the checkpoint does not provide", "dfc_heads.latent_heads.3.weight"]),
-        (lambda f: _edit_tensors(f, "unet", lambda t: t.update({"up_blocks.1.extra.weight": torch.zeros(2)})),
-         ["checkpoint tensors with no place", "unet/up_blocks.1.extra.weight"]),
-        (lambda f: _edit_tensors(f, "controlnet", lambda t: t.update({"conv_in.weight": torch.zeros(1, 1)})),
-         ["shapes differ", "controlnet/conv_in.weight"]),
+        (
+            lambda f: _edit_tensors(f, "controlnet", lambda t: t.pop("conv_degradation.3.0.weight")),
+            ["1 model tensors the checkpoint does not provide", "dfc_heads.latent_heads.3.weight"],
+        ),
+        (
+            lambda f: _edit_tensors(f, "unet", lambda t: t.update({"up_blocks.1.extra.weight": torch.zeros(2)})),
+            ["checkpoint tensors with no place", "unet/up_blocks.1.extra.weight"],
+        ),
+        (
+            lambda f: _edit_tensors(f, "controlnet", lambda t: t.update({"conv_in.weight": torch.zeros(1, 1)})),
+            ["shapes differ", "controlnet/conv_in.weight"],
+        ),
         (lambda f: shutil.rmtree(f / "controlnet"), ["no controlnet/ folder"]),
-        (lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage"), ["Could not read the weights"]),
+        (
+            lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage"),
+            ["Could not read the weights"],
+        ),
         (lambda f: (f / "unet" / "config.json").write_text("{"), ["not readable JSON"]),
     ],
 )
@@ -170,7 +188,9 @@ def test_a_checkpoint_trained_on_another_base_is_refused_unless_allowed(exported
     assert torch.allclose(written.conv_in.weight, unet.conv_in.weight + 0.25)
 
 
-def test_fine_tuning_an_imported_checkpoint_trains_and_its_checkpoint_exports_again(exported, tiny_models, train_shards, tmp_path):
+def test_fine_tuning_an_imported_checkpoint_trains_and_its_checkpoint_exports_again(
+    exported, tiny_models, train_shards, tmp_path
+):
     import pandas as pd
     from accelerate.state import AcceleratorState
 
@@ -181,15 +201,28 @@ def test_fine_tuning_an_imported_checkpoint_trains_and_its_checkpoint_exports_ag
     AcceleratorState._reset_state(reset_partial_state=True)
     run_dir = tmp_path / "finetune"
     config = train_stage.TrainConfig(
-        train_dir=train_shards, out=run_dir, base_model=str(tmp_path / "imported"), init=str(tmp_path / "imported"),
-        batch_size=2, max_train_steps=30, learning_rate=1e-3, checkpointing_steps=30, shuffle_buffer=4, tensorboard=False,
-        metrics_file=None, device="cpu", use_high_prompt=False,
+        train_dir=train_shards,
+        out=run_dir,
+        base_model=str(tmp_path / "imported"),
+        init=str(tmp_path / "imported"),
+        batch_size=2,
+        max_train_steps=30,
+        learning_rate=1e-3,
+        checkpointing_steps=30,
+        shuffle_buffer=4,
+        tensorboard=False,
+        metrics_file=None,
+        device="cpu",
+        use_high_prompt=False,
     )
     train_stage.run(config)
     AcceleratorState._reset_state(reset_partial_state=True)
     log = pd.read_csv(run_dir / "train_log.tsv", sep="\t")
     # the authors' objective: eps + 3 RGB + 13 latent terms
-    assert sum(c.startswith("dfc_latent_") for c in log.columns) == 13 and sum(c.startswith("dfc_pixel_") for c in log.columns) == 3
+    assert (
+        sum(c.startswith("dfc_latent_") for c in log.columns) == 13
+        and sum(c.startswith("dfc_pixel_") for c in log.columns) == 3
+    )
     assert log["loss"].tail(8).mean() < 0.9 * log["loss"].head(8).mean()
 
     checkpoint = list_checkpoints(run_dir)[-1] / "xpsr"
@@ -203,23 +236,32 @@ def test_fine_tuning_an_imported_checkpoint_trains_and_its_checkpoint_exports_ag
         assert torch.equal(value, again.dfc_heads.state_dict()[name]), name
 
 
-def test_import_official_command_writes_a_pipeline_folder_with_the_authors_recipe(exported, tiny_models, tmp_path, monkeypatch):
+def test_import_official_command_writes_a_pipeline_folder_with_the_authors_recipe(
+    exported, tiny_models, tmp_path, monkeypatch
+):
     from typer.testing import CliRunner
 
     from stages.cli import app
 
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    result = runner.invoke(app, ["import-official", str(exported), "--base-model", str(tiny_models.sd), "--out", "imported"])
+    result = runner.invoke(
+        app, ["import-official", str(exported), "--base-model", str(tiny_models.sd), "--out", "imported"]
+    )
     assert result.exit_code == 0, result.output
     assert "import-official" in result.output and "done" in result.output
     saved = json.loads((tmp_path / "imported/xpsr_pipeline.json").read_text())
     assert saved["defaults"]["guidance_scale"] == 4.5 and saved["defaults"]["added_noise_level"] == 800
     report = json.loads((tmp_path / "imported/import_report.json").read_text())
-    assert report["mapped"]["conditional_attention"] == len(XPSRModel.load_trainable(tmp_path / "imported/xpsr", load_base_sd(
-        tiny_models.sd, components=("unet",)).unet).conditional_attention.state_dict())
+    assert report["mapped"]["conditional_attention"] == len(
+        XPSRModel.load_trainable(
+            tmp_path / "imported/xpsr", load_base_sd(tiny_models.sd, components=("unet",)).unet
+        ).conditional_attention.state_dict()
+    )
 
-    again = runner.invoke(app, ["import-official", str(exported), "--base-model", str(tiny_models.sd), "--out", "imported"])
+    again = runner.invoke(
+        app, ["import-official", str(exported), "--base-model", str(tiny_models.sd), "--out", "imported"]
+    )
     assert again.exit_code != 0 and "already exists" in again.output and "Traceback" not in again.output
     missing = runner.invoke(app, ["import-official", str(tmp_path / "nowhere"), "--base-model", str(tiny_models.sd)])
     assert missing.exit_code != 0 and "does not exist" in missing.output and "Traceback" not in missing.output

@@ -65,7 +65,9 @@ def test_forward_matches_the_authors_controlnet_and_unet(model, run):
     with torch.no_grad():
         cn = model.controlnet(inputs["sample"], inputs["timestep"], inputs["c_h"], condition,
                               low_level_hidden_states=inputs["c_l"], conditioning_scale=scale, return_features=True)
-        eps = model(inputs["sample"], inputs["timestep"], inputs["c_h"], inputs["c_l"], condition, conditioning_scale=scale).sample
+        eps = model(
+            inputs["sample"], inputs["timestep"], inputs["c_h"], inputs["c_l"], condition, conditioning_scale=scale
+        ).sample
         pixels, latents = model.dfc_heads(cn.pixel_features, model.dfc_heads.latent_inputs(cn))
     assert len(cn.down_block_res_samples) == 12 and len(latents) == 13 and len(pixels) == 3
     for i, residual in enumerate(cn.down_block_res_samples):
@@ -106,9 +108,24 @@ def test_sr_official_preset_reproduces_the_authors_final_image(imported, case, t
 
     folder = FIXTURE / f"pipeline_{case}"
     spec = json.loads((folder / "case.json").read_text())
-    args = ["sr", str(folder / "lr.png"), "--pipeline", str(imported), "--preset", "official", "--out", str(tmp_path / "out"),
-            "--captions", "given", "--content", spec["highlevel_prompt_file"], "--quality", spec["lowlevel_prompt_file"],
-            "--process-size", str(spec["settings"]["process_size"])]
+    args = [
+        "sr",
+        str(folder / "lr.png"),
+        "--pipeline",
+        str(imported),
+        "--preset",
+        "official",
+        "--out",
+        str(tmp_path / "out"),
+        "--captions",
+        "given",
+        "--content",
+        spec["highlevel_prompt_file"],
+        "--quality",
+        spec["lowlevel_prompt_file"],
+        "--process-size",
+        str(spec["settings"]["process_size"]),
+    ]
     if spec["seed"] is not None:
         args += ["--seed", str(spec["seed"])]
     monkeypatch.chdir(tmp_path)

@@ -93,7 +93,9 @@ def official_run(tmp_path_factory):
     started = time.perf_counter()
     result = dvc_repro(project, timeout=900)
     seconds = time.perf_counter() - started
-    assert result.returncode == 0, f"dvc repro failed after {seconds:.0f} s:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, (
+        f"dvc repro failed after {seconds:.0f} s:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    )
     return {"project": project, "params": params, "seconds": seconds, "stdout": result.stdout}
 
 
@@ -110,7 +112,10 @@ def test_recipe_overlay_keeps_the_run_and_takes_the_recipe():
         for key, value in default[section].items():
             if key not in names:
                 assert params[section][key] == value, (section, key)
-    assert params["train"]["mixed_precision"] == "no" and params["train"]["max_train_steps"] == default["train"]["max_train_steps"]
+    assert (
+        params["train"]["mixed_precision"] == "no"
+        and params["train"]["max_train_steps"] == default["train"]["max_train_steps"]
+    )
     assert params["caption"]["dtype"] == "float32" and params["caption"]["device"] == "cpu"
     # the recipe is the authors'
     for section, names in RECIPE_KEYS.items():
@@ -122,7 +127,10 @@ def test_recipe_overlay_keeps_the_run_and_takes_the_recipe():
     assert params["train"]["fusion"] == "transformer" and params["train"]["init"] == "official"
     assert params["sr"]["preset"] == params["evaluate"]["preset"] == "official"
     # a recipe key the recipe does not state falls back to the field default, even if the target states it
-    assert "guidance_scale" not in overlay_recipe({"sr": {"guidance_scale": 7.0, "device": "cpu"}}, {"sr": {"preset": "official"}})["sr"]
+    assert (
+        "guidance_scale"
+        not in overlay_recipe({"sr": {"guidance_scale": 7.0, "device": "cpu"}}, {"sr": {"preset": "official"}})["sr"]
+    )
     # and nothing a params file has no section for is invented
     assert "sr" not in overlay_recipe({}, {"caption": {"caption_hr": True}})
     # the derived params validate as stage configs
@@ -132,7 +140,12 @@ def test_recipe_overlay_keeps_the_run_and_takes_the_recipe():
     from xpsr_core.config import resolve_config
     from xpsr_core.train.settings import TrainConfig
 
-    for cls, section in ((CaptionConfig, "caption"), (TrainConfig, "train"), (SRConfig, "sr"), (EvaluateConfig, "evaluate")):
+    for cls, section in (
+        (CaptionConfig, "caption"),
+        (TrainConfig, "train"),
+        (SRConfig, "sr"),
+        (EvaluateConfig, "evaluate"),
+    ):
         resolve_config(cls, section, params)
 
 
@@ -174,8 +187,17 @@ def test_official_recipe_dvc_repro_on_the_tiny_zoo(official_run):
     assert 0 < log["hr_condition_share"].mean() < 0.5  # p = 0.1 of 200 samples
     assert (log["lr"] == params["train"]["learning_rate"]).all()  # constant schedule, no warmup
     settings = json.loads((project / "models/xpsr/final/xpsr.json").read_text())["settings"]
-    assert settings | {"fusion": "transformer", "conditional_attention_type": "transformer", "dfc_latent_heads": "residuals",
-                       "dfc_target_resize": "bilinear", "init": "official"} == settings
+    assert (
+        settings
+        | {
+            "fusion": "transformer",
+            "conditional_attention_type": "transformer",
+            "dfc_latent_heads": "residuals",
+            "dfc_target_resize": "bilinear",
+            "init": "official",
+        }
+        == settings
+    )
     train_config = json.loads((project / "models/xpsr/config.json").read_text())["config"]
     for key in ("use_high_prompt", "hr_condition_probability", "lr_scheduler", "dfc_weight", "max_grad_norm"):
         assert train_config[key] == params["train"][key], key
@@ -189,12 +211,18 @@ def test_official_recipe_dvc_repro_on_the_tiny_zoo(official_run):
     expected = {**official, **{k: v for k, v in params["evaluate"].items() if k in official}}
     assert {k: evaluated[k] for k in official} == expected
     assert evaluated["guidance_scale"] == 4.5 and evaluated["start_latent"] == "sample" and evaluated["seed"] is None
-    assert evaluated["added_noise_level"] == 800 and evaluated["generator_scope"] == "run" and evaluated["process_size"] == 320
-    metrics = json.loads((project / "metrics/eval/metrics.json").read_text())
-    assert metrics["images"] > 0 and metrics["failed"] == 0
+    assert (
+        evaluated["added_noise_level"] == 800
+        and evaluated["generator_scope"] == "run"
+        and evaluated["process_size"] == 320
+    )
+    assert evaluated["crop_border"] == 0, "the authors' metric protocol comes with their recipe"
+    details = json.loads((project / "metrics/eval/metric_details.json").read_text())
+    assert details["methods"]["xpsr"]["images"] > 0 and details["methods"]["xpsr"]["failed"] == 0
+    assert "psnr_y" in json.loads((project / "metrics/eval/metrics.json").read_text())["xpsr"]
     per_image = pd.read_parquet(project / "metrics/eval/per_image.parquet")
     assert (per_image["status"] == "ok").all()
-    assert len(list((project / "metrics/eval/sr").glob("*.png"))) == len(per_image)
+    assert len(list((project / "metrics/eval/sr/xpsr").glob("*.png"))) == (per_image["method"] == "xpsr").sum()
 
     # a second `dvc repro` has nothing to do
     again = dvc_repro(project, timeout=300)

@@ -57,19 +57,38 @@ def test_presets_are_complete_and_keep_todays_defaults():
     defaults = SRSettings()
     assert preset_values("default") == asdict(defaults)
     # the new fields default to today's behaviour
-    assert (defaults.added_prompt, defaults.negative_quality_prompt, defaults.start_latent, defaults.added_noise_level,
-            defaults.resize, defaults.process_size, defaults.latent_tile_threshold, defaults.generator_scope,
-            defaults.generator_device, defaults.seed) == ("", None, "mean", None, "torch-bicubic", None, None, "image", "cpu", 0)
+    assert (
+        defaults.added_prompt,
+        defaults.negative_quality_prompt,
+        defaults.start_latent,
+        defaults.added_noise_level,
+        defaults.resize,
+        defaults.process_size,
+        defaults.latent_tile_threshold,
+        defaults.generator_scope,
+        defaults.generator_device,
+        defaults.seed,
+    ) == ("", None, "mean", None, "torch-bicubic", None, None, "image", "cpu", 0)
     paper = preset_values("paper")
-    assert (paper["guidance_scale"], paper["negative_prompt"], paper["steps"], paper["scheduler"], paper["color_fix"]) == (
-        5.5, NEGATIVE_PROMPT, 20, "ddpm", "adain")
+    assert (
+        paper["guidance_scale"],
+        paper["negative_prompt"],
+        paper["steps"],
+        paper["scheduler"],
+        paper["color_fix"],
+    ) == (5.5, NEGATIVE_PROMPT, 20, "ddpm", "adain")
     values = preset_values("official")
     assert set(values) == set(asdict(defaults))  # every field: a preset replaces a folder's recipe wholesale
     assert values["guidance_scale"] == 4.5 and values["steps"] == 20 and values["scheduler"] == "ddpm"
     assert values["added_prompt"] == "clean, high-resolution, 8k, high quality, clear text."
     assert values["negative_prompt"] == "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed."
     assert values["negative_quality_prompt"] == "high resolution, best quality, clear"
-    assert (values["start_latent"], values["added_noise_level"], values["resize"], values["process_size"]) == ("sample", 800, "pil-bicubic", 512)
+    assert (values["start_latent"], values["added_noise_level"], values["resize"], values["process_size"]) == (
+        "sample",
+        800,
+        "pil-bicubic",
+        512,
+    )
     assert (values["color_fix"], values["generator_scope"], values["seed"]) == ("adain-official", "run", None)
     assert values["controlnet_negative"] and values["cfg_batched"]
 
@@ -113,7 +132,9 @@ def test_negative_branch_gets_its_own_low_level_prompt(pipe, model):
     settings = official()
     c_h, c_l, c_neg, c_l_neg = pipe.encode_text(pipe.prompts("a red boat", "heavy noise", settings)).split(1)
     batched = pipe.guided_noise(latents, 500, condition, c_h, c_l, c_neg, settings, c_l_neg=c_l_neg)
-    separate = pipe.guided_noise(latents, 500, condition, c_h, c_l, c_neg, replace(settings, cfg_batched=False), c_l_neg=c_l_neg)
+    separate = pipe.guided_noise(
+        latents, 500, condition, c_h, c_l, c_neg, replace(settings, cfg_batched=False), c_l_neg=c_l_neg
+    )
     t = torch.tensor([500])
     with torch.no_grad():
         positive = model(latents, t, c_h, c_l, condition).sample
@@ -164,7 +185,9 @@ def test_start_latent_is_a_posterior_sample_noised_twice_then_steps_draw_in_orde
     scheduler.set_timesteps(2)
     t0 = scheduler.timesteps[:1]
     generator = torch.Generator().manual_seed(7)
-    z = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)) * pipe.vae.config.scaling_factor
+    z = (
+        posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    ) * pipe.vae.config.scaling_factor
     start = scheduler.add_noise(z, torch.randn(z.shape, generator=generator), t0)
     start = scheduler.add_noise(start, torch.randn(z.shape, generator=generator), torch.tensor([800]))
     torch.testing.assert_close(seen[0], start, atol=1e-6, rtol=0)
@@ -206,7 +229,9 @@ def test_pil_resize_chain_below_and_above_process_size():
     assert prepared.size == (512, 848) and prepared.output_size == (240, 400)  # floored to a multiple of 8
     assert np.array_equal(prepared.image_uint8, np.asarray(enlarged.resize((848, 512), Image.BICUBIC)))
     assert np.array_equal(prepared.lr_up, np.asarray(up))
-    torch.testing.assert_close(prepared.image, torch.from_numpy(prepared.image_uint8).permute(2, 0, 1)[None].float() / 255)
+    torch.testing.assert_close(
+        prepared.image, torch.from_numpy(prepared.image_uint8).permute(2, 0, 1)[None].float() / 255
+    )
     back = resize_output(prepared.image_uint8, prepared.output_size, "pil-bicubic")
     assert np.array_equal(back, np.asarray(Image.fromarray(prepared.image_uint8).resize((400, 240), Image.BICUBIC)))
 
@@ -270,7 +295,9 @@ def test_adain_official_in_the_pipeline_fixes_the_quantised_output(pipe, monkeyp
         return real(image, reference)
 
     monkeypatch.setattr(pipeline_module, "adain_color_fix_uint8", recording)
-    result = pipe.upscale(photo("chelsea", (16, 16)), "a cat", "clear", settings=official(steps=1, process_size=None, seed=0))
+    result = pipe.upscale(
+        photo("chelsea", (16, 16)), "a cat", "clear", settings=official(steps=1, process_size=None, seed=0)
+    )
     (image, reference), = calls
     assert image.dtype == reference.dtype == np.uint8 and image.shape == reference.shape == (64, 64, 3)
     assert np.array_equal(reference, result.lr_up)  # the condition, as 8-bit
@@ -288,7 +315,9 @@ def test_official_tiling_thresholds(pipe, monkeypatch):
     assert tiles_for(pipe, 2560, 2560, settings) == 1
     # the authors' rule is on the latent's area: 400 x 200 latent px (<= 320^2) runs whole ...
     assert tiles_for(pipe, 1600, 3200, settings) == 1
-    assert tiles_for(pipe, 1600, 3200, replace(settings, latent_tile_threshold=None)) == 2  # ... a per-side rule would not
+    assert (
+        tiles_for(pipe, 1600, 3200, replace(settings, latent_tile_threshold=None)) == 2
+    )  # ... a per-side rule would not
     assert tiles_for(pipe, 2624, 2624, settings) == 4  # above it: 320 px latent tiles
 
     calls = {"encode": 0, "decode": 0}
@@ -321,7 +350,9 @@ def test_official_tiling_thresholds(pipe, monkeypatch):
 def official_folder(model, base, tmp_path_factory):
     from xpsr_core.infer import XPSRPipeline
 
-    return XPSRPipeline.from_model(model, base, official()).save_pretrained(tmp_path_factory.mktemp("official") / "pipe")
+    return XPSRPipeline.from_model(model, base, official()).save_pretrained(
+        tmp_path_factory.mktemp("official") / "pipe"
+    )
 
 
 def test_saved_folder_round_trips_the_official_defaults(official_folder):
@@ -361,8 +392,16 @@ def test_precedence_preset_below_params_below_cli(tmp_path, monkeypatch):
     assert paper.guidance_scale == 3.0  # ... still below the params file's values
     overridden = sr("--set", "added_noise_level=600", "--added-prompt", "sharp", "--process-size", "256", "--seed", "3",
                     "--negative-quality-prompt", "crisp", "--color-fix", "adain", "--set", "generator_scope=image")
-    assert overridden == official(guidance_scale=3.0, added_noise_level=600, added_prompt="sharp", process_size=256, seed=3,
-                                  negative_quality_prompt="crisp", color_fix="adain", generator_scope="image")
+    assert overridden == official(
+        guidance_scale=3.0,
+        added_noise_level=600,
+        added_prompt="sharp",
+        process_size=256,
+        seed=3,
+        negative_quality_prompt="crisp",
+        color_fix="adain",
+        generator_scope="image",
+    )
     assert sr("--added-noise-level", "700").added_noise_level == 700
     assert invoke_capturing(monkeypatch, "evaluate", "--params", str(params)).sr_settings() == official()
     # no params file: the preset alone, named on the command line or with --set
@@ -381,8 +420,13 @@ def test_pipeline_folder_defaults_apply_unless_a_preset_is_named(official_folder
     monkeypatch.chdir(tmp_path)
     folder = str(official_folder)
     assert invoke_capturing(monkeypatch, "sr", "x.png", "--pipeline", folder).sr_settings() == official()
-    assert invoke_capturing(monkeypatch, "sr", "x.png", "--pipeline", folder, "--guidance-scale", "2").sr_settings() == official(guidance_scale=2.0)
-    assert invoke_capturing(monkeypatch, "sr", "x.png", "--pipeline", folder, "--preset", "default").sr_settings() == SRSettings()
+    assert invoke_capturing(
+        monkeypatch, "sr", "x.png", "--pipeline", folder, "--guidance-scale", "2"
+    ).sr_settings() == official(guidance_scale=2.0)
+    assert (
+        invoke_capturing(monkeypatch, "sr", "x.png", "--pipeline", folder, "--preset", "default").sr_settings()
+        == SRSettings()
+    )
     assert invoke_capturing(monkeypatch, "evaluate", "--pipeline", folder).sr_settings() == official()
 
 
@@ -390,9 +434,16 @@ def test_params_official_selects_the_recipe():
     from stages import caption, degrade, embed, evaluate, import_official, shard, sr, train
     from xpsr_core.config import load_params, resolve_config
 
-    sections = {"shard": shard.ShardConfig, "degrade": degrade.DegradeConfig, "caption": caption.CaptionConfig,
-                "embed": embed.EmbedConfig, "train": train.TrainConfig, "sr": sr.SRConfig, "evaluate": evaluate.EvaluateConfig,
-                "import_official": import_official.ImportOfficialConfig}
+    sections = {
+        "shard": shard.ShardConfig,
+        "degrade": degrade.DegradeConfig,
+        "caption": caption.CaptionConfig,
+        "embed": embed.EmbedConfig,
+        "train": train.TrainConfig,
+        "sr": sr.SRConfig,
+        "evaluate": evaluate.EvaluateConfig,
+        "import_official": import_official.ImportOfficialConfig,
+    }
     root = Path(__file__).resolve().parents[1]
     params = load_params(root / "params-official.yaml")
     assert set(params) <= set(sections)
@@ -402,16 +453,26 @@ def test_params_official_selects_the_recipe():
         assert configs[name].sr_settings() == official()
     # the authors' training: their architecture, objective, initialisation and data recipe
     trained = configs["train"]
-    assert (trained.fusion, trained.conditional_attention_type, trained.dfc_latent_heads, trained.dfc_target_resize, trained.init) == (
-        "transformer", "transformer", "residuals", "bilinear", "official")
-    assert not trained.use_high_prompt and trained.hr_condition_probability == 0.1 and trained.lr_scheduler == "constant"
+    assert (
+        trained.fusion,
+        trained.conditional_attention_type,
+        trained.dfc_latent_heads,
+        trained.dfc_target_resize,
+        trained.init,
+    ) == ("transformer", "transformer", "residuals", "bilinear", "official")
+    assert (
+        not trained.use_high_prompt and trained.hr_condition_probability == 0.1 and trained.lr_scheduler == "constant"
+    )
     assert trained.batch_size * 8 * trained.gradient_accumulation_steps == 32
     assert configs["caption"].caption_hr and configs["caption"].quality_model
     assert configs["import_official"].out == Path(params["sr"]["pipeline"])
     for name in ("params.yaml", "params-paper.yaml"):  # neither states a value that would shadow a preset
         for section in ("sr", "evaluate"):
             stated = set(load_params(root / name)[section])
-            assert not stated & {"guidance_scale", "color_fix", "negative_prompt", "steps", "scale", "scheduler"}, (name, section)
+            assert not stated & {"guidance_scale", "color_fix", "negative_prompt", "steps", "scale", "scheduler"}, (
+                name,
+                section,
+            )
 
 
 def test_sr_stage_official_run_shares_one_generator_and_resumes_exactly(official_folder, tmp_path):

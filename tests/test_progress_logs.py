@@ -20,9 +20,32 @@ def run_piped(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
 
 
 def test_train_prints_step_loss_and_rate_lines_to_a_pipe(tiny_models, train_shards, tmp_path):
-    result = run_piped(["train", "--data", str(train_shards), "--out", str(tmp_path / "run"), "--base-model", str(tiny_models.sd),
-                        "--max-train-steps", "4", "--batch-size", "2", "--set", "progress_steps=1", "--set", "tensorboard=false",
-                        "--set", "metrics_file=null", "--set", "device=cpu", "--set", "shuffle_buffer=4"], tmp_path)
+    result = run_piped(
+        [
+            "train",
+            "--data",
+            str(train_shards),
+            "--out",
+            str(tmp_path / "run"),
+            "--base-model",
+            str(tiny_models.sd),
+            "--max-train-steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--set",
+            "progress_steps=1",
+            "--set",
+            "tensorboard=false",
+            "--set",
+            "metrics_file=null",
+            "--set",
+            "device=cpu",
+            "--set",
+            "shuffle_buffer=4",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("train: step")]
     assert [re.match(r"train: step (\d+)/4", line).group(1) for line in lines] == ["1", "2", "3"], result.stderr[-3000:]
@@ -42,17 +65,24 @@ def test_shard_stages_print_done_total_rate_and_eta_at_an_interval(tmp_path):
     for name in ("astronaut", "coffee", "chelsea", "rocket"):
         Image.fromarray(photo(name, (96, 96))).save(photos / f"{name}.png")
     hr = tmp_path / "hr"
-    shard.run(shard.ShardConfig(inputs=[{"path": str(photos), "dataset": "p"}], out=hr, crop_size=96, images_per_shard=1))
+    shard.run(
+        shard.ShardConfig(inputs=[{"path": str(photos), "dataset": "p"}], out=hr, crop_size=96, images_per_shard=1)
+    )
     result = run_piped(["--progress-seconds", "0.05", "degrade", "--in", str(hr), "--out", str(tmp_path / "pairs"),
                         "--batch-size", "1"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("degrade: ")]
     assert len(lines) >= 2, result.stderr[-3000:]
     for line in lines:
-        assert re.fullmatch(r"degrade: [0-4]/4 shards \(\d+%\), [0-9.e+]+ shards/s, ETA (\d+:\d\d|unknown), [0-9.e+]+ samples/s", line), line
+        assert re.fullmatch(
+            r"degrade: [0-4]/4 shards \(\d+%\), [0-9.e+]+ shards/s, ETA (\d+:\d\d|unknown), [0-9.e+]+ samples/s", line
+        ), line
     assert "━" not in result.stderr  # no rich bars in a log
 
 
 def test_progress_text_figures():
-    assert progress_text("caption", 3, 10, 6.0, "shards", done_before=1) == "caption: 3/10 shards (30%), 0.333 shards/s, ETA 0:21"
+    assert (
+        progress_text("caption", 3, 10, 6.0, "shards", done_before=1)
+        == "caption: 3/10 shards (30%), 0.333 shards/s, ETA 0:21"
+    )
     assert progress_text("x", 0, 5, 1.0, "shards").endswith("ETA unknown")

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-import subprocess
-
 from conftest import BAD_CORPUS_EXPECTED
-from xpsr_core.io.atomic import HOST
 from stages import shard as shard_stage
 from xpsr_core.errors import FailureRatioExceeded, UserError
+from xpsr_core.io.atomic import HOST
 from xpsr_core.io.images import decode_png
 from xpsr_core.io.shards import read_shard, read_sizes
 
@@ -30,7 +29,11 @@ def make_config(inputs, out: Path, **changes) -> shard_stage.ShardConfig:
 
 def output_bytes(folder: Path) -> dict[str, bytes]:
     """Every deterministic output file (not the config record or the timing report)."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".tar", ".parquet") or p.name.endswith("stats.json") or p.name == "sizes.json"}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir())
+        if p.suffix in (".tar", ".parquet") or p.name.endswith("stats.json") or p.name == "sizes.json"
+    }
 
 
 def index_rows(folder: Path) -> pd.DataFrame:

@@ -77,8 +77,14 @@ def test_every_path_is_a_row_or_a_count_and_nothing_crashes(tmp_path, monkeypatc
     by_source = rows.set_index("source")
     shown = NON_UTF8.decode("utf-8", "backslashreplace")
     assert by_source["status"].to_dict() == {
-        "good.png": "ok", shown: "ok", "dangling.png": "broken_link", "loop.png": "link_loop", "locked.png": "unreadable",
-        "lockeddir": "unreadable", "pipe.jpg": "not_a_file", "sub/deep.png": "ok",
+        "good.png": "ok",
+        shown: "ok",
+        "dangling.png": "broken_link",
+        "loop.png": "link_loop",
+        "locked.png": "unreadable",
+        "lockeddir": "unreadable",
+        "pipe.jpg": "not_a_file",
+        "sub/deep.png": "ok",
     }
     assert all(by_source.loc[name, "error"] for name in by_source.index if by_source.loc[name, "status"] != "ok")
     assert "permission denied" in by_source.loc["locked.png", "error"].lower()

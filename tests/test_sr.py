@@ -38,7 +38,9 @@ def checkpoint(model, tmp_path_factory):
 
 def smooth_image(width: int, height: int) -> np.ndarray:
     yy, xx = np.mgrid[0:height, 0:width]
-    return np.stack([xx / width * 200 + 20, yy / height * 200 + 20, (xx + yy) / (width + height) * 150 + 50], -1).astype(np.uint8)
+    return np.stack(
+        [xx / width * 200 + 20, yy / height * 200 + 20, (xx + yy) / (width + height) * 150 + 50], -1
+    ).astype(np.uint8)
 
 
 def test_64px_lr_becomes_256px(pipe):
@@ -74,17 +76,25 @@ def test_batched_guidance_equals_two_separate_passes(pipe, model):
     generator = torch.Generator().manual_seed(3)
     latents = torch.randn(1, 4, 16, 16, generator=generator)
     condition = torch.rand(1, 3, 128, 128, generator=generator)
-    c_h, c_l, c_neg = pipe.encode_text(["a red boat on a lake", "heavy noise, blurry", pipe.settings.negative_prompt]).split(1)
+    c_h, c_l, c_neg = pipe.encode_text(
+        ["a red boat on a lake", "heavy noise, blurry", pipe.settings.negative_prompt]
+    ).split(1)
     for controlnet_negative in (True, False):
         settings = SRSettings(controlnet_negative=controlnet_negative)
-        batched = pipe.guided_noise(latents, 500, condition, c_h, c_l, c_neg, SRSettings(**{**settings.__dict__, "cfg_batched": True}))
-        separate = pipe.guided_noise(latents, 500, condition, c_h, c_l, c_neg, SRSettings(**{**settings.__dict__, "cfg_batched": False}))
+        batched = pipe.guided_noise(
+            latents, 500, condition, c_h, c_l, c_neg, SRSettings(**{**settings.__dict__, "cfg_batched": True})
+        )
+        separate = pipe.guided_noise(
+            latents, 500, condition, c_h, c_l, c_neg, SRSettings(**{**settings.__dict__, "cfg_batched": False})
+        )
         torch.testing.assert_close(batched, separate, atol=1e-5, rtol=1e-4)
         # and both equal the guidance formula computed from the model directly (c_l unchanged in the negative branch)
         t = torch.tensor([500])
         with torch.no_grad():
             positive = model(latents, t, c_h, c_l, condition).sample
-            negative = model(latents, t, c_neg, c_l, condition, controlnet_c_h=None if controlnet_negative else c_h).sample
+            negative = model(
+                latents, t, c_neg, c_l, condition, controlnet_c_h=None if controlnet_negative else c_h
+            ).sample
         torch.testing.assert_close(batched, negative + 5.5 * (positive - negative), atol=1e-5, rtol=1e-4)
         assert (positive - negative).abs().max() > 1e-4  # the negative prompt really changes the prediction
 
@@ -137,7 +147,13 @@ def test_tile_weights_cover_any_size_and_blend_without_steps():
 
     assert (tiled_apply(x, blur, tile, overlap) - blur(x, None)).abs().max() < 1e-3
     # rescaling functions (the VAE decoder's x8) land on the right output pixels
-    up = tiled_apply(x[..., :40, :60], lambda t, box: torch.nn.functional.interpolate(t, scale_factor=8, mode="nearest"), 16, 4, scale=8)
+    up = tiled_apply(
+        x[..., :40, :60],
+        lambda t, box: torch.nn.functional.interpolate(t, scale_factor=8, mode="nearest"),
+        16,
+        4,
+        scale=8,
+    )
     torch.testing.assert_close(up, torch.nn.functional.interpolate(x[..., :40, :60], scale_factor=8, mode="nearest"))
 
 
@@ -220,7 +236,11 @@ def test_save_and_load_pretrained_round_trip(pipe, checkpoint, tiny_models, tmp_
     lr = photo("rocket", (32, 32))
     expected = pipe.upscale(lr, "a rocket", "noisy", steps=1)
     saved = pipe.save_pretrained(tmp_path / "pipe")
-    assert (saved / "xpsr_pipeline.json").is_file() and (saved / "xpsr" / "xpsr.json").is_file() and (saved / "unet").is_dir()
+    assert (
+        (saved / "xpsr_pipeline.json").is_file()
+        and (saved / "xpsr" / "xpsr.json").is_file()
+        and (saved / "unet").is_dir()
+    )
     for loaded in (
         XPSRPipeline.from_pretrained(saved),
         XPSRPipeline.from_pretrained(base_model=tiny_models.sd, xpsr=checkpoint),
@@ -256,17 +276,42 @@ def test_sr_stage_writes_pngs_and_sidecars(tiny_models, checkpoint, tmp_path):
     assert (again["done"], again["skipped"]) == (0, 2)
 
     manifest = tmp_path / "captions.parquet"
-    pq.write_table(pa.Table.from_pylist([
-        {"key": "0", "source": "astronaut.png", "content_caption": "an astronaut", "quality_caption": "sharp", "status": "ok"},
-        {"key": "1", "source": "sub/coffee.jpg", "content_caption": "a coffee cup", "quality_caption": "noisy", "status": "ok"},
-    ]), manifest)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "key": "0",
+                    "source": "astronaut.png",
+                    "content_caption": "an astronaut",
+                    "quality_caption": "sharp",
+                    "status": "ok",
+                },
+                {
+                    "key": "1",
+                    "source": "sub/coffee.jpg",
+                    "content_caption": "a coffee cup",
+                    "quality_caption": "noisy",
+                    "status": "ok",
+                },
+            ]
+        ),
+        manifest,
+    )
     report = sr.run(sr.SRConfig(inputs=[str(images / "**" / "*.jpg")], out=tmp_path / "manifest", captions="manifest",
                                 manifest=manifest, **common))
     assert report["done"] == 1
     assert json.loads((tmp_path / "manifest" / "sub" / "coffee.json").read_text())["content_caption"] == "a coffee cup"
 
-    captioned = sr.run(sr.SRConfig(inputs=[str(images / "astronaut.png")], out=tmp_path / "captioner", captions="captioner",
-                                   captioner=str(tiny_models.captioner), caption_max_new_tokens=4, **common))
+    captioned = sr.run(
+        sr.SRConfig(
+            inputs=[str(images / "astronaut.png")],
+            out=tmp_path / "captioner",
+            captions="captioner",
+            captioner=str(tiny_models.captioner),
+            caption_max_new_tokens=4,
+            **common,
+        )
+    )
     assert captioned["done"] == 1
     assert json.loads((tmp_path / "captioner" / "astronaut.json").read_text())["content_caption"]
 
@@ -288,8 +333,15 @@ def test_sr_cli_reports_a_missing_checkpoint(tiny_models, tmp_path, monkeypatch)
 def test_validation_grid_for_training_restores_train_mode(pipe, model):
     from xpsr_core.infer import validation_grid
 
-    samples = [{"lr": photo("astronaut", (24, 24)), "hr": photo("astronaut", (96, 96)), "content": "an astronaut", "quality": "noisy"},
-               {"lr": photo("coffee", (24, 24)), "content": "a cup", "quality": "sharp"}]
+    samples = [
+        {
+            "lr": photo("astronaut", (24, 24)),
+            "hr": photo("astronaut", (96, 96)),
+            "content": "an astronaut",
+            "quality": "noisy",
+        },
+        {"lr": photo("coffee", (24, 24)), "content": "a cup", "quality": "sharp"},
+    ]
     model.train()
     try:
         grid = validation_grid(pipe, samples, steps=1)

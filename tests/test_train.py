@@ -54,7 +54,9 @@ def test_resume_continues_bit_for_bit(tiny_models, train_shards, tmp_path):
     a, b = exported(tmp_path / "straight"), exported(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the data stream resumed where it stopped: the same keys were seen at the same steps
-    assert (tmp_path / "straight/logs/keys.rank0.tsv").read_text() == (tmp_path / "resumed/logs/keys.rank0.tsv").read_text()
+    assert (tmp_path / "straight/logs/keys.rank0.tsv").read_text() == (
+        tmp_path / "resumed/logs/keys.rank0.tsv"
+    ).read_text()
     log = (tmp_path / "resumed/train_log.tsv").read_text().splitlines()
     assert log[0].startswith("step\tloss_eps\tloss_dfc\tdfc_pixel_0") and len(log) == 7
 
@@ -70,7 +72,9 @@ def test_frozen_parameters_unchanged_and_trainable_ones_trained(tiny_models, tra
     trained = XPSRModel.from_base(tiny_models.sd, trainable=tmp_path / "run/final", with_dfc=False)
     for name, param in base_unet.state_dict().items():
         assert torch.equal(param, trained.unet.state_dict()[name]), name
-    changed = [n for n, p in trained.controlnet.state_dict().items() if not torch.equal(p, fresh.controlnet.state_dict()[n])]
+    changed = [
+        n for n, p in trained.controlnet.state_dict().items() if not torch.equal(p, fresh.controlnet.state_dict()[n])
+    ]
     assert changed, "training changed no ControlNet weight"
     assert not (tmp_path / "run/final/dfc_heads").exists(), "the export holds inference parts only"
 
@@ -86,7 +90,11 @@ def test_after_step_hook_runs_once_per_optimizer_step(tiny_models, train_shards,
 
 def test_checkpoint_rotation_keeps_the_newest(tiny_models, train_shards, tmp_path):
     run_dir = tmp_path / "run"
-    train_stage.run(make_config(tiny_models, train_shards, run_dir, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2))
+    train_stage.run(
+        make_config(
+            tiny_models, train_shards, run_dir, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2
+        )
+    )
     assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-3", "checkpoint-4"]
     with pytest.raises(UserError, match="--resume latest"):
         train_stage.run(make_config(tiny_models, train_shards, run_dir, max_train_steps=4))
@@ -102,7 +110,7 @@ def test_nan_loss_stops_with_a_good_checkpoint(tiny_models, train_shards, tmp_pa
         calls["n"] += 1
         loss, logs = real(*args, **kwargs)
         if calls["n"] == 3:
-            return loss * float("nan"), {**logs, "loss": float("nan")}
+            return loss * float("nan"), {**logs, "loss": logs["loss"] * float("nan")}
         return loss, logs
 
     monkeypatch.setattr(models, "training_loss", poisoned)
@@ -118,19 +126,45 @@ def test_two_ranks_train_on_disjoint_shards_with_identical_weights(tiny_models, 
     bin_dir = Path(sys.executable).parent
     run_dir = tmp_path / "run"
     command = [
-        str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--no-python", str(bin_dir / "xpsr"), "train",
-        "--data", str(train_shards), "--out", str(run_dir), "--base-model", str(tiny_models.sd), "--max-train-steps", "3",
-        "--batch-size", "1", "--set", "shuffle_buffer=2", "--set", "tensorboard=false", "--set", "device=cpu",
-        "--set", "metrics_file=null",
+        str(bin_dir / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--no-python",
+        str(bin_dir / "xpsr"),
+        "train",
+        "--data",
+        str(train_shards),
+        "--out",
+        str(run_dir),
+        "--base-model",
+        str(tiny_models.sd),
+        "--max-train-steps",
+        "3",
+        "--batch-size",
+        "1",
+        "--set",
+        "shuffle_buffer=2",
+        "--set",
+        "tensorboard=false",
+        "--set",
+        "device=cpu",
+        "--set",
+        "metrics_file=null",
     ]
-    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     reports = [json.loads((run_dir / f"report.rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["processes"] == 2 for r in reports)
     assert reports[0]["parameter_digest"] == reports[1]["parameter_digest"], "DDP keeps ranks in sync"
     shards_seen = []
     for rank in (0, 1):
-        keys = {k for line in (run_dir / f"logs/keys.rank{rank}.tsv").read_text().splitlines() for k in line.split("\t")[2].split(",")}
+        keys = {
+            k
+            for line in (run_dir / f"logs/keys.rank{rank}.tsv").read_text().splitlines()
+            for k in line.split("\t")[2].split(",")
+        }
         shards_seen.append({k[:5] for k in keys})
     assert shards_seen[0] and shards_seen[1] and not shards_seen[0] & shards_seen[1], shards_seen
 
@@ -139,7 +173,11 @@ def test_loss_falls_on_a_tiny_overfit_run(tiny_models, train_shards, tmp_path):
     import pandas as pd
 
     run_dir = tmp_path / "overfit"
-    train_stage.run(make_config(tiny_models, train_shards, run_dir, max_train_steps=60, learning_rate=1e-3, checkpointing_steps=1000))
+    train_stage.run(
+        make_config(
+            tiny_models, train_shards, run_dir, max_train_steps=60, learning_rate=1e-3, checkpointing_steps=1000
+        )
+    )
     log = pd.read_csv(run_dir / "train_log.tsv", sep="\t")
     first, last = log["loss"].head(10).mean(), log["loss"].tail(10).mean()
     eps_first, eps_last = log["loss_eps"].head(10).mean(), log["loss_eps"].tail(10).mean()
@@ -159,7 +197,9 @@ def test_loss_falls_on_a_tiny_overfit_run(tiny_models, train_shards, tmp_path):
 )
 def test_ablation_switches_reach_the_model_and_the_loss(tiny_models, train_shards, tmp_path, switches):
     run_dir = tmp_path / "ablation"
-    train_stage.run(make_config(tiny_models, train_shards, run_dir, max_train_steps=2, checkpointing_steps=1000, **switches))
+    train_stage.run(
+        make_config(tiny_models, train_shards, run_dir, max_train_steps=2, checkpointing_steps=1000, **switches)
+    )
     header = (run_dir / "train_log.tsv").read_text().splitlines()[0].split("\t")
     assert ("dfc_latent_0" in header) == switches.get("dfc_latent", True)
     assert ("dfc_pixel_0" in header) == switches.get("dfc_pixel", True)
@@ -172,7 +212,9 @@ def test_ablation_switches_reach_the_model_and_the_loss(tiny_models, train_shard
 def test_validation_grids_are_written_and_do_not_perturb_training(tiny_models, train_shards, tmp_path):
     from PIL import Image
 
-    plain = train_stage.run(make_config(tiny_models, train_shards, tmp_path / "plain", max_train_steps=2, checkpointing_steps=1000))
+    plain = train_stage.run(
+        make_config(tiny_models, train_shards, tmp_path / "plain", max_train_steps=2, checkpointing_steps=1000)
+    )
     validated = train_stage.run(make_config(
         tiny_models, train_shards, tmp_path / "validated", max_train_steps=2, checkpointing_steps=1000,
         validation_steps=1, validation_samples=2, validation_inference_steps=2,
@@ -180,7 +222,9 @@ def test_validation_grids_are_written_and_do_not_perturb_training(tiny_models, t
     grids = sorted((tmp_path / "validated/validation").glob("*.png"))
     assert [g.name for g in grids] == ["step-0000001.png", "step-0000002.png"]
     width, height = Image.open(grids[0]).size
-    assert 3 * 96 <= width < 3 * 96 + 16 and 2 * 96 <= height < 2 * 96 + 16, "two rows of LR-upsampled | SR | HR at 96 px"
+    assert 3 * 96 <= width < 3 * 96 + 16 and 2 * 96 <= height < 2 * 96 + 16, (
+        "two rows of LR-upsampled | SR | HR at 96 px"
+    )
     assert validated["parameter_digest"] == plain["parameter_digest"]
 
 
@@ -218,13 +262,18 @@ def test_hr_condition_draw_rate_and_determinism():
     tolerance = 4 * math.sqrt(len(keys) * 0.1 * 0.9)  # 4 binomial standard deviations
     assert abs(sum(drawn) - 200) < tolerance, sum(drawn)
     assert drawn == [hr_condition_draw(0, 7, key, 0.1) for key in keys], "a pure function of (seed, step, key)"
-    for other in ([hr_condition_draw(0, 8, key, 0.1) for key in keys], [hr_condition_draw(1, 7, key, 0.1) for key in keys]):
+    for other in (
+        [hr_condition_draw(0, 8, key, 0.1) for key in keys],
+        [hr_condition_draw(1, 7, key, 0.1) for key in keys],
+    ):
         assert abs(sum(other) - 200) < tolerance
         both = sum(a and b for a, b in zip(drawn, other))
         assert both < 20 + 4 * math.sqrt(20), "another step or seed draws independently"
     one_key = sum(hr_condition_draw(0, step, "0000000000", 0.1) for step in range(2000))
     assert abs(one_key - 200) < tolerance, "a key is drawn at the rate over the steps too"
-    assert not any(hr_condition_draw(0, 7, key, 0.0) for key in keys) and all(hr_condition_draw(0, 7, key, 1.0) for key in keys)
+    assert not any(hr_condition_draw(0, 7, key, 0.0) for key in keys) and all(
+        hr_condition_draw(0, 7, key, 1.0) for key in keys
+    )
 
 
 def distinct_hr_quality(train_shards_hr: Path, out: Path) -> Path:
@@ -243,7 +292,9 @@ def distinct_hr_quality(train_shards_hr: Path, out: Path) -> Path:
         with TarShardWriter(tar) as writer:
             for sample in samples:
                 key = sample.pop("__key__")
-                sample["hr_quality.npy"] = npy_bytes((-npy_load(sample["quality.npy"]) + np.float16(0.5)).astype(np.float16))
+                sample["hr_quality.npy"] = npy_bytes(
+                    (-npy_load(sample["quality.npy"]) + np.float16(0.5)).astype(np.float16)
+                )
                 writer.write(key, sample)
     return out
 
@@ -271,7 +322,11 @@ def test_hr_condition_feeds_the_hr_image_and_its_quality_caption(tiny_models, tr
     monkeypatch.setattr(Trainer, "loss", recording_loss)
     run_dir = tmp_path / "run"
     shards = distinct_hr_quality(train_shards_hr, tmp_path / "shards")
-    train_stage.run(make_config(tiny_models, shards, run_dir, max_train_steps=4, checkpointing_steps=1000, hr_condition_probability=0.5))
+    train_stage.run(
+        make_config(
+            tiny_models, shards, run_dir, max_train_steps=4, checkpointing_steps=1000, hr_condition_probability=0.5
+        )
+    )
     assert len(seen) == len(batches) == 4
     drawn_count = swapped_caption = kept = 0
     for (batch, step), fed in zip(batches, seen):
@@ -280,15 +335,21 @@ def test_hr_condition_feeds_the_hr_image_and_its_quality_caption(tiny_models, tr
         for i, key in enumerate(batch["keys"]):
             if hr_condition_draw(0, step, key, 0.5):
                 drawn_count += 1
-                assert torch.equal(fed["condition"][i], batch["hr"][i].float() / 255.0), "the HR image in [0, 1] at the HR size"
+                assert torch.equal(fed["condition"][i], batch["hr"][i].float() / 255.0), (
+                    "the HR image in [0, 1] at the HR size"
+                )
                 assert torch.equal(fed["c_l"][i], batch["hr_quality"][i].float()), "the HR image's quality caption"
                 swapped_caption += not torch.equal(batch["hr_quality"][i], batch["quality"][i])
             else:
                 kept += 1
-                assert torch.equal(fed["condition"][i], lr_condition[i]) and torch.equal(fed["c_l"][i], batch["quality"][i].float())
+                assert torch.equal(fed["condition"][i], lr_condition[i]) and torch.equal(
+                    fed["c_l"][i], batch["quality"][i].float()
+                )
     assert drawn_count and kept and swapped_caption, (drawn_count, kept, swapped_caption)
     log = pd.read_csv(run_dir / "train_log.tsv", sep="\t")
-    shares = [sum(hr_condition_draw(0, step, k, 0.5) for k in batch["keys"]) / len(batch["keys"]) for batch, step in batches]
+    shares = [
+        sum(hr_condition_draw(0, step, k, 0.5) for k in batch["keys"]) / len(batch["keys"]) for batch, step in batches
+    ]
     assert log["hr_condition_share"].tolist() == shares
 
 
@@ -302,7 +363,10 @@ def test_resume_with_hr_condition_continues_bit_for_bit(tiny_models, train_shard
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     import pandas as pd
 
-    shares = [pd.read_csv(tmp_path / name / "train_log.tsv", sep="\t")["hr_condition_share"].tolist() for name in ("straight", "resumed")]
+    shares = [
+        pd.read_csv(tmp_path / name / "train_log.tsv", sep="\t")["hr_condition_share"].tolist()
+        for name in ("straight", "resumed")
+    ]
     assert shares[0] == shares[1] and 0 < sum(shares[0]) < len(shares[0]), shares
     plain = train_stage.run(make_config(tiny_models, train_shards_hr, tmp_path / "plain", use_high_prompt=False))
     assert plain["parameter_digest"] != straight["parameter_digest"], "the recipe changes what the model learns from"
@@ -312,3 +376,18 @@ def test_hr_condition_needs_hr_quality_captions(tiny_models, train_shards, tmp_p
     with pytest.raises(UserError, match="caption_hr=true"):
         train_stage.run(make_config(tiny_models, train_shards, tmp_path / "run", hr_condition_probability=0.1))
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_the_model_options_are_the_xpsr_settings_fields():
+    from xpsr_core.config import resolve_config
+    from xpsr_core.models import XPSRSettings
+    from xpsr_core.train.settings import FIXED_ARCHITECTURE, ModelOptions
+
+    assert set(ModelOptions.model_fields) == set(XPSRSettings.__dataclass_fields__) - set(FIXED_ARCHITECTURE)
+    options = dict(sfa_mode="serial", conditional_attention=False, dfc_pixel=False, fusion="transformer",
+                   conditional_attention_type="transformer", dfc_latent_heads="residuals", dfc_target_resize="bilinear",
+                   init="official")
+    assert train_stage.TrainConfig(**options).xpsr_settings() == XPSRSettings(**options)
+    assert train_stage.TrainConfig(init="runs/a/final").init == "runs/a/final", "init also names a folder to fine-tune"
+    with pytest.raises(UserError, match=r"train.*fusion: Input should be 'attention' or 'transformer' \(got 'mlp'\)"):
+        resolve_config(train_stage.TrainConfig, "train", {"train": {"fusion": "mlp"}})

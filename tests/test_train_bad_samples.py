@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_train import fresh_accelerator_state, make_config  # noqa: F401 (the autouse fixture)
 
 from stages import train as train_stage
-from test_train import fresh_accelerator_state, make_config  # noqa: F401 (the autouse fixture)
 from xpsr_core.errors import UserError
 from xpsr_core.io.shards import TarShardWriter, read_shard
 

@@ -1,13 +1,14 @@
-"""`--resume latest` continues only what it can: same code fingerprint and output-shaping config (max_train_steps aside)."""
+"""`--resume latest` continues only what it can: same code fingerprint and output-shaping config (max_train_steps
+aside)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from test_train import fresh_accelerator_state, make_config  # noqa: F401 (the autouse fixture)
 
 from stages import train as train_stage
-from test_train import fresh_accelerator_state, make_config  # noqa: F401 (the autouse fixture)
 from xpsr_core import fingerprint
 from xpsr_core.errors import UserError
 
@@ -32,7 +33,9 @@ def test_changed_code_refuses_or_starts_fresh_and_says_so(tiny_models, train_sha
     with pytest.raises(UserError, match=r"diffusers .* -> 99\.0"):
         train_stage.run(make_config(tiny_models, train_shards, out, max_train_steps=6, resume="latest"))
     capsys.readouterr()
-    fresh = train_stage.run(make_config(tiny_models, train_shards, out, max_train_steps=6, resume="latest", overwrite=True))
+    fresh = train_stage.run(
+        make_config(tiny_models, train_shards, out, max_train_steps=6, resume="latest", overwrite=True)
+    )
     assert fresh["resumed_from"] == 0 and fresh["steps_this_run"] == 6
     said = capsys.readouterr()
     assert "rebuilding" in said.err and "starts from step 0" in said.out
@@ -55,7 +58,9 @@ def test_a_checkpoint_of_other_code_or_config_is_not_continued(tiny_models, trai
         train_stage.run(make_config(tiny_models, train_shards, tmp_path / "third", max_train_steps=6,
                                     resume=str(other / "checkpoint-3")))
     capsys.readouterr()
-    fresh = train_stage.run(make_config(tiny_models, train_shards, out, max_train_steps=6, resume="latest", overwrite=True))
+    fresh = train_stage.run(
+        make_config(tiny_models, train_shards, out, max_train_steps=6, resume="latest", overwrite=True)
+    )
     assert fresh["resumed_from"] == 0 and fresh["steps_this_run"] == 6
     assert "training starts fresh from step 0" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]

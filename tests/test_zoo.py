@@ -89,7 +89,9 @@ def test_tiny_captioner_loads_offline_and_generates_in_left_padded_batches(tiny_
 
     questions = ["Please provide a descriptive summary of the content of this image", "Describe it"]
     prompts = [
-        processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True)
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
         for q in questions
     ]
     assert prompts[1] == "USER: <image>\nDescribe it ASSISTANT:"

@@ -233,7 +233,9 @@ def sha256(path: Path) -> str:
 
 
 def describe(tensors: dict, order: list) -> list:
-    return [dict(name=k, shape=list(tensors[k].shape), dtype=str(tensors[k].dtype).replace("torch.", "")) for k in order]
+    return [
+        dict(name=k, shape=list(tensors[k].shape), dtype=str(tensors[k].dtype).replace("torch.", "")) for k in order
+    ]
 
 
 def save_tensors(path: Path, tensors: dict):
@@ -301,7 +303,11 @@ def check_against_zoo():
         return f"not checked ({type(exc).__name__}: {exc})"
     finally:
         sys.path.pop(0)
-    for mine, theirs, what in ((TINY_UNET, TINY.unet, "unet"), (TINY_VAE, TINY.vae, "vae"), (TINY_TEXT, TINY.text_encoder, "text")):
+    for mine, theirs, what in (
+        (TINY_UNET, TINY.unet, "unet"),
+        (TINY_VAE, TINY.vae, "vae"),
+        (TINY_TEXT, TINY.text_encoder, "text"),
+    ):
         if {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in mine.items()} != {
             k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in theirs.items()
         }:
@@ -422,8 +428,18 @@ def build_checkpoint(out: Path, base: Path):
         perturbed_tensors=perturbed,
         controlnet_fraction_of_entries_changed_in_copied_or_random_tensors=frac_changed,
         unet_keys_not_in_sd=len(extra),
-        controlnet_config={k: v for k, v in controlnet.config.items() if k in (
-            "return_rgbs", "use_rrdb", "use_lowlevel_prompt", "use_latent_pred", "conditioning_embedding_out_channels")},
+        controlnet_config={
+            k: v
+            for k, v in controlnet.config.items()
+            if k
+            in (
+                "return_rgbs",
+                "use_rrdb",
+                "use_lowlevel_prompt",
+                "use_latent_pred",
+                "conditioning_embedding_out_channels",
+            )
+        },
         unet_config={k: v for k, v in unet.config.items() if "lowlevel" in k},
     )
     return ckpt, info
@@ -494,7 +510,15 @@ def run_forward(out: Path, m):
                 down_block_additional_residuals=list(down),
                 mid_block_additional_residual=mid,
             ).sample
-        for k, v in (("sample", sample), ("timestep", t), ("c_h", c_h), ("c_l", c_l), ("cond_u8", cond_u8), ("c_h_ids", ch_ids), ("c_l_ids", cl_ids)):
+        for k, v in (
+            ("sample", sample),
+            ("timestep", t),
+            ("c_h", c_h),
+            ("c_l", c_l),
+            ("cond_u8", cond_u8),
+            ("c_h_ids", ch_ids),
+            ("c_l_ids", cl_ids),
+        ):
             add(f"{prefix}.in.{k}", v)
         for i, v in enumerate(dfc):
             add(f"{prefix}.cn.latent_dfc.{i:02d}", v)
@@ -513,7 +537,9 @@ def run_forward(out: Path, m):
                 conditioning_scale=scale,
                 c_h_prompts=ch_prompts,
                 c_l_prompts=cl_prompts,
-                cond_images=[f"skimage.data.{n}() resized with PIL BICUBIC to {8 * w}x{8 * h} (WxH), ToTensor" for n in images],
+                cond_images=[
+                    f"skimage.data.{n}() resized with PIL BICUBIC to {8 * w}x{8 * h} (WxH), ToTensor" for n in images
+                ],
                 counts=dict(latent_dfc=len(dfc), down_res=len(down), rgb=len(rgbs)),
             )
         )
@@ -538,7 +564,10 @@ def run_forward(out: Path, m):
             "then 3 per down block (2 resnets/attentions + downsampler; the last block has no downsampler)."
         ),
         dtypes="float32 except *.in.timestep and *.in.*_ids (int64) and *.in.cond_u8 (uint8)",
-        cond="the ControlNet condition is cond = <p>.in.cond_u8.float().div(255) (exactly torchvision ToTensor), [b,3,8h,8w] in [0,1]",
+        cond=(
+            "the ControlNet condition is cond = <p>.in.cond_u8.float().div(255) (exactly torchvision ToTensor), "
+            "[b,3,8h,8w] in [0,1]"
+        ),
         runs=runs,
         tensors=describe(tensors, order),
     )
@@ -552,8 +581,8 @@ def run_pipeline_case(out: Path, m, case_name: str, yaml_cfg: dict):
     from accelerate.utils import set_seed
     from diffusers.models.autoencoder_kl import AutoencoderKL
     from myutils.wavelet_color_fix import adain_color_fix
-    from pipelines.pipeline_xpsr import StableDiffusionControlNetPipeline
     from PIL import Image
+    from pipelines.pipeline_xpsr import StableDiffusionControlNetPipeline
     from torchvision import transforms
     from transformers import CLIPImageProcessor
 
@@ -782,7 +811,9 @@ def run_pipeline_case(out: Path, m, case_name: str, yaml_cfg: dict):
             k: dict(shape=list(v.shape), dtype=str(v.dtype).replace("torch.", "")) for k, v in sorted(cap.items())
         },
         intermediates_notes=dict(
-            posterior_mean="VAE posterior mean (unscaled) of vae.encode(cond*2-1), cond = cond.png as float/255 [1,3,H,W]",
+            posterior_mean=(
+                "VAE posterior mean (unscaled) of vae.encode(cond*2-1), cond = cond.png as float/255 [1,3,H,W]"
+            ),
             posterior_std="VAE posterior std (unscaled)",
             draw_vae="1st generator draw: posterior sample = mean + std*draw_vae, then x scaling_factor",
             draw_start_noise="2nd draw: add_noise at timesteps[0]",
@@ -815,7 +846,9 @@ def run_train_loss(out: Path, m):
     from PIL import Image
     from torchvision import transforms
 
-    tok, te, vae, cn, unet, sched = (m[k] for k in ("tokenizer", "text_encoder", "vae", "controlnet", "unet", "scheduler"))
+    tok, te, vae, cn, unet, sched = (
+        m[k] for k in ("tokenizer", "text_encoder", "vae", "controlnet", "unet", "scheduler")
+    )
     to_tensor = transforms.ToTensor()
     # HR crops (96x64, WxH) and their degraded versions (x1/4 then x4, PIL bicubic), as the LocalImageDataset
     # would hand them over: pixel_values = ToTensor*2-1, conditioning_pixel_values = ToTensor (LR at HR size).
@@ -872,16 +905,43 @@ def run_train_loss(out: Path, m):
             target = F.interpolate(pixel_values, size=values.shape[-2:], mode="bilinear")
             l1 = F.l1_loss(target.float(), values.float(), reduction="mean")
             degradation_loss += lambda_d * l1
-            terms.append(dict(name=f"rgb.{i}", output=f"rgb.{i}", target="pixel_values", size=list(values.shape[-2:]), l1=l1.item(), weighted=(lambda_d * l1).item()))
+            terms.append(
+                dict(
+                    name=f"rgb.{i}",
+                    output=f"rgb.{i}",
+                    target="pixel_values",
+                    size=list(values.shape[-2:]),
+                    l1=l1.item(),
+                    weighted=(lambda_d * l1).item(),
+                )
+            )
         for i, values in enumerate(dfc):
             target = F.interpolate(latents, size=values.shape[-2:], mode="bilinear")
             l1 = F.l1_loss(values.float(), target.float(), reduction="mean")
             degradation_loss += lambda_d * l1
-            terms.append(dict(name=f"latent_dfc.{i:02d}", output=f"latent_dfc.{i:02d}", target="latents", size=list(values.shape[-2:]), l1=l1.item(), weighted=(lambda_d * l1).item()))
+            terms.append(
+                dict(
+                    name=f"latent_dfc.{i:02d}",
+                    output=f"latent_dfc.{i:02d}",
+                    target="latents",
+                    size=list(values.shape[-2:]),
+                    l1=l1.item(),
+                    weighted=(lambda_d * l1).item(),
+                )
+            )
         target = F.interpolate(latents, size=dfc_mid.shape[-2:], mode="bilinear")
         l1 = F.l1_loss(dfc_mid.float(), target.float(), reduction="mean")
         degradation_loss += lambda_d * l1
-        terms.append(dict(name="latent_dfc_mid", output="latent_dfc_mid", target="latents", size=list(dfc_mid.shape[-2:]), l1=l1.item(), weighted=(lambda_d * l1).item()))
+        terms.append(
+            dict(
+                name="latent_dfc_mid",
+                output="latent_dfc_mid",
+                target="latents",
+                size=list(dfc_mid.shape[-2:]),
+                l1=l1.item(),
+                weighted=(lambda_d * l1).item(),
+            )
+        )
         loss = mse_loss + degradation_loss
     cn.eval()
     unet.eval()
@@ -921,23 +981,41 @@ def run_train_loss(out: Path, m):
     doc = dict(
         file="train_loss.safetensors",
         recipe=[
-            "pixel_values = hr_u8.float().div(255)*2-1 (HR in [-1,1], [2,3,64,96]); controlnet_image = lr_u8.float().div(255) (LR at HR size in [0,1]); .div(255) is exactly torchvision ToTensor",
+            "pixel_values = hr_u8.float().div(255)*2-1 (HR in [-1,1], [2,3,64,96]); "
+            "controlnet_image = lr_u8.float().div(255) (LR at HR size in [0,1]); "
+            ".div(255) is exactly torchvision ToTensor",
             f"torch.manual_seed({SEED_TRAIN}) (global RNG), then in this order:",
-            "latents = vae.encode(pixel_values).latent_dist.sample() * scaling_factor  (draw 1: randn like posterior mean)",
+            (
+                "latents = vae.encode(pixel_values).latent_dist.sample() * scaling_factor  "
+                "(draw 1: randn like posterior mean)"
+            ),
             "noise = torch.randn_like(latents)  (draw 2)",
             "timesteps = torch.randint(0, 1000, (bsz,)).long()  (draw 3)",
             "noisy_latents = DDPMScheduler.add_noise(latents, noise, timesteps)",
-            "c_h = CLIP(tokenize(''))[0] for every sample (train.py: input_ids = tokenize(''); the high-level caption is not used)",
+            (
+                "c_h = CLIP(tokenize(''))[0] for every sample "
+                "(train.py: input_ids = tokenize(''); the high-level caption is not used)"
+            ),
             "c_l = CLIP(tokenize(quality caption))[0]",
-            "(latent_dfc[12], latent_dfc_mid, down_res[12], mid_res, rgb[3]) = controlnet(noisy_latents, timesteps, encoder_hidden_states=c_h, lowlevel_encoder_hidden_states=c_l, controlnet_cond=controlnet_image, return_dict=False)",
-            "model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=c_h, lowlevel_encoder_hidden_states=c_l, down_block_additional_residuals=down_res, mid_block_additional_residual=mid_res).sample",
+            "(latent_dfc[12], latent_dfc_mid, down_res[12], mid_res, rgb[3]) = "
+            "controlnet(noisy_latents, timesteps, encoder_hidden_states=c_h, lowlevel_encoder_hidden_states=c_l, "
+            "controlnet_cond=controlnet_image, return_dict=False)",
+            "model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=c_h, "
+            "lowlevel_encoder_hidden_states=c_l, "
+            "down_block_additional_residuals=down_res, mid_block_additional_residual=mid_res).sample",
             "mse_loss = F.mse_loss(model_pred, noise, reduction='mean')  (epsilon prediction)",
-            "degradation_loss = sum over rgb.0..2 of 0.05*F.l1_loss(F.interpolate(pixel_values, size=rgb.shape[-2:], mode='bilinear'), rgb), "
-            "then over latent_dfc.00..11 of 0.05*F.l1_loss(latent_dfc, F.interpolate(latents, size=..., mode='bilinear')), "
-            "then 0.05*F.l1_loss(latent_dfc_mid, F.interpolate(latents, ...)); accumulated in float32 in that order starting from tensor(0.0)",
+            "degradation_loss = sum over rgb.0..2 of "
+            "0.05*F.l1_loss(F.interpolate(pixel_values, size=rgb.shape[-2:], mode='bilinear'), rgb), "
+            "then over latent_dfc.00..11 of "
+            "0.05*F.l1_loss(latent_dfc, F.interpolate(latents, size=..., mode='bilinear')), "
+            "then 0.05*F.l1_loss(latent_dfc_mid, F.interpolate(latents, ...)); "
+            "accumulated in float32 in that order starting from tensor(0.0)",
             "loss = mse_loss + degradation_loss",
         ],
-        interpolate="F.interpolate(..., mode='bilinear') with align_corners=None (= False) and antialias=False (torch defaults)",
+        interpolate=(
+            "F.interpolate(..., mode='bilinear') with align_corners=None (= False) "
+            "and antialias=False (torch defaults)"
+        ),
         lambda_d=lambda_d,
         loss_kind="L1 (mean) for all 16 DFC terms (3 rgb + 12 latent + 1 mid); MSE (mean) for eps",
         n_terms=dict(rgb=len(rgbs), latent_dfc=len(dfc), latent_dfc_mid=1),
@@ -948,7 +1026,10 @@ def run_train_loss(out: Path, m):
         timesteps=timesteps.tolist(),
         prompts=dict(c_h=[""] * bsz, c_l=TRAIN_LOWLEVEL),
         images=dict(
-            hr=["skimage.data.astronaut() crop (120,40,312,168) -> 96x64 PIL BICUBIC", "skimage.data.chelsea() crop (100,60,292,188) -> 96x64 PIL BICUBIC"],
+            hr=[
+                "skimage.data.astronaut() crop (120,40,312,168) -> 96x64 PIL BICUBIC",
+                "skimage.data.chelsea() crop (100,60,292,188) -> 96x64 PIL BICUBIC",
+            ],
             lr="HR -> 24x16 -> 96x64, PIL BICUBIC both ways",
         ),
         modes="controlnet.train(), unet.train() (as in train.py; dropout is 0 so it changes nothing), no grad",
@@ -967,14 +1048,14 @@ def main():
     zoo_check = check_against_zoo()
 
     sys.path.insert(0, str(authors))
+    import accelerate
+    import diffusers
     import numpy
     import PIL
     import torch
     import torchvision
-    import yaml
-    import diffusers
     import transformers
-    import accelerate
+    import yaml
     from transformers import CLIPTokenizer
 
     diffusers.utils.logging.set_verbosity_error()
@@ -997,7 +1078,7 @@ def main():
     base = build_base(out, tokenizer, keep_ids)
     ckpt, ckpt_info = build_checkpoint(out, base)
     m = load_models(base, ckpt, tokenizer_dir)
-    fwd = run_forward(out, m)
+    run_forward(out, m)
     cases = {name: run_pipeline_case(out, m, name, yaml_cfg) for name in CASES}
     train = run_train_loss(out, m)
 
@@ -1022,11 +1103,23 @@ def main():
         ),
         torch_threads=torch.get_num_threads(),
         shapes_check=zoo_check,
-        seeds=dict(base=SEED_BASE, base_noise=SEED_BASE_NOISE, xpsr_noise=SEED_XPSR_NOISE, forward=SEED_FORWARD, train=SEED_TRAIN),
+        seeds=dict(
+            base=SEED_BASE,
+            base_noise=SEED_BASE_NOISE,
+            xpsr_noise=SEED_XPSR_NOISE,
+            forward=SEED_FORWARD,
+            train=SEED_TRAIN,
+        ),
         text_encoder_nonzero_token_rows=keep_ids,
         checkpoint=ckpt_info,
-        checkpoint_format="save_pretrained -> diffusion_pytorch_model.safetensors + config.json (diffusers 0.21.4 default safe_serialization=True)",
-        cases={k: dict(seed=v["seed"], generator_initial_seed=v["generator_initial_seed"], sizes_wh=v["sizes_wh"]) for k, v in cases.items()},
+        checkpoint_format=(
+            "save_pretrained -> diffusion_pytorch_model.safetensors + config.json "
+            "(diffusers 0.21.4 default safe_serialization=True)"
+        ),
+        cases={
+            k: dict(seed=v["seed"], generator_initial_seed=v["generator_initial_seed"], sizes_wh=v["sizes_wh"])
+            for k, v in cases.items()
+        },
         train_loss=dict(loss=train["loss"], mse_loss=train["mse_loss"], degradation_loss=train["degradation_loss"]),
         files=files,
     )

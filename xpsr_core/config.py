@@ -108,7 +108,8 @@ def resolve_config(
         return cls.model_validate(values)
     except ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or section}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else "")
+            f"{'.'.join(str(p) for p in e['loc']) or section}: {e['msg']}"
+            + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else "")
             for e in error.errors()
         )
         raise UserError(f"Invalid '{section}' configuration: {problems}.") from None

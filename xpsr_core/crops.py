@@ -41,7 +41,9 @@ def reflect_pad_to(pixels: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int
     return pixels, (pad_top, pad_left)
 
 
-def plan_crops(height: int, width: int, size: int, mode: str, count: int, hflip: bool, rng: np.random.Generator) -> list[Crop]:
+def plan_crops(
+    height: int, width: int, size: int, mode: str, count: int, hflip: bool, rng: np.random.Generator
+) -> list[Crop]:
     """Crop positions for an image at least ``size`` on each side.
 
     random: ``count`` crops at uniformly drawn positions; grid: every non-overlapping tile,

@@ -33,7 +33,9 @@ def rank_device(device: str) -> str:
     from .errors import UserError
 
     if not torch.cuda.is_available():
-        raise UserError(f"--device {device} was asked for, but PyTorch sees no CUDA GPU on this machine. Use --device cpu.")
+        raise UserError(
+            f"--device {device} was asked for, but PyTorch sees no CUDA GPU on this machine. Use --device cpu."
+        )
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"
     return device

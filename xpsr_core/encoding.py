@@ -18,7 +18,9 @@ def encode_prompts(text_encoder, tokenizer, texts: Sequence[str]):
     """CLIP last hidden states [N, 77, D] (float32) of ``texts``, padded and truncated to the model's limit."""
     import torch
 
-    tokens = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    tokens = tokenizer(
+        list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     with torch.no_grad():
         hidden = text_encoder(tokens.input_ids.to(text_encoder.device))[0]
     return hidden.float()

@@ -21,20 +21,49 @@ from pathlib import Path
 # the repository root: xpsr_core/ and stages/ live here (a test may point it at a changed copy)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-_CORE = ["xpsr_core/config.py", "xpsr_core/seeding.py", "xpsr_core/dist.py", "xpsr_core/io", "stages/common.py"]
+# what every stage command loads (tests/test_dvc_deps.py finds each stage's files by following its imports)
+_CORE = [
+    "xpsr_core/__init__.py",
+    "xpsr_core/config.py",
+    "xpsr_core/errors.py",
+    "xpsr_core/seeding.py",
+    "xpsr_core/dist.py",
+    "xpsr_core/progress.py",
+    "xpsr_core/sharded.py",
+    "xpsr_core/fingerprint.py",
+    "xpsr_core/io",
+    "stages/__init__.py",
+    "stages/common.py",
+]
 _MODELS = ["xpsr_core/models", "xpsr_core/encoding.py", "xpsr_core/infer"]
 
 # project sources (files, or folders whose *.py files all count) whose code computes each stage's outputs
 STAGE_SOURCES: dict[str, list[str]] = {
     "demo_data": ["stages/demo_data.py", *_CORE],
     "models": ["stages/models.py", "xpsr_core/zoo.py", *_CORE],
-    "shard": ["stages/shard.py", "xpsr_core/crops.py", *_CORE],
+    "shard": ["stages/shard.py", "xpsr_core/hr_shards.py", "xpsr_core/crops.py", *_CORE],
     "degrade": ["stages/degrade.py", "xpsr_core/degrade", *_CORE],
     "caption": ["stages/caption.py", "xpsr_core/caption", *_CORE],
-    "embed": ["stages/embed.py", *_MODELS, *_CORE],
+    "embed": ["stages/embed.py", "xpsr_core/training_shards.py", *_MODELS, *_CORE],
     "train": ["stages/train.py", "xpsr_core/train", *_MODELS, *_CORE],
     "sr": ["stages/sr.py", "xpsr_core/caption", *_MODELS, *_CORE],
-    "evaluate": ["stages/evaluate.py", "stages/sr.py", "xpsr_core/metrics", "xpsr_core/caption", *_MODELS, *_CORE],
+    "evaluate": [
+        "stages/evaluate.py",
+        "xpsr_core/evaluation",
+        "xpsr_core/metrics",
+        "xpsr_core/caption",
+        "xpsr_core/degrade",
+        *_MODELS,
+        *_CORE,
+    ],
+    "testset_synthetic": [
+        "stages/testset.py",
+        "xpsr_core/testsets.py",
+        "xpsr_core/crops.py",
+        "xpsr_core/degrade",
+        *_CORE,
+    ],
+    "testset_paired": ["stages/testset.py", "xpsr_core/testsets.py", "xpsr_core/crops.py", "xpsr_core/degrade", *_CORE],
 }
 
 _IMAGING = ["numpy", "pillow", "pyarrow"]
@@ -50,7 +79,17 @@ STAGE_LIBRARIES: dict[str, list[str]] = {
     "embed": [*_TORCH, *_IMAGING],
     "train": [*_TORCH, "accelerate", "webdataset", *_IMAGING],
     "sr": [*_TORCH, "accelerate", *_IMAGING],
-    "evaluate": [*_TORCH, "accelerate", "scipy", "pyiqa", "lpips", "torchmetrics", *_IMAGING],
+    "evaluate": [*_TORCH, "accelerate", "scipy", "pyiqa", "timm", "basicsr", *_IMAGING],
+    "testset_synthetic": [
+        "torch",
+        "torchvision",
+        "basicsr",
+        "opencv-python",
+        "opencv-python-headless",
+        "scipy",
+        *_IMAGING,
+    ],
+    "testset_paired": [*_IMAGING],
 }
 
 
@@ -121,5 +160,7 @@ def describe_changes(old: dict | None, new: dict) -> str:
     old_libs, new_libs = old.get("libraries", {}), new.get("libraries", {})
     libs = sorted(k for k in set(old_libs) | set(new_libs) if old_libs.get(k) != new_libs.get(k))
     if libs:
-        parts.append("libraries " + ", ".join(f"{k} {old_libs.get(k, 'absent')} -> {new_libs.get(k, 'absent')}" for k in libs))
+        parts.append(
+            "libraries " + ", ".join(f"{k} {old_libs.get(k, 'absent')} -> {new_libs.get(k, 'absent')}" for k in libs)
+        )
     return "; ".join(parts) or "the code fingerprint differs"

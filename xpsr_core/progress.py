@@ -43,14 +43,18 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def progress_text(label: str, done: int, total: int, elapsed: float, unit: str, done_before: int = 0, extra: str = "") -> str:
+def progress_text(
+    label: str, done: int, total: int, elapsed: float, unit: str, done_before: int = 0, extra: str = ""
+) -> str:
     """'label: done/total unit (pct), rate unit/s, ETA m:ss[, extra]' (rate and ETA from this run's work)."""
     new = done - done_before
     rate = new / elapsed if elapsed > 0 and new > 0 else None
     eta = (total - done) / rate if rate else None
     share = f" ({100.0 * done / total:.0f}%)" if total else ""
     rate_text = f"{rate:.3g} {unit}/s" if rate else f"0 {unit}/s"
-    return f"{label}: {done}/{total} {unit}{share}, {rate_text}, ETA {format_duration(eta if done < total else 0)}" + (f", {extra}" if extra else "")
+    return f"{label}: {done}/{total} {unit}{share}, {rate_text}, ETA {format_duration(eta if done < total else 0)}" + (
+        f", {extra}" if extra else ""
+    )
 
 
 class PeriodicReporter:

@@ -24,14 +24,14 @@ settings only and stay as the target file has them.
 from __future__ import annotations
 
 import copy
-from dataclasses import fields
 from typing import Any, Mapping, Optional
 
 from .config import deep_merge
-from .infer.pipeline import SRSettings
+from .infer.config import SAMPLING_FIELDS
 
-# every SRSettings field is part of the inference recipe (a preset sets all of them), the seed included
-_SAMPLING_KEYS = tuple(f.name for f in fields(SRSettings))
+# the inference recipe beside the preset: the captioner's instructions and every sampling value (a
+# preset sets all of them), the seed included
+_INFERENCE_KEYS = ("content_instruction", "quality_instruction") + SAMPLING_FIELDS
 
 RECIPE_KEYS: dict[str, tuple[str, ...]] = {
     # which captioners answer which instructions with which decoding, and whether the HR images are
@@ -53,11 +53,11 @@ RECIPE_KEYS: dict[str, tuple[str, ...]] = {
         "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler", "warmup_steps", "max_grad_norm",
         "online_encoding",
     ),
-    # the named preset and every sampling value (explicit values override a preset). The model
-    # folders (base_model, xpsr, pipeline), captions source, caption lengths, outputs, metrics,
-    # dtype and device are the run's.
-    "sr": ("preset",) + _SAMPLING_KEYS,
-    "evaluate": ("preset",) + _SAMPLING_KEYS,
+    # the named preset, the captioner's instructions and every sampling value (explicit values
+    # override a preset). The model folders (base_model, xpsr, pipeline, captioner), captions
+    # source, caption lengths, outputs, metrics, dtype and device are the run's.
+    "sr": ("preset",) + _INFERENCE_KEYS,
+    "evaluate": ("preset", "crop_border") + _INFERENCE_KEYS,  # crop_border: the metric protocol
 }
 
 

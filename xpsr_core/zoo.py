@@ -38,7 +38,8 @@ PAD_TOKEN = "<pad>"
 # A chat template in the llava-1.5 style ("USER: <image>\n... ASSISTANT:"), written for this project.
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}{{ ' ' }}"
+    "{% if message['role'] == 'system' %}"
+    "{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}{{ ' ' }}"
     "{% else %}"
     "{{ message['role'].upper() }}: "
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -64,7 +65,9 @@ def _byte_alphabet() -> Dict[int, str]:
 
     Printable latin-1 bytes map to themselves; the remaining 68 bytes map to code points 256+.
     """
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     mapping = {b: chr(b) for b in keep}
     extra = 0
     for b in range(256):
@@ -78,7 +81,10 @@ def _open_clip_bpe_file() -> Path:
     try:
         import open_clip
     except ImportError:  # pragma: no cover - dependency of the project
-        raise UserError("open_clip_torch is not installed; it ships the CLIP BPE vocabulary the tiny zoo needs. Install the project's dependencies.") from None
+        raise UserError(
+            "open_clip_torch is not installed; it ships the CLIP BPE vocabulary the tiny zoo needs. "
+            "Install the project's dependencies."
+        ) from None
     path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():  # pragma: no cover
         raise UserError(f"open_clip's CLIP vocabulary {path} is missing; reinstall open_clip_torch.")
@@ -121,11 +127,15 @@ def write_clip_tokenizer(folder: Path, max_length: int = 77) -> Path:
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     (folder / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "unk_token": CLIP_EOS, "pad_token": CLIP_EOS}, indent=2)
+        json.dumps(
+            {"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "unk_token": CLIP_EOS, "pad_token": CLIP_EOS}, indent=2
+        )
     )
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     if len(tokenizer) != CLIP_VOCAB_SIZE:
-        raise RuntimeError(f"CLIP tokenizer written to {folder} has {len(tokenizer)} tokens, expected {CLIP_VOCAB_SIZE}")
+        raise RuntimeError(
+            f"CLIP tokenizer written to {folder} has {len(tokenizer)} tokens, expected {CLIP_VOCAB_SIZE}"
+        )
     # Re-save through the library so tokenizer.json (fast backend) sits beside vocab/merges.
     tokenizer.save_pretrained(folder)
     return folder
@@ -164,9 +174,13 @@ def build_caption_tokenizer(clip_folder: Path, base_vocab: int = CAPTION_BASE_VO
     backend.normalizer = source.normalizer
     backend.pre_tokenizer = source.pre_tokenizer
     # Byte-exact decoding: the end-of-word marker becomes the byte-level space, then bytes -> text.
-    backend.decoder = decoders.Sequence([decoders.Replace("</w>", "\u0120"), decoders.ByteLevel(), decoders.Strip(" ", 0, 1)])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("</w>", "\u0120"), decoders.ByteLevel(), decoders.Strip(" ", 0, 1)]
+    )
     backend.add_special_tokens([CLIP_BOS, CLIP_EOS])
-    backend.post_processor = TemplateProcessing(single=f"{CLIP_BOS} $A", pair=f"{CLIP_BOS} $A $B", special_tokens=[(CLIP_BOS, keep)])
+    backend.post_processor = TemplateProcessing(
+        single=f"{CLIP_BOS} $A", pair=f"{CLIP_BOS} $A $B", special_tokens=[(CLIP_BOS, keep)]
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=CLIP_BOS,
@@ -380,7 +394,9 @@ def build_sd_components(preset: ZooPreset, seed: int = 0, device: str = "cpu"):
     return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), scheduler=scheduler)
 
 
-def write_sd(folder: Path, preset: ZooPreset, seed: int = 0, device: str = "cpu", tokenizer_from: Path | None = None) -> Path:
+def write_sd(
+    folder: Path, preset: ZooPreset, seed: int = 0, device: str = "cpu", tokenizer_from: Path | None = None
+) -> Path:
     """Write a diffusers SD-1.5 folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
 
     ``device="cuda"`` draws the random weights on the GPU (SD-1.5 shapes: 12-14 s, saving included, on an H200).
@@ -412,7 +428,9 @@ def captioner_configs(preset: ZooPreset, vocab_size: int, image_token_id: int, b
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(**preset.vision)
-    text = LlamaConfig(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, **preset.llm)
+    text = LlamaConfig(
+        vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, **preset.llm
+    )
     patches = (preset.vision["image_size"] // preset.vision["patch_size"]) ** 2
     config = LlavaConfig(
         vision_config=vision,
@@ -437,13 +455,21 @@ def write_captioner(folder: Path, preset: ZooPreset, clip_tokenizer_dir: Path, s
     tokenizer = build_caption_tokenizer(clip_tokenizer_dir)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config, patches = captioner_configs(
-        preset, max(CAPTION_MODEL_VOCAB, len(tokenizer)), image_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        preset,
+        max(CAPTION_MODEL_VOCAB, len(tokenizer)),
+        image_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     with _default_dtype(_dtype(preset.dtype)):  # built directly in the target dtype: a 7B model has no fp32 copy
         model = LlavaForConditionalGeneration(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=32
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=32,
     )
     model.eval()
     model.save_pretrained(folder, safe_serialization=True, max_shard_size="5GB")
@@ -486,13 +512,19 @@ def write_zoo(out: Path, preset_name: "str | ZooPreset" = "tiny", seed: int = 0,
     targets = [out / SD_SUBFOLDER, out / CAPTIONER_SUBFOLDER]
     if any(t.exists() and any(t.iterdir()) for t in targets):
         if not overwrite:
-            raise UserError(f"{out} already holds a model zoo. Rerun with --overwrite to replace it, or choose another folder.")
+            raise UserError(
+                f"{out} already holds a model zoo. Rerun with --overwrite to replace it, or choose another folder."
+            )
         for t in targets:
             if t.exists():
                 shutil.rmtree(t)
     sd = write_sd(out / SD_SUBFOLDER, preset, seed=seed)
     captioner = write_captioner(out / CAPTIONER_SUBFOLDER, preset, sd / "tokenizer", seed=seed + 1)
-    (out / "zoo.json").write_text(json.dumps({"preset": preset.name, "seed": seed, "sd": SD_SUBFOLDER, "captioner": CAPTIONER_SUBFOLDER}, indent=2))
+    (out / "zoo.json").write_text(
+        json.dumps(
+            {"preset": preset.name, "seed": seed, "sd": SD_SUBFOLDER, "captioner": CAPTIONER_SUBFOLDER}, indent=2
+        )
+    )
     return ZooResult(root=out, sd=sd, captioner=captioner, preset=preset.name)
 
 
@@ -509,6 +541,13 @@ def parameter_counts(preset_name: str) -> Dict[str, int]:
             "vae": AutoencoderKL(**preset.vae),
             "text_encoder": CLIPTextModel(CLIPTextConfig(**preset.text_encoder)),
         }
-        config, _ = captioner_configs(preset, CAPTION_MODEL_VOCAB, CAPTION_BASE_VOCAB + 1, CAPTION_BASE_VOCAB - 2, CAPTION_BASE_VOCAB - 1, CAPTION_BASE_VOCAB)
+        config, _ = captioner_configs(
+            preset,
+            CAPTION_MODEL_VOCAB,
+            CAPTION_BASE_VOCAB + 1,
+            CAPTION_BASE_VOCAB - 2,
+            CAPTION_BASE_VOCAB - 1,
+            CAPTION_BASE_VOCAB,
+        )
         models["captioner"] = LlavaForConditionalGeneration(config)
     return {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}

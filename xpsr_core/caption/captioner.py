@@ -10,27 +10,34 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import UserError
 
 # The paper's two instructions (section 3.3).
 CONTENT_INSTRUCTION = "Please provide a descriptive summary of the content of this image"
 QUALITY_INSTRUCTION = (
-    "Please describe the quality of this image and evaluate it based on factors such as clarity, color, noise, and lighting"
+    "Please describe the quality of this image and evaluate it based on factors such as clarity, color, noise, "
+    "and lighting"
 )
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 128
-    do_sample: bool = False  # greedy by default so reruns are identical
-    temperature: float = 1.0
-    top_p: float = 1.0
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
+class GenerationSettings(BaseModel):
+    """How captions are decoded: the arguments of generate() (frozen, so loaded captioners can be cached by them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_new_tokens: int = Field(128, ge=1, le=4096, description="Most tokens generated per caption.")
+    do_sample: bool = Field(False, description="Sample the tokens (the caption stage seeds each caption by its key "
+                            "and kind); off: greedy decoding, so reruns are identical.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature when sampling.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: draw from the smallest set of tokens whose "
+                         "probabilities reach top_p (1: all tokens).")
+    num_beams: int = Field(1, ge=1, description="Beam search width (1: no beam search).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already generated (1: none; above 1 "
+                                      "discourages repeats).")
 
     def generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams,
@@ -40,7 +47,7 @@ class GenerationSettings:
         return kwargs
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.model_dump(), sort_keys=True)
 
 
 class SeededSampler:
@@ -98,8 +105,14 @@ def model_revision(path: str | Path) -> str:
 class Captioner:
     """Loads a captioning model once and captions batches of PIL images with several instructions."""
 
-    def __init__(self, model: str | Path, dtype: str = "float32", device: str = "cpu", settings: GenerationSettings | None = None,
-                 trust_remote_code: bool = False):
+    def __init__(
+        self,
+        model: str | Path,
+        dtype: str = "float32",
+        device: str = "cpu",
+        settings: GenerationSettings | None = None,
+        trust_remote_code: bool = False,
+    ):
         """``trust_remote_code`` runs the model folder's own Python code (only for models that need it)."""
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -113,7 +126,8 @@ class Captioner:
             self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype), **remote)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise UserError(
-                f"Cannot load a captioner from {model}: {str(error).splitlines()[0] if str(error) else type(error).__name__}. "
+                f"Cannot load a captioner from {model}: "
+                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}. "
                 "It must be an image-text-to-text model folder in the Hugging Face layout (config.json, weights, "
                 "processor and tokenizer files with a chat template), e.g. llava-hf/llava-1.5-7b-hf; "
                 "`xpsr models tiny --out DIR` builds a tiny one."
@@ -167,7 +181,9 @@ class Captioner:
             kwargs.update(do_sample=False, logits_processor=LogitsProcessorList(
                 [SeededSampler(seeds, self.settings.temperature, self.settings.top_p)]))
         try:
-            inputs = self.processor(images=[i for i, _ in items], text=[p for _, p in items], padding=True, return_tensors="pt")
+            inputs = self.processor(
+                images=[i for i, _ in items], text=[p for _, p in items], padding=True, return_tensors="pt"
+            )
             inputs = inputs.to(self.device)
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)

@@ -189,7 +189,9 @@ def _sample_blur_kernel(
     return _pad_kernel(kernel, settings.kernel_pad_to), params
 
 
-def _sample_final_sinc(rng: np.random.Generator, settings: DegradationSettings) -> tuple[bool, np.ndarray, KernelParams]:
+def _sample_final_sinc(
+    rng: np.random.Generator, settings: DegradationSettings
+) -> tuple[bool, np.ndarray, KernelParams]:
     pad_to = settings.kernel_pad_to
     if rng.uniform() < settings.final_sinc_prob:
         size = int(rng.choice(settings.kernel_sizes))

@@ -1,7 +1,7 @@
 """Settings of the Real-ESRGAN second-order degradation.
 
-Defaults are the values of the Real-ESRGAN x4 training options as the XPSR/SeeSR data scripts
-use them (DESIGN.md section 6). Field names follow Real-ESRGAN's option names (``kernel_prob2``,
+Defaults are the values of the Real-ESRGAN x4 training options (``options/train_realesrgan_x4plus.yml``)
+as the XPSR/SeeSR data scripts use them. Field names follow Real-ESRGAN's option names (``kernel_prob2``,
 ``resize_range2``, ...) so a researcher can map a Real-ESRGAN YAML onto them one to one.
 
 The model nests inside the degrade stage's config: every field is a plain JSON value
@@ -68,7 +68,9 @@ class DegradationSettings(BaseModel):
         default_factory=lambda: ["area", "bilinear", "bicubic"],
         description="Interpolation modes, drawn uniformly for every resize (both stages and the final one).",
     )
-    gaussian_noise_prob: float = Field(0.5, ge=0, le=1, description="Gaussian noise with this probability, else Poisson.")
+    gaussian_noise_prob: float = Field(
+        0.5, ge=0, le=1, description="Gaussian noise with this probability, else Poisson."
+    )
     noise_range: Range = Field((1.0, 30.0), description="Gaussian sigma, in 0..255 units.")
     poisson_scale_range: Range = (0.05, 3.0)
     gray_noise_prob: float = Field(0.4, ge=0, le=1)
@@ -100,7 +102,9 @@ class DegradationSettings(BaseModel):
     usm_threshold: float = Field(10.0, ge=0, description="Residual threshold in 0..255 units.")
     # Real-ESRGAN (basicsr RealESRGANModel.feed_data) and SeeSR (make_paired_data.py) both blur the
     # *sharpened* HR: `filter2D(gt_usm, kernel1)`. Kept as a switch for experiments.
-    degrade_sharpened: bool = Field(True, description="Degrade the USM-sharpened HR (Real-ESRGAN) instead of the plain HR.")
+    degrade_sharpened: bool = Field(
+        True, description="Degrade the USM-sharpened HR (Real-ESRGAN) instead of the plain HR."
+    )
 
     # ------------------------------------------------------------------ validation
     @field_validator("kernel_sizes")

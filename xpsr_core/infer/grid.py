@@ -8,7 +8,8 @@ import numpy as np
 from PIL import Image
 
 
-def _as_image(pixels) -> Image.Image:
+def as_rgb_image(pixels) -> Image.Image:
+    """An RGB PIL image from a PIL image, a uint8 H x W x 3 array or a float array in [0, 1]."""
     if isinstance(pixels, Image.Image):
         return pixels.convert("RGB")
     array = np.asarray(pixels)
@@ -22,17 +23,24 @@ def make_grid(lr_up, sr, hr=None, gap: int = 4, background: tuple = (255, 255, 2
 
     Accepts PIL images, uint8 H x W x 3 arrays, or float arrays in [0, 1].
     """
-    panels = [_as_image(p) for p in (lr_up, sr, hr) if p is not None]
+    panels = [as_rgb_image(p) for p in (lr_up, sr, hr) if p is not None]
     size = panels[1].size
     panels = [p if p.size == size else p.resize(size, Image.BICUBIC) for p in panels]
-    width = len(panels) * size[0] + (len(panels) - 1) * gap
-    grid = Image.new("RGB", (width, size[1]), background)
+    return join_row(panels, gap, background)
+
+
+def join_row(panels: Sequence[Image.Image], gap: int = 4, background: tuple = (255, 255, 255)) -> Image.Image:
+    """Equal-sized panels side by side, ``gap`` pixels apart."""
+    width, height = panels[0].size
+    row = Image.new("RGB", (len(panels) * width + (len(panels) - 1) * gap, height), background)
     for index, panel in enumerate(panels):
-        grid.paste(panel, (index * (size[0] + gap), 0))
-    return grid
+        row.paste(panel, (index * (width + gap), 0))
+    return row
 
 
-def stack_rows(rows: Sequence[Image.Image], gap: int = 4, background: tuple = (255, 255, 255), max_width: Optional[int] = None) -> Image.Image:
+def stack_rows(
+    rows: Sequence[Image.Image], gap: int = 4, background: tuple = (255, 255, 255), max_width: Optional[int] = None
+) -> Image.Image:
     """Stack grid rows vertically (rows of different widths are left-aligned); optionally shrink to ``max_width``."""
     width = max(r.size[0] for r in rows)
     height = sum(r.size[1] for r in rows) + gap * (len(rows) - 1)

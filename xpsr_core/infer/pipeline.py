@@ -39,12 +39,15 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as settings_dataclass
 
+from ..config import runtime_field
 from ..encoding import NEGATIVE_PROMPT, encode_prompts
 from ..errors import UserError
 from .color import COLOR_FIXES, UINT8_COLOR_FIXES, adain_color_fix_uint8, color_fix
@@ -66,65 +69,67 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
-GENERATOR_SCOPES = ("image", "run")
-GENERATOR_DEVICES = ("cpu", "device")
-START_LATENTS = ("mean", "sample")
+# Literal types from the one list of each kind of name, so the fields accept exactly what the pipeline runs
+SchedulerName = Literal[tuple(SCHEDULERS)]
+ColorFixName = Literal[COLOR_FIXES]
+ResizeName = Literal[RESIZES]
 
 
-@dataclass
+@settings_dataclass(config=ConfigDict(extra="forbid", validate_assignment=True))
 class SRSettings:
-    """Every knob of one SR run (recorded in each output's JSON sidecar).
+    """Every knob of one SR run (recorded in each output's JSON sidecar): its type, default, range and meaning.
 
     The defaults are the paper's recipe; :mod:`.presets` names complete sets of values
-    (``default``, ``paper``, ``official`` = the authors' test script).
+    (``default``, ``paper``, ``official`` = the authors' test script). Values are validated when
+    the settings are made or changed (``dataclasses.replace`` included); ``xpsr sr`` and ``xpsr
+    evaluate`` take these fields as their own (:class:`~.config.SRModelConfig`).
     """
 
-    scale: int = 4
-    steps: int = 20
-    scheduler: str = "ddpm"
-    guidance_scale: float = 5.5
-    negative_prompt: str = NEGATIVE_PROMPT  # replaces c_h in the negative guidance branch
-    cfg_batched: bool = True  # both guidance branches in one forward pass
-    controlnet_negative: bool = True  # the ControlNet also sees the negative prompt (authors' pipeline)
-    conditioning_scale: float = 1.0
-    color_fix: str = "adain"
-    tile_size: Optional[int] = None  # latent tiling, in output pixels (default: the UNet's native size)
-    tile_overlap: Optional[int] = None  # pixels (default: tile_size // 4)
-    vae_tile_size: Optional[int] = None  # VAE tiling, in pixels (default: the VAE's native size)
-    vae_tile_overlap: Optional[int] = None  # pixels (default: vae_tile_size // 4)
-    seed: Optional[int] = 0  # None: an unseeded torch.Generator (torch's default seed 67280421310721)
-    # --- the authors' recipe (their test script); each default keeps the paper's behaviour
-    added_prompt: str = ""  # appended to c_h: "<caption.lstrip()> <added_prompt>" ("" leaves c_h as given)
-    negative_quality_prompt: Optional[str] = None  # c_l of the negative branch (None: the image's own c_l)
-    start_latent: str = "mean"  # the LR latent sampling starts from: posterior "mean" or a posterior "sample"
-    added_noise_level: Optional[int] = None  # after noising to the first timestep, add_noise again at this timestep
-    resize: str = "torch-bicubic"  # LR -> condition chain: "torch-bicubic" | "pil-bicubic" (see .resize)
-    process_size: Optional[int] = None  # a condition with a shorter side is enlarged to it; the output is resized back
-    pad_multiple: Optional[int] = None  # pad the condition to a multiple of this (default: VAE x UNet down-sampling factor)
-    latent_tile_threshold: Optional[int] = None  # pixels: latents of area <= (threshold / 8)^2 run whole (default: tile when a side > tile_size)
-    vae_decode_tile_size: Optional[int] = None  # VAE decoder tile in pixels (default: vae_tile_size)
-    generator_scope: str = "image"  # "image": a fresh generator per image from seed; "run": one generator for a whole run, in input order
-    generator_device: str = "cpu"  # where the generator draws: "cpu" or "device" (the model's device)
-
-    def validate(self) -> "SRSettings":
-        if self.scheduler not in SCHEDULERS:
-            raise UserError(f"Unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}.")
-        if self.color_fix not in COLOR_FIXES:
-            raise UserError(f"Unknown colour correction {self.color_fix!r}; choose from {', '.join(COLOR_FIXES)}.")
-        if self.scale < 1 or self.steps < 1:
-            raise UserError("scale and steps must be at least 1.")
-        for name, value, allowed in (("start_latent", self.start_latent, START_LATENTS), ("resize", self.resize, RESIZES),
-                                     ("generator_scope", self.generator_scope, GENERATOR_SCOPES),
-                                     ("generator_device", self.generator_device, GENERATOR_DEVICES)):
-            if value not in allowed:
-                raise UserError(f"Unknown {name} {value!r}; choose from {', '.join(allowed)}.")
-        for name in ("process_size", "pad_multiple", "latent_tile_threshold", "vae_decode_tile_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"{name} must be at least 1 (or unset).")
-        if self.added_noise_level is not None and self.added_noise_level < 0:
-            raise UserError("added_noise_level must be a timestep >= 0 (or unset).")
-        return self
+    scale: int = Field(4, ge=1, le=16, description="Output size over LR size.")
+    steps: int = Field(20, ge=1, le=1000, description="Sampling steps.")
+    scheduler: SchedulerName = Field("ddpm", description="Sampling scheduler, configured from the base model's.")
+    guidance_scale: float = Field(
+        5.5, ge=0, description="Classifier-free guidance scale (at most 1: the positive branch alone).")
+    negative_prompt: str = Field(NEGATIVE_PROMPT, description="Replaces c_h in the negative guidance branch.")
+    cfg_batched: bool = runtime_field(True, "Run both guidance branches as one batch (same result, faster).")
+    controlnet_negative: bool = Field(
+        True, description="The ControlNet also sees the negative prompt in the negative branch.")
+    conditioning_scale: float = Field(1.0, ge=0, description="Weight of the ControlNet residuals.")
+    color_fix: ColorFixName = Field("adain", description="Colour correction of the output towards the upsampled LR.")
+    tile_size: Optional[int] = Field(
+        None, ge=64, description="Latent tile in output pixels (default: the UNet's native size).")
+    tile_overlap: Optional[int] = Field(
+        None, ge=0, description="Latent tile overlap in pixels (default: tile_size / 4).")
+    vae_tile_size: Optional[int] = Field(
+        None, ge=64, description="VAE tile in pixels (default: the VAE's native size).")
+    vae_tile_overlap: Optional[int] = Field(
+        None, ge=0, description="VAE tile overlap in pixels (default: vae_tile_size / 4).")
+    seed: Optional[int] = Field(0, description="None: unseeded generators (torch's default seed 67280421310721).")
+    # the authors' recipe (their test script); each default keeps the paper's behaviour
+    added_prompt: str = Field(
+        "", description="Appended to every content caption as '<c_h.lstrip()> <added_prompt>' (official: the "
+                        "authors' quality words).")
+    negative_quality_prompt: Optional[str] = Field(
+        None, description="c_l of the negative guidance branch (None: the image's c_l).")
+    start_latent: Literal["mean", "sample"] = Field(
+        "mean", description="Start from the LR latent's posterior mean or a sample.")
+    added_noise_level: Optional[int] = Field(
+        None, ge=0, description="Noise the start latent once more, to this timestep (official: 800).")
+    resize: ResizeName = Field("torch-bicubic", description="LR -> condition resize chain (see .resize).")
+    process_size: Optional[int] = Field(
+        None, ge=8, description="Enlarge conditions with a shorter side to it; resize the output back.")
+    pad_multiple: Optional[int] = Field(
+        None, ge=1, description="Pad the condition to this multiple (default: the VAE x UNet down-sampling factor).")
+    latent_tile_threshold: Optional[int] = Field(
+        None, ge=8, description="Pixels: latents of area <= (this / 8)^2 are sampled whole (default: tiled when a "
+                                "side exceeds tile_size).")
+    vae_decode_tile_size: Optional[int] = Field(
+        None, ge=64, description="VAE decoder tile in pixels (default: vae_tile_size).")
+    generator_scope: Literal["image", "run"] = Field(
+        "image", description="One generator per image (seeded from seed and its name), or one for the whole run, "
+                             "in input order.")
+    generator_device: Literal["cpu", "device"] = Field(
+        "cpu", description="Draw random numbers on the CPU or on the model's device.")
 
 
 @dataclass
@@ -196,13 +201,22 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
 class XPSRPipeline:
     """The XPSR model, VAE, text encoder, tokenizer and scheduler, with default :class:`SRSettings`."""
 
-    def __init__(self, model, vae, text_encoder, tokenizer, scheduler, settings: Optional[SRSettings] = None, source: Optional[dict] = None):
+    def __init__(
+        self,
+        model,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        settings: Optional[SRSettings] = None,
+        source: Optional[dict] = None,
+    ):
         self.model = model
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.base_scheduler_config = scheduler.config
-        self.settings = (settings or SRSettings()).validate()
+        self.settings = settings or SRSettings()
         self.source = source or {}
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.unet_factor = 2 ** (len(model.unet.config.down_block_types) - 1)
@@ -214,11 +228,14 @@ class XPSRPipeline:
 
     @classmethod
     def from_model(cls, model, base, settings: Optional[SRSettings] = None) -> "XPSRPipeline":
-        """Wrap an in-memory :class:`XPSRModel` and a :class:`BaseSD` (needs vae, text_encoder, tokenizer, scheduler)."""
+        """Wrap an in-memory :class:`XPSRModel` and a :class:`BaseSD` (needs vae, text_encoder, tokenizer,
+        scheduler)."""
         missing = [n for n in ("vae", "text_encoder", "tokenizer", "scheduler") if getattr(base, n, None) is None]
         if missing:
             raise ValueError(f"the base model lacks {', '.join(missing)}; load it with those components")
-        return cls(model, base.vae, base.text_encoder, base.tokenizer, base.scheduler, settings, {"base_model": base.source})
+        return cls(
+            model, base.vae, base.text_encoder, base.tokenizer, base.scheduler, settings, {"base_model": base.source}
+        )
 
     @classmethod
     def from_pretrained(
@@ -248,7 +265,8 @@ class XPSRPipeline:
             if not (folder / PIPELINE_FILE).is_file():
                 raise UserError(
                     f"{folder} is not a saved XPSR pipeline ({PIPELINE_FILE} is missing). Pass the base model and the "
-                    "trained XPSR folder separately (--base-model, --xpsr), or a folder written by XPSRPipeline.save_pretrained."
+                    "trained XPSR folder separately (--base-model, --xpsr), "
+                    "or a folder written by XPSRPipeline.save_pretrained."
                 )
             saved = json.loads((folder / PIPELINE_FILE).read_text())
             base_model = folder
@@ -263,10 +281,16 @@ class XPSRPipeline:
             )
         if not (xpsr / TRAINABLE_FILE).is_file() and (xpsr / "final" / TRAINABLE_FILE).is_file():
             xpsr = xpsr / "final"
+        if settings is None and saved.get("defaults"):
+            recorded = {k: v for k, v in saved["defaults"].items() if k in SRSettings.__dataclass_fields__}
+            try:
+                settings = SRSettings(**recorded)
+            except ValidationError as error:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+                raise UserError(f"{folder / PIPELINE_FILE} records invalid sampling defaults ({problems}); "
+                                "correct them or pass the settings explicitly.") from None
         base = load_base_sd(base_model, dtype=torch_dtype, device=device)
         model = XPSRModel.load_trainable(xpsr, base.unet, with_dfc=False, dtype=torch_dtype, device=device)
-        if settings is None and saved.get("defaults"):
-            settings = SRSettings(**{k: v for k, v in saved["defaults"].items() if k in SRSettings.__dataclass_fields__})
         pipe = cls(model, base.vae, base.text_encoder, base.tokenizer, base.scheduler, settings,
                    {"base_model": str(base_model), "xpsr": str(xpsr), "dtype": str(torch_dtype).replace("torch.", "")})
         return pipe
@@ -278,12 +302,20 @@ class XPSRPipeline:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         sd = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.model.unet,
-            scheduler=self._scheduler("ddpm"), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.model.unet,
+            scheduler=self._scheduler("ddpm"),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
         sd.save_pretrained(folder, safe_serialization=True)
         self.model.save_trainable(folder / XPSR_SUBFOLDER, include_dfc=False)
-        (folder / PIPELINE_FILE).write_text(json.dumps({"xpsr": XPSR_SUBFOLDER, "defaults": asdict(self.settings)}, indent=2))
+        (folder / PIPELINE_FILE).write_text(
+            json.dumps({"xpsr": XPSR_SUBFOLDER, "defaults": asdict(self.settings)}, indent=2)
+        )
         return folder
 
     # ------------------------------------------------------------------ pieces
@@ -464,7 +496,7 @@ class XPSRPipeline:
         Runs the model in eval mode and restores its previous mode afterwards (safe to call from a
         training loop for validation images).
         """
-        settings = replace(settings or self.settings, **overrides).validate()
+        settings = replace(settings or self.settings, **overrides)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -488,7 +520,9 @@ class XPSRPipeline:
                  generator: Optional[torch.Generator] = None) -> SRResult:
         started = time.perf_counter()
         device = self.device
-        prepared = prepare_condition(lr, settings.scale, settings.resize, settings.process_size, self.vae_factor, device)
+        prepared = prepare_condition(
+            lr, settings.scale, settings.resize, settings.process_size, self.vae_factor, device
+        )
         lr_up = prepared.image.to(device)
         height, width = lr_up.shape[-2:]
         condition = _pad_to(lr_up, settings.pad_multiple or self.vae_factor * self.unet_factor)
@@ -540,9 +574,16 @@ class XPSRPipeline:
             settings=asdict(settings),
             seconds=time.perf_counter() - started,
             latent_tiles=n_tiles,
-            info={"start_timestep": int(timesteps[0]), "lr_size": [int(prepared.output_size[1] // settings.scale),
-                  int(prepared.output_size[0] // settings.scale)], "sr_size": [int(prepared.output_size[1]), int(prepared.output_size[0])],
-                  "condition_size": [int(width), int(height)], "prompts": texts},
+            info={
+                "start_timestep": int(timesteps[0]),
+                "lr_size": [
+                    int(prepared.output_size[1] // settings.scale),
+                    int(prepared.output_size[0] // settings.scale),
+                ],
+                "sr_size": [int(prepared.output_size[1]), int(prepared.output_size[0])],
+                "condition_size": [int(width), int(height)],
+                "prompts": texts,
+            },
         )
 
     def __call__(
@@ -561,15 +602,23 @@ class XPSRPipeline:
         count = len(images)
         content_captions = list(content_captions or [""] * count)
         quality_captions = list(quality_captions or [""] * count)
-        settings = replace(self.settings, **overrides).validate()
+        settings = replace(self.settings, **overrides)
         shared = self.make_generator(settings) if settings.generator_scope == "run" and seeds is None else None
         results = []
         for index, image in enumerate(images):
             extra = dict(overrides)
             if seeds is not None:
                 extra["seed"] = seeds[index]
-            results.append(self.upscale(image, content_captions[index], quality_captions[index], step_callback=step_callback,
-                                        generator=shared, **extra))
+            results.append(
+                self.upscale(
+                    image,
+                    content_captions[index],
+                    quality_captions[index],
+                    step_callback=step_callback,
+                    generator=shared,
+                    **extra,
+                )
+            )
         return results
 
 
@@ -577,7 +626,10 @@ def tiles_for(pipe: XPSRPipeline, height: int, width: int, settings: Optional[SR
     """How many latent tiles an output of ``height`` x ``width`` pixels takes."""
     settings = settings or pipe.settings
     multiple = settings.pad_multiple or pipe.vae_factor * pipe.unet_factor
-    lh, lw = math.ceil(height / multiple) * multiple // pipe.vae_factor, math.ceil(width / multiple) * multiple // pipe.vae_factor
+    lh, lw = (
+        math.ceil(height / multiple) * multiple // pipe.vae_factor,
+        math.ceil(width / multiple) * multiple // pipe.vae_factor,
+    )
     tile, overlap = pipe._latent_tiling(settings, lh, lw)
     return len(tile_boxes(lh, lw, tile[0], tile[1], overlap))
 

@@ -75,10 +75,10 @@ def preset_values(name: str) -> dict[str, Any]:
 
 
 def preset_settings(name: str, **overrides):
-    """:class:`SRSettings` of preset ``name`` with ``overrides`` on top, validated."""
+    """:class:`SRSettings` of preset ``name`` with ``overrides`` on top (validated as SRSettings are)."""
     from .pipeline import SRSettings
 
-    return SRSettings(**{**preset_values(name), **overrides}).validate()
+    return SRSettings(**{**preset_values(name), **overrides})
 
 
 def saved_defaults(folder: str | Path) -> dict[str, Any]:

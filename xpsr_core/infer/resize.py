@@ -84,7 +84,9 @@ def prepare_condition(lr, scale: int, resize: str = "torch-bicubic", process_siz
         size = short_side_size(int(image.shape[-2]), int(image.shape[-1]), process_size)
         image = F.interpolate(image, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
     lr_up = _uint8(up)
-    return Condition(image=image, image_uint8=_uint8(image), lr_up=lr_up, output_size=(int(height) * scale, int(width) * scale))
+    return Condition(
+        image=image, image_uint8=_uint8(image), lr_up=lr_up, output_size=(int(height) * scale, int(width) * scale)
+    )
 
 
 def _pil_chain(lr, scale: int, process_size: Optional[int], multiple: int) -> Condition:
@@ -98,9 +100,13 @@ def _pil_chain(lr, scale: int, process_size: Optional[int], multiple: int) -> Co
     image = up
     if process_size is not None and min(image.size) < process_size:
         image = TF.resize(image, process_size, interpolation=InterpolationMode.BILINEAR)
-    image = image.resize((image.size[0] // multiple * multiple, image.size[1] // multiple * multiple), Image.Resampling.BICUBIC)
+    image = image.resize(
+        (image.size[0] // multiple * multiple, image.size[1] // multiple * multiple), Image.Resampling.BICUBIC
+    )
     u8 = np.asarray(image).copy()
-    return Condition(image=_float(u8), image_uint8=u8, lr_up=np.asarray(up).copy(), output_size=(height * scale, width * scale))
+    return Condition(
+        image=_float(u8), image_uint8=u8, lr_up=np.asarray(up).copy(), output_size=(height * scale, width * scale)
+    )
 
 
 def resize_output(image: np.ndarray, size: tuple[int, int], resize: str = "torch-bicubic") -> np.ndarray:

@@ -53,7 +53,9 @@ def gaussian_weights(height: int, width: int, sigma: float = 0.15, device=None) 
     return (profile(height)[:, None] * profile(width)[None, :]).float()
 
 
-def weight_map(height: int, width: int, tile_h: int, tile_w: int, overlap: int, scale: float = 1.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def weight_map(
+    height: int, width: int, tile_h: int, tile_w: int, overlap: int, scale: float = 1.0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(sum of tile weights, per-tile normalised weights pasted on the full canvas) in output coordinates.
 
     For tests and diagnostics: the normalised maps of all tiles sum to 1 everywhere.

@@ -130,7 +130,10 @@ def _kind(entry) -> tuple[str, tuple[str, str] | None]:
             try:
                 target = os.stat(entry.path)
             except FileNotFoundError:
-                return "link", (BROKEN_LINK, f"symbolic link to a missing target ({readable_name(os.readlink(entry.path))})")
+                return "link", (
+                    BROKEN_LINK,
+                    f"symbolic link to a missing target ({readable_name(os.readlink(entry.path))})",
+                )
             except OSError as error:
                 if error.errno == errno.ELOOP:
                     return "link", (LINK_LOOP, "symbolic link loop (it resolves to itself)")

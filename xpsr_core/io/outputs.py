@@ -32,7 +32,9 @@ def ensure_writable_dir(folder: Path, what: str = "output folder") -> Path:
         probe.unlink()
     except OSError as error:
         reason = "no space left on the device" if error.errno == errno.ENOSPC else error.strerror or str(error)
-        raise UserError(f"Cannot write to the {what} {folder}: {reason}. Choose another folder or fix its permissions.") from None
+        raise UserError(
+            f"Cannot write to the {what} {folder}: {reason}. Choose another folder or fix its permissions."
+        ) from None
     return folder
 
 
@@ -53,7 +55,9 @@ def read_record(folder: Path) -> dict:
         return {}
 
 
-def prepare_output_dir(folder: Path, stage: str, config: StageConfig, overwrite: bool = False, wait_seconds: float = 600) -> Path:
+def prepare_output_dir(
+    folder: Path, stage: str, config: StageConfig, overwrite: bool = False, wait_seconds: float = 600
+) -> Path:
     """Make ``folder`` ready for ``stage`` under ``config``; refuse to mix outputs of different configs or code.
 
     Under a multi-process launcher only rank 0 checks, clears and records the folder; the other
@@ -73,13 +77,18 @@ def prepare_output_dir(folder: Path, stage: str, config: StageConfig, overwrite:
         while time.monotonic() < deadline:
             try:
                 found = json.loads(record.read_text())
-                if found.get("config_hash") == config.output_hash() and (found.get("fingerprint") or {}).get("code") == fingerprint["code"]:
+                if (
+                    found.get("config_hash") == config.output_hash()
+                    and (found.get("fingerprint") or {}).get("code") == fingerprint["code"]
+                ):
                     return folder
             except (OSError, ValueError):
                 pass
             time.sleep(0.2)
-        raise UserError(f"Rank {rank} waited {wait_seconds:.0f} s for rank 0 to prepare {folder} with this configuration; "
-                        "check rank 0's error, or that every rank got the same config.")
+        raise UserError(
+            f"Rank {rank} waited {wait_seconds:.0f} s for rank 0 to prepare {folder} with this configuration; "
+            "check rank 0's error, or that every rank got the same config."
+        )
     settings = config.output_settings()
     if record.exists():
         try:
@@ -99,8 +108,12 @@ def prepare_output_dir(folder: Path, stage: str, config: StageConfig, overwrite:
                     f"{folder} holds outputs of '{previous.get('stage', '?')}' made with {what}. "
                     "Rerun with --overwrite to rebuild them, or choose another output folder."
                 )
-            print(f"{folder} held outputs of '{previous.get('stage', '?')}' made with {what}; --overwrite: rebuilding them.",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{folder} held outputs of '{previous.get('stage', '?')}' made with {what}; "
+                "--overwrite: rebuilding them.",
+                file=sys.stderr,
+                flush=True,
+            )
             clear_folder(folder)
     remove_temporaries(folder)
     atomic_write_json(record, {"stage": stage, "config_hash": config.output_hash(), "fingerprint": fingerprint,

@@ -15,6 +15,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from ..errors import UserError
 from .atomic import atomic_path, atomic_write_json
 
 KEY_DIGITS = 5
@@ -139,3 +140,13 @@ def write_sizes(folder: Path, counts: Mapping[int, int]) -> None:
 def read_sizes(folder: Path) -> dict[int, int]:
     raw = json.loads((Path(folder) / SIZES_FILE).read_text())
     return {int(name.split(".")[0]): int(count) for name, count in raw.items()}
+
+
+def require_finished(folder: Path, what: str, hint: str) -> dict[int, int]:
+    """The sizes of a finished shard folder (its sizes.json, written once every shard is done).
+
+    ``what`` names the folder's kind in the error ("HR shard"), ``hint`` says how to make one.
+    """
+    if not (Path(folder) / SIZES_FILE).is_file():
+        raise UserError(f"{folder} is not a finished {what} folder (no {SIZES_FILE}). {hint}")
+    return read_sizes(folder)

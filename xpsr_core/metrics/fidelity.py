@@ -5,6 +5,9 @@ from every edge (the scale factor, by convention). Y is ITU-R BT.601 "studio swi
 (16..235), computed in float32 exactly as basicsr's ``to_y_channel`` does; PSNR and SSIM then
 run in float64. SSIM: 11 x 11 Gaussian window (sigma 1.5), valid region only, C1 = (0.01 L)^2,
 C2 = (0.03 L)^2 with L = 255. Identical images have PSNR ``inf``.
+
+These are not the authors' numbers: their pyiqa PSNR adds 1e-8 to the MSE, and their pyiqa SSIM
+rounds Y to integers first (see ``engine``'s docstring for the size of both differences).
 """
 
 from __future__ import annotations

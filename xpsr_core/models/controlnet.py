@@ -29,14 +29,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
 from diffusers.utils import BaseOutput
+from torch import nn
 
 from .sfa import FUSION_TYPES, LOW_LEVEL_KEY, SFA_MODES, SemanticFusionTransformer
 
@@ -149,7 +148,9 @@ class XPSRControlNet(ModelMixin, ConfigMixin):
         if fusion_type not in FUSION_TYPES:
             raise ValueError(f"fusion_type must be one of {FUSION_TYPES}, got {fusion_type!r}")
         if len(conditioning_embedding_out_channels) != DFC_LEVELS + 1:
-            raise ValueError("conditioning_embedding_out_channels needs 4 entries (input level + 3 downsampling levels)")
+            raise ValueError(
+                "conditioning_embedding_out_channels needs 4 entries (input level + 3 downsampling levels)"
+            )
         blocks = len(down_block_types)
         if len(block_out_channels) != blocks:
             raise ValueError("block_out_channels and down_block_types must have the same length")
@@ -341,7 +342,9 @@ class XPSRControlNet(ModelMixin, ConfigMixin):
         return list(result.missing_keys)
 
     @classmethod
-    def from_controlnet(cls, controlnet, sfa_mode: str = "parallel", fusion_heads: Optional[int] = None) -> "XPSRControlNet":
+    def from_controlnet(
+        cls, controlnet, sfa_mode: str = "parallel", fusion_heads: Optional[int] = None
+    ) -> "XPSRControlNet":
         """Start from a trained diffusers ``ControlNetModel`` (its transformers seed both SFA branches)."""
         c = controlnet.config
         model = cls(
@@ -451,7 +454,9 @@ class XPSRControlNet(ModelMixin, ConfigMixin):
         """
         pixel = tuple(self.config.conditioning_embedding_out_channels[1:])
         if latent_source == "residuals":
-            latent = tuple(conv.out_channels for conv in self.controlnet_down_blocks) + (self.controlnet_mid_block.out_channels,)
+            latent = tuple(conv.out_channels for conv in self.controlnet_down_blocks) + (
+                self.controlnet_mid_block.out_channels,
+            )
         else:
             latent = tuple(self.config.block_out_channels[i] for i in self.latent_feature_blocks)
         return pixel, latent

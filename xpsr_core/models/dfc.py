@@ -23,10 +23,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
 
 from .controlnet import match_device_dtype
 
@@ -76,7 +75,8 @@ class DFCHeads(ModelMixin, ConfigMixin):
             nn.Conv2d(c, image_channels, kernel_size=3, padding=1) for c in (pixel_channels if use_pixel else ())
         )
         self.latent_heads = nn.ModuleList(
-            nn.Conv2d(c, latent_channels, kernel_size=3, padding=1) for c in (latent_feature_channels if use_latent else ())
+            nn.Conv2d(c, latent_channels, kernel_size=3, padding=1)
+            for c in (latent_feature_channels if use_latent else ())
         )
 
     @classmethod
@@ -101,7 +101,9 @@ class DFCHeads(ModelMixin, ConfigMixin):
             return controlnet_output.residual_features
         return controlnet_output.latent_features
 
-    def forward(self, pixel_features: Sequence[torch.Tensor], latent_features: Sequence[torch.Tensor]) -> tuple[list, list]:
+    def forward(
+        self, pixel_features: Sequence[torch.Tensor], latent_features: Sequence[torch.Tensor]
+    ) -> tuple[list, list]:
         pixels = [head(f) for head, f in zip(self.pixel_heads, pixel_features)]
         latents = [head(f) for head, f in zip(self.latent_heads, latent_features)]
         return pixels, latents

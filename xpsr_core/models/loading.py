@@ -63,7 +63,10 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 def _check_local_folder(folder: Path, components: Sequence[str]) -> None:
-    hint = "Point the params at a diffusers Stable Diffusion 1.x folder, or write the tiny one with `xpsr models tiny --out DIR`."
+    hint = (
+        "Point the params at a diffusers Stable Diffusion 1.x folder, "
+        "or write the tiny one with `xpsr models tiny --out DIR`."
+    )
     if not folder.is_dir():
         raise UserError(f"The base model folder {folder} does not exist or is not a folder. {hint}")
     index = folder / "model_index.json"
@@ -79,6 +82,16 @@ def _check_local_folder(folder: Path, components: Sequence[str]) -> None:
             raise UserError(f"The base model folder {folder} has no {name}/ subfolder. {hint}")
         if not any((sub / f).is_file() for f in _CONFIG_FILES[name]):
             raise UserError(f"{sub} holds no {' or '.join(_CONFIG_FILES[name])}; the folder is incomplete. {hint}")
+
+
+def check_base_model(path_or_id: str | Path, components: Sequence[str] = COMPONENTS) -> str:
+    """The source to load from: a checked local folder (``UserError`` naming what is missing), or a hub id as given."""
+    source = str(path_or_id)
+    local = Path(os.path.expanduser(source))
+    if local.exists() or not _looks_like_hub_id(source):
+        _check_local_folder(local, components)
+        return str(local)
+    return source
 
 
 def _component_loaders():
@@ -112,11 +125,7 @@ def load_base_sd(
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
         raise ValueError(f"unknown SD components {unknown}; choose from {COMPONENTS}")
-    source = str(path_or_id)
-    local = Path(os.path.expanduser(source))
-    if local.exists() or not _looks_like_hub_id(source):
-        _check_local_folder(local, components)
-        source = str(local)
+    source = check_base_model(path_or_id, components)
     loaders = _component_loaders()
     base = BaseSD(source=source)
     for name in components:

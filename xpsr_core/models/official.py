@@ -90,7 +90,10 @@ def load_tensors(path: Path) -> dict:
             return load_file(str(path), device="cpu")
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt or truncated files raise many types
-        raise UserError(f"Could not read the weights in {path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}.") from None
+        raise UserError(
+            f"Could not read the weights in {path}: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}."
+        ) from None
 
 
 def _read_config(folder: Path) -> dict:
@@ -163,7 +166,9 @@ def validate_configs(controlnet_config: dict, unet_config: dict) -> None:
     for key, expected in CONTROLNET_FIXED.items():
         value = controlnet_config.get(key, expected)
         if value != expected:
-            problems.append(f"controlnet/config.json sets {key}: {json.dumps(value)}; XPSR supports only {json.dumps(expected)}")
+            problems.append(
+                f"controlnet/config.json sets {key}: {json.dumps(value)}; XPSR supports only {json.dumps(expected)}"
+            )
     unknown = sorted(k for k in unet_config if not k.startswith("_") and k not in _known_unet_keys())
     if unknown:
         problems.append(f"unet/config.json has options this importer does not know: {', '.join(unknown)}")
@@ -173,9 +178,17 @@ def validate_configs(controlnet_config: dict, unet_config: dict) -> None:
         if any(bool(v) for v in values):
             problems.append(f"unet/config.json sets {key}: {json.dumps(value)}; the released model (and this importer) "
                             "needs it false everywhere (the UNet sees only the high-level prompt)")
-    for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "encoder_hid_dim", "num_class_embeds"):
+    for key in (
+        "class_embed_type",
+        "addition_embed_type",
+        "encoder_hid_dim_type",
+        "encoder_hid_dim",
+        "num_class_embeds",
+    ):
         if unet_config.get(key) is not None:
-            problems.append(f"unet/config.json sets {key}: {json.dumps(unet_config[key])}; XPSR supports SD-1.x/2.x UNets only")
+            problems.append(
+                f"unet/config.json sets {key}: {json.dumps(unet_config[key])}; XPSR supports SD-1.x/2.x UNets only"
+            )
     if problems:
         raise UserError("The checkpoint cannot be imported:\n- " + "\n- ".join(problems))
 
@@ -188,22 +201,39 @@ def settings_for(controlnet_config: dict):
         sfa_mode="parallel" if controlnet_config.get("use_lowlevel_prompt", True) else "high",
         dfc_pixel=bool(controlnet_config.get("return_rgbs", True)),
         dfc_latent=bool(controlnet_config.get("use_latent_pred", True)),
-        conditioning_embedding_out_channels=tuple(controlnet_config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))),
+        conditioning_embedding_out_channels=tuple(
+            controlnet_config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+        ),
     )
 
 
 def check_base_matches(unet_config: dict, base_unet) -> None:
     """The checkpoint's UNet must have the base model's shapes."""
-    structural = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
-                  "cross_attention_dim", "attention_head_dim", "norm_num_groups", "use_linear_projection")
+    structural = (
+        "in_channels",
+        "out_channels",
+        "down_block_types",
+        "up_block_types",
+        "block_out_channels",
+        "layers_per_block",
+        "cross_attention_dim",
+        "attention_head_dim",
+        "norm_num_groups",
+        "use_linear_projection",
+    )
     diffs = []
     for key in structural:
         theirs, ours = unet_config.get(key), base_unet.config.get(key)
         if theirs is not None and (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != (
                 list(ours) if isinstance(ours, (list, tuple)) else ours):
-            diffs.append(f"{key}: checkpoint {json.dumps(theirs)}, base model {json.dumps(ours if not isinstance(ours, tuple) else list(ours))}")
+            diffs.append(
+                f"{key}: checkpoint {json.dumps(theirs)}, "
+                f"base model {json.dumps(ours if not isinstance(ours, tuple) else list(ours))}"
+            )
     if diffs:
-        raise UserError("The checkpoint was not trained on this base model (UNet shapes differ):\n- " + "\n- ".join(diffs))
+        raise UserError(
+            "The checkpoint was not trained on this base model (UNet shapes differ):\n- " + "\n- ".join(diffs)
+        )
 
 
 # ---------------------------------------------------------------------------------- names
@@ -252,7 +282,9 @@ def name_map(parts: dict, unet) -> dict[tuple[str, str], tuple[str, str]]:
 
 def _check_exportable(settings) -> None:
     if settings.sfa_mode not in ("parallel", "high"):
-        raise UserError(f"sfa_mode {settings.sfa_mode!r} has no counterpart in the authors' layout (parallel or high only).")
+        raise UserError(
+            f"sfa_mode {settings.sfa_mode!r} has no counterpart in the authors' layout (parallel or high only)."
+        )
     wrong = []
     if settings.sfa_mode == "parallel" and settings.fusion != "transformer":
         wrong.append("fusion: transformer")
@@ -261,7 +293,9 @@ def _check_exportable(settings) -> None:
     if settings.dfc_latent and settings.dfc_latent_heads != "residuals":
         wrong.append("dfc_latent_heads: residuals")
     if wrong:
-        raise UserError("Only the authors' architecture can be written in their layout; this model needs " + ", ".join(wrong) + ".")
+        raise UserError(
+            "Only the authors' architecture can be written in their layout; this model needs " + ", ".join(wrong) + "."
+        )
 
 
 # ---------------------------------------------------------------------------------- import
@@ -301,7 +335,9 @@ def map_checkpoint(checkpoint: OfficialCheckpoint, unet, settings) -> tuple[dict
                 continue
             part, key = target
             if tuple(wanted[part][key].shape) != tuple(tensor.shape):
-                shapes.append(f"{folder}/{name}: checkpoint {list(tensor.shape)}, expected {list(wanted[part][key].shape)}")
+                shapes.append(
+                    f"{folder}/{name}: checkpoint {list(tensor.shape)}, expected {list(wanted[part][key].shape)}"
+                )
                 continue
             filled[part][key] = tensor
     unfilled = [f"{part}.{key}" for part, keys in wanted.items() for key in keys if key not in filled[part]]
@@ -313,7 +349,10 @@ def map_checkpoint(checkpoint: OfficialCheckpoint, unet, settings) -> tuple[dict
             shown = "\n    ".join(names[:20]) + (f"\n    ... and {len(names) - 20} more" if len(names) > 20 else "")
             problems.append(f"{len(names)} {title}:\n    {shown}")
     if problems:
-        raise UserError("The checkpoint does not match the authors' XPSR architecture on this base model:\n- " + "\n- ".join(problems))
+        raise UserError(
+            "The checkpoint does not match the authors' XPSR architecture on this base model:\n- "
+            + "\n- ".join(problems)
+        )
     sd_unet = filled.pop("unet")
     return filled, sd_unet
 
@@ -362,7 +401,8 @@ def import_official(
     if mismatch and not allow_base_mismatch:
         raise UserError(
             f"The checkpoint's SD UNet tensors differ from the base model {base_model} (largest absolute difference "
-            f"{largest:.3g}): it was trained on another base. Point --base-model at the SD-1.5 folder it was trained on, "
+            f"{largest:.3g}): it was trained on another base. "
+            "Point --base-model at the SD-1.5 folder it was trained on, "
             "or pass --allow-base-mismatch to use the checkpoint's own UNet weights (as the authors' test.py does)."
         )
     if mismatch:
@@ -383,13 +423,18 @@ def import_official(
         base_checked_tensors=checked,
         used_checkpoint_unet=mismatch,
         seconds=round(time.perf_counter() - start, 2),
-        settings=asdict(model.settings) | {"conditioning_embedding_out_channels": list(settings.conditioning_embedding_out_channels)},
+        settings=asdict(model.settings)
+        | {"conditioning_embedding_out_channels": list(settings.conditioning_embedding_out_channels)},
     )
-    (out / "import_report.json").write_text(json.dumps(summary.as_dict() | {"checkpoint": str(checkpoint_dir), "base_model": str(base_model)}, indent=2))
+    (out / "import_report.json").write_text(
+        json.dumps(summary.as_dict() | {"checkpoint": str(checkpoint_dir), "base_model": str(base_model)}, indent=2)
+    )
     return summary
 
 
-def write_pipeline_folder(model, base_model: str | Path, out: Path, write_unet: bool, sr_defaults: Optional[dict]) -> Path:
+def write_pipeline_folder(
+    model, base_model: str | Path, out: Path, write_unet: bool, sr_defaults: Optional[dict]
+) -> Path:
     """An SR pipeline folder: the base SD folder's files, ``xpsr/`` (every trained part) and its defaults."""
     from ..infer.pipeline import PIPELINE_FILE, XPSR_SUBFOLDER
 
@@ -432,12 +477,20 @@ def official_configs(model) -> tuple[dict, dict]:
         return_rgbs=bool(model.settings.dfc_pixel), use_rrdb=False,
         use_lowlevel_prompt=model.settings.sfa_mode == "parallel", use_latent_pred=bool(model.settings.dfc_latent),
     )
-    controlnet_config = {"_class_name": "ControlNetModel", "_diffusers_version": AUTHORS_DIFFUSERS_VERSION, **controlnet_config}
+    controlnet_config = {
+        "_class_name": "ControlNetModel",
+        "_diffusers_version": AUTHORS_DIFFUSERS_VERSION,
+        **controlnet_config,
+    }
     unet_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.unet.config).items()
                    if not k.startswith("_") and k != "dropout"}
     unet_config.update(up_use_lowlevel_prompt=[False] * len(model.unet.up_blocks), mid_use_lowlevel_prompt=False,
                        down_use_lowlevel_prompt=False)
-    unet_config = {"_class_name": "UNet2DConditionModel", "_diffusers_version": AUTHORS_DIFFUSERS_VERSION, **unet_config}
+    unet_config = {
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": AUTHORS_DIFFUSERS_VERSION,
+        **unet_config,
+    }
     return controlnet_config, unet_config
 
 
@@ -445,7 +498,9 @@ def export_official(model, out: str | Path, safe_serialization: bool = True) -> 
     """Write ``model`` (the authors' architecture) as ``out/{unet,controlnet}`` in their layout."""
     _check_exportable(model.settings)
     if model.dfc_heads is None and (model.settings.dfc_pixel or model.settings.dfc_latent):
-        raise UserError("This model was loaded without its DFC heads; the authors' layout stores them in the ControlNet.")
+        raise UserError(
+            "This model was loaded without its DFC heads; the authors' layout stores them in the ControlNet."
+        )
     out = Path(out)
     parts = model.trainable_modules()
     mapping = name_map(parts, model.unet)

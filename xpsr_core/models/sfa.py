@@ -33,9 +33,8 @@ import copy
 from typing import Any, Optional
 
 import torch
-from torch import nn
-
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
 
 LOW_LEVEL_KEY = "xpsr_low_level_hidden_states"
 SFA_MODES = ("parallel", "serial", "high", "low")
@@ -100,7 +99,9 @@ class FusionAttention(TokenCrossAttention):
         super().__init__(channels, channels, heads, eps=eps)
 
 
-def transformer_like(transformer: nn.Module, cross_attention_dim: int, num_attention_heads: Optional[int] = None) -> nn.Module:
+def transformer_like(
+    transformer: nn.Module, cross_attention_dim: int, num_attention_heads: Optional[int] = None
+) -> nn.Module:
     """A fresh diffusers ``Transformer2DModel`` with ``transformer``'s hyper-parameters and another context width."""
     # private keys such as _use_default_values would make from_config drop the head layout
     config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
@@ -163,8 +164,12 @@ class SemanticFusionTransformer(nn.Module):
     def fuse(self, x_high: torch.Tensor, x_low: torch.Tensor, cross_attention_kwargs=None) -> torch.Tensor:
         """``CA_f``: queries from the high-level branch, keys/values from the low-level branch's pixels."""
         if self.fusion_type == "transformer":
-            return self.fusion(x_high, encoder_hidden_states=to_tokens(x_low), cross_attention_kwargs=cross_attention_kwargs,
-                               return_dict=False)[0]
+            return self.fusion(
+                x_high,
+                encoder_hidden_states=to_tokens(x_low),
+                cross_attention_kwargs=cross_attention_kwargs,
+                return_dict=False,
+            )[0]
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(self.fusion, x_high, x_low)
         return self.fusion(x_high, x_low)

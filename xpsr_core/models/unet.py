@@ -24,10 +24,9 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
-from torch import nn
-
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
 
 from .controlnet import match_device_dtype, run_down_block
 from .sfa import TokenCrossAttention, to_tokens
@@ -93,7 +92,9 @@ class XPSRConditionalAttention(ModelMixin, ConfigMixin):
                 for q, c, h in zip(query_channels, context_channels, heads)
             )
         else:
-            self.layers = nn.ModuleList(TokenCrossAttention(q, c, h) for q, c, h in zip(query_channels, context_channels, heads))
+            self.layers = nn.ModuleList(
+                TokenCrossAttention(q, c, h) for q, c, h in zip(query_channels, context_channels, heads)
+            )
         for projection in self.output_projections():
             # zero: the UNet is SD-1.5 at step 0; official: the authors' default (random) initialisation
             if init == "zero":
@@ -126,7 +127,9 @@ class XPSRConditionalAttention(ModelMixin, ConfigMixin):
         layer = self.layers[index]
         if self.config.layer_type == "transformer":
             # diffusers' transformer checkpoints its own blocks when gradient checkpointing is on
-            return layer(hidden_states, encoder_hidden_states=to_tokens(residual).to(hidden_states.dtype), return_dict=False)[0]
+            return layer(
+                hidden_states, encoder_hidden_states=to_tokens(residual).to(hidden_states.dtype), return_dict=False
+            )[0]
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(layer, hidden_states, residual)
         return layer(hidden_states, residual)
@@ -148,7 +151,9 @@ def xpsr_unet_forward(
     residuals = list(down_block_additional_residuals) if down_block_additional_residuals is not None else None
     if conditional_attention is not None and residuals is None:
         raise ValueError("Conditional Attention needs the ControlNet residuals")
-    if conditional_attention is not None and len(conditional_attention.layers) != sum(len(b.resnets) for b in unet.up_blocks):
+    if conditional_attention is not None and len(conditional_attention.layers) != sum(
+        len(b.resnets) for b in unet.up_blocks
+    ):
         raise ValueError("Conditional Attention was built for a UNet with a different decoder")
 
     up_factor = 2 ** unet.num_upsamplers

@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 
 from ..errors import UserError
@@ -33,24 +35,40 @@ TRAINABLE_FILE = "xpsr.json"
 PARTS = ("controlnet", "conditional_attention", "dfc_heads")
 
 
-@dataclass
+@pydantic_dataclass
 class XPSRSettings:
     """Architecture switches: the paper's ablations, and the authors' released architecture.
 
-    ``XPSRSettings.official()`` is the architecture of the authors' checkpoint.
+    ``XPSRSettings.official()`` is the architecture of the authors' checkpoint. A pydantic dataclass: values are
+    validated on construction, and ``dataclasses.asdict``/``replace`` work as on any dataclass.
     """
 
-    sfa_mode: str = "parallel"  # parallel (SFA) | serial | high | low
-    conditional_attention: bool = True
-    dfc_pixel: bool = True
-    dfc_latent: bool = True
-    conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)
-    fusion_heads: Optional[int] = None
-    fusion: str = "attention"  # CA_f: attention (ours) | transformer (the authors')
-    conditional_attention_type: str = "attention"  # attention (ours) | transformer (the authors' pixel attentions)
-    dfc_latent_heads: str = "pyramid"  # pyramid: 3 down-block outputs | residuals: the 13 post-zero-conv residuals
-    dfc_target_resize: str = "area"  # area | bilinear (the authors')
-    init: str = "zero"  # zero: step 0 equals plain ControlNet + SD | official: the authors' initialisation
+    sfa_mode: Literal["parallel", "serial", "high", "low"] = Field(
+        "parallel", description="parallel: the SFA (CA_h and CA_l side by side, fused by CA_f); serial: CA_l after "
+        "CA_h; high / low: CA_h or CA_l alone (the paper's ablations).")
+    conditional_attention: bool = Field(True, description="Conditional Attention in the UNet decoder (off: the "
+                                        "ControlNet residuals are only added).")
+    dfc_pixel: bool = Field(True, description="DFC heads mapping the conditioning encoder's levels to RGB, against "
+                            "the HR image.")
+    dfc_latent: bool = Field(True, description="DFC heads mapping ControlNet features to latents, against the HR "
+                             "latent.")
+    conditioning_embedding_out_channels: tuple[int, ...] = Field(
+        (16, 32, 96, 256), description="Channels of the ControlNet's conditioning embedding, per level.")
+    fusion_heads: Optional[int] = Field(None, ge=1, description="Attention heads of CA_f (null: those of the "
+                                        "transformer it wraps).")
+    fusion: Literal["attention", "transformer"] = Field(
+        "attention", description="CA_f: attention (the paper) or a full transformer (the authors' code).")
+    conditional_attention_type: Literal["attention", "transformer"] = Field(
+        "attention", description="Conditional Attention layers: attention (the paper) or full transformers (the "
+        "authors' pixel attentions).")
+    dfc_latent_heads: Literal["pyramid", "residuals"] = Field(
+        "pyramid", description="3 heads on the down-block outputs, or 13 on the post-zero-conv residuals (the "
+        "authors').")
+    dfc_target_resize: Literal["area", "bilinear"] = Field(
+        "area", description="How the DFC targets are resized to each level: area averaging, or bilinear (the "
+        "authors').")
+    init: Literal["zero", "official"] = Field(
+        "zero", description="zero: step 0 equals plain ControlNet + SD; official: the authors' initialisation.")
 
     @classmethod
     def official(cls, **overrides) -> "XPSRSettings":
@@ -61,10 +79,12 @@ class XPSRSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> "XPSRSettings":
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        if "conditioning_embedding_out_channels" in known:
-            known["conditioning_embedding_out_channels"] = tuple(known["conditioning_embedding_out_channels"])
-        return cls(**known)
+        """Settings from a saved dict (keys of other versions are left out); a ValueError names each bad value."""
+        try:
+            return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        except ValidationError as error:
+            raise ValueError("; ".join(f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']} "
+                                       f"(got {problem['input']!r})" for problem in error.errors())) from None
 
 
 def dfc_heads_for(controlnet: XPSRControlNet, settings: XPSRSettings, latent_channels: int) -> Optional[DFCHeads]:
@@ -109,7 +129,9 @@ class XPSRModel(nn.Module):
             conditioning_embedding_out_channels=tuple(controlnet.config.conditioning_embedding_out_channels),
             fusion_heads=controlnet.config.fusion_heads,
             fusion=controlnet.config.fusion_type,
-            conditional_attention_type=conditional_attention.config.layer_type if conditional_attention is not None else "attention",
+            conditional_attention_type=conditional_attention.config.layer_type
+            if conditional_attention is not None
+            else "attention",
             dfc_latent_heads=dfc_heads.config.latent_source if dfc_heads is not None else "pyramid",
             dfc_target_resize=dfc_heads.config.target_resize if dfc_heads is not None else "area",
         )
@@ -117,7 +139,9 @@ class XPSRModel(nn.Module):
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def build(cls, unet, settings: Optional[XPSRSettings] = None, with_dfc: bool = True, latent_channels: Optional[int] = None) -> "XPSRModel":
+    def build(
+        cls, unet, settings: Optional[XPSRSettings] = None, with_dfc: bool = True, latent_channels: Optional[int] = None
+    ) -> "XPSRModel":
         """Fresh trainable parts initialised from ``unet`` (step 0 equals plain ControlNet + UNet)."""
         settings = settings or XPSRSettings()
         controlnet = XPSRControlNet.from_unet(
@@ -130,7 +154,9 @@ class XPSRModel(nn.Module):
         )
         conditional = None
         if settings.conditional_attention:
-            conditional = XPSRConditionalAttention.from_unet(unet, layer_type=settings.conditional_attention_type, init=settings.init)
+            conditional = XPSRConditionalAttention.from_unet(
+                unet, layer_type=settings.conditional_attention_type, init=settings.init
+            )
         heads = dfc_heads_for(controlnet, settings, latent_channels or unet.config.out_channels) if with_dfc else None
         return cls(unet, controlnet, conditional, heads, settings)
 
@@ -197,11 +223,16 @@ class XPSRModel(nn.Module):
         return folder
 
     @classmethod
-    def load_trainable(cls, folder: str | Path, unet, with_dfc: bool = True, dtype: Any = None, device: Any = "cpu") -> "XPSRModel":
+    def load_trainable(
+        cls, folder: str | Path, unet, with_dfc: bool = True, dtype: Any = None, device: Any = "cpu"
+    ) -> "XPSRModel":
         folder = Path(folder)
         meta_file = folder / TRAINABLE_FILE
         if not meta_file.is_file():
-            raise UserError(f"{folder} is not an XPSR checkpoint folder: {TRAINABLE_FILE} is missing. Point at a folder written by XPSRModel.save_trainable (a training checkpoint's 'xpsr' folder).")
+            raise UserError(
+                f"{folder} is not an XPSR checkpoint folder: {TRAINABLE_FILE} is missing. Point at a folder written "
+                "by XPSRModel.save_trainable (a training checkpoint's 'xpsr' folder)."
+            )
         try:
             meta = json.loads(meta_file.read_text())
             settings = XPSRSettings.from_dict(meta.get("settings", {}))
@@ -217,7 +248,9 @@ class XPSRModel(nn.Module):
                 raise UserError(f"Could not load the XPSR {part} from {folder / part}: {first}.") from None
 
         controlnet = load("controlnet", XPSRControlNet)
-        conditional = load("conditional_attention", XPSRConditionalAttention) if settings.conditional_attention else None
+        conditional = (
+            load("conditional_attention", XPSRConditionalAttention) if settings.conditional_attention else None
+        )
         heads = None
         if with_dfc and (folder / "dfc_heads").is_dir():
             heads = load("dfc_heads", DFCHeads)
@@ -301,14 +334,18 @@ class XPSRModel(nn.Module):
         return XPSROutput(sample=sample, dfc=dfc)
 
 
-def training_loss(noise_pred: torch.Tensor, target: torch.Tensor, dfc: Optional[DFCLoss], dfc_weight: float = DFC_WEIGHT):
-    """``L = L_eps + dfc_weight * L_DFC`` (eq. 5) and a dict of floats for logging."""
+def training_loss(
+    noise_pred: torch.Tensor, target: torch.Tensor, dfc: Optional[DFCLoss], dfc_weight: float = DFC_WEIGHT
+):
+    """``L = L_eps + dfc_weight * L_DFC`` (eq. 5) and, for logging, its terms as detached scalar tensors on the
+    loss's device: reading them on the host waits for the device, so the caller chooses when (``.tolist()`` of
+    a ``torch.stack`` of many steps' terms reads them all at once)."""
     diffusion = F.mse_loss(noise_pred.float(), target.float())
     loss = diffusion
-    logs = {"loss_eps": diffusion.detach().item()}
+    logs = {"loss_eps": diffusion.detach()}
     if dfc is not None:
         loss = loss + dfc_weight * dfc.total
-        logs["loss_dfc"] = dfc.total.detach().item()
-        logs.update({f"dfc_{k}": v.detach().item() for k, v in dfc.terms.items()})
-    logs["loss"] = loss.detach().item()
+        logs["loss_dfc"] = dfc.total.detach()
+        logs.update({f"dfc_{k}": v.detach() for k, v in dfc.terms.items()})
+    logs["loss"] = loss.detach()
     return loss, logs

@@ -41,7 +41,8 @@ def shard_partition(shards: Sequence[Path], rank: int, world: int, worker: int, 
     if len(shards) < world * workers:
         raise UserError(
             f"{len(shards)} training shards cannot feed {world} processes x {workers} dataloader workers: every worker "
-            "needs at least one shard of its own. Write more, smaller shards (embed from more shards) or use fewer workers."
+            "needs at least one shard of its own. "
+            "Write more, smaller shards (embed from more shards) or use fewer workers."
         )
     return list(shards[rank::world])[worker::workers]
 
@@ -103,7 +104,9 @@ def decode_training_sample(sample: dict, online: bool, hr_quality: bool = False)
     return item
 
 
-def images_on_device(batch: dict, device, hr_condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def images_on_device(
+    batch: dict, device, hr_condition: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(condition, hr) on ``device``: the LR batch bicubic-upsampled to HR size in [0, 1] (as inference
     makes it), and HR in [-1, 1].
 
@@ -121,7 +124,7 @@ def images_on_device(batch: dict, device, hr_condition: torch.Tensor | None = No
     hr = hr_bytes.float() / 127.5 - 1.0
     condition = upsample(lr, hr.shape[-1] // lr.shape[-1])
     if hr_condition is not None and bool(hr_condition.any()):
-        mask = hr_condition.to(device).view(-1, 1, 1, 1)
+        mask = hr_condition.to(device, non_blocking=True).view(-1, 1, 1, 1)
         condition = torch.where(mask, hr_bytes.float() / 255.0, condition)
     return condition, hr
 
@@ -139,9 +142,21 @@ def collate(items: list[dict]) -> dict:
 class TrainingStream(torch.utils.data.IterableDataset):
     """Endless batches for one rank; use with ``DataLoader(stream, batch_size=None, num_workers=W)``."""
 
-    def __init__(self, shards: Sequence[Path], batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 shuffle_buffer: int = 256, resampled: bool = True, skip_batches: int = 0, online_encoding: bool = False,
-                 hr_quality: bool = False, max_bad_samples: int = 100, resume_state: dict | None = None):
+    def __init__(
+        self,
+        shards: Sequence[Path],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        shuffle_buffer: int = 256,
+        resampled: bool = True,
+        skip_batches: int = 0,
+        online_encoding: bool = False,
+        hr_quality: bool = False,
+        max_bad_samples: int = 100,
+        resume_state: dict | None = None,
+    ):
         """``resume_state``: {worker: {"position": raw samples pulled, "skipped": bad samples}} from a checkpoint;
         without it a resume skips ``skip_batches`` batches' worth of raw samples."""
         super().__init__()
@@ -172,12 +187,19 @@ class TrainingStream(torch.utils.data.IterableDataset):
             url = next((a for a in error.args if isinstance(a, str) and a.endswith(".tar")), "?")
             bad[0] += 1
             if not replaying[0]:  # a resume's fast-forward meets it again; it was logged then
-                _log_bad(f"a damaged tar member in shard {url}: {type(error).__name__}: {error.args[0] if error.args else error}")
+                _log_bad(
+                    f"a damaged tar member in shard {url}: "
+                    f"{type(error).__name__}: {error.args[0] if error.args else error}"
+                )
             return True
 
         samples = wds.tarfile_to_samples(handler=tar_error)(urls)
         if self.shuffle_buffer > 1:
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(derive_seed(self.seed, "train-shuffle", tag)))(samples)
+            samples = wds.shuffle(
+                self.shuffle_buffer,
+                initial=self.shuffle_buffer,
+                rng=random.Random(derive_seed(self.seed, "train-shuffle", tag)),
+            )(samples)
         state = self.resume_state.get(worker)
         if state is not None:  # exactly what the checkpointed run had pulled, bad samples included
             pulled = int(state["position"])
@@ -199,11 +221,19 @@ class TrainingStream(torch.utils.data.IterableDataset):
                     raise
                 except Exception as error:  # deterministic: the same sample fails in every run
                     bad[0] += 1
-                    _log_bad(f"sample {raw.get('__key__', '?')} in shard {raw.get('__url__', '?')}: {type(error).__name__}: {error}")
+                    _log_bad(
+                        f"sample {raw.get('__key__', '?')} in shard {raw.get('__url__', '?')}: "
+                        f"{type(error).__name__}: {error}"
+                    )
                 if bad[0] > self.max_bad_samples:
-                    yield {"stop": f"{bad[0]} bad training samples were skipped on rank {self.rank}, worker {worker}, more than "
-                                   f"max_bad_samples={self.max_bad_samples}; the training shards are damaged (see the messages "
-                                   "above for keys and shards). Rebuild them with `xpsr embed --overwrite`, or raise max_bad_samples."}
+                    yield {
+                        "stop": f"{bad[0]} bad training samples were skipped on rank {self.rank}, "
+                        f"worker {worker}, more than "
+                        f"max_bad_samples={self.max_bad_samples}; "
+                        "the training shards are damaged (see the messages "
+                        "above for keys and shards). "
+                        "Rebuild them with `xpsr embed --overwrite`, or raise max_bad_samples."
+                    }
                     return
             batch = collate(items)
             batch["stream"] = {"worker": worker, "position": pulled, "skipped": bad[0]}

@@ -8,15 +8,23 @@ rank), and the data stream skips what earlier steps consumed, so ``--resume late
 bit-for-bit where an uninterrupted run would be. The authors' data recipe
 (``hr_condition_probability``: the HR image as the condition, with its own quality caption) is
 drawn per (seed, step, key) the same way.
+
+The step never waits for the device: the losses and the divergence flag stay there as tensors and
+come to the host together, in one copy, after every step that logs, checkpoints, validates or ends
+the run (``Trainer.read_back_due``). A non-finite loss on any rank sets the flag on the device, and
+from then on the device skips every optimizer update, so the weights stay those of the last good
+step until the next read-back finds the flag and checkpoints them.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +45,28 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good state was checkpointed."""
 
 
+@dataclass
+class StepState:
+    """What a checkpoint after ``step`` holds besides the weights and the optimizer: the LR schedule and where each
+    data worker stands. The host keeps it for the steps not yet read back, to go back to the last good one."""
+
+    step: int
+    scheduler: dict
+    stream: dict
+
+
+@dataclass
+class PendingStep:
+    """An optimizer step until its read-back: its micro-batches' logs (device tensors until then), the divergence
+    flag after it (a device tensor until then, then a bool), its host seconds and learning rate, its state."""
+
+    state: StepState
+    micro_logs: list[dict]
+    diverged: torch.Tensor | bool
+    seconds: float
+    lr: float
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
@@ -50,7 +80,10 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise UserError(f"{path} is not a training checkpoint ({STATE_FILE} missing). Use --resume latest or a {CHECKPOINT_PREFIX}N folder.")
+        raise UserError(
+            f"{path} is not a training checkpoint ({STATE_FILE} missing). "
+            f"Use --resume latest or a {CHECKPOINT_PREFIX}N folder."
+        )
     return path
 
 
@@ -59,7 +92,11 @@ def checkpoint_stamp(config: TrainConfig) -> dict:
     field, so extending a run still continues it), their hash, and the code fingerprint of the train stage."""
     from ..fingerprint import stage_fingerprint
 
-    return {"config_hash": config.output_hash(), "settings": config.output_settings(), "fingerprint": stage_fingerprint("train")}
+    return {
+        "config_hash": config.output_hash(),
+        "settings": config.output_settings(),
+        "fingerprint": stage_fingerprint("train"),
+    }
 
 
 def resume_mismatch(checkpoint: Path, config: TrainConfig) -> str | None:
@@ -95,8 +132,11 @@ def trainable_folder(path: str | Path) -> Path:
     for candidate in (folder, folder / "xpsr", folder / "final"):
         if (candidate / TRAINABLE_FILE).is_file():
             return candidate
-    raise UserError(f"train.init {path!r} is neither zero, official nor a folder of trained XPSR parts ({TRAINABLE_FILE} "
-                    "not found in it, in its xpsr/ or in its final/). Pass a folder written by `xpsr import-official` or `xpsr train`.")
+    raise UserError(
+        f"train.init {path!r} is neither zero, official nor a folder of trained XPSR parts ({TRAINABLE_FILE} "
+        "not found in it, in its xpsr/ or in its final/). "
+        "Pass a folder written by `xpsr import-official` or `xpsr train`."
+    )
 
 
 def frozen_weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -143,17 +183,12 @@ class Trainer:
 
     def _initial_model(self, unet):
         """Fresh parts (``init`` zero or official), or the trained parts of a folder to fine-tune."""
-        from ..models import XPSRModel, XPSRSettings
+        from ..models import XPSRModel
         from ..models.xpsr import dfc_heads_for
 
         config = self.config
         if config.init in ("zero", "official"):
-            settings = XPSRSettings(
-                sfa_mode=config.sfa_mode, conditional_attention=config.conditional_attention, dfc_pixel=config.dfc_pixel,
-                dfc_latent=config.dfc_latent, fusion=config.fusion, conditional_attention_type=config.conditional_attention_type,
-                dfc_latent_heads=config.dfc_latent_heads, dfc_target_resize=config.dfc_target_resize, init=config.init,
-            )
-            return XPSRModel.build(unet, settings)
+            return XPSRModel.build(unet, config.xpsr_settings())
         folder = trainable_folder(config.init)
         model = XPSRModel.load_trainable(folder, unet, with_dfc=True, dtype=unet.dtype, device=unet.device)
         if model.dfc_heads is None:  # a folder saved for inference only: the heads start afresh
@@ -167,7 +202,7 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         from ..encoding import encode_prompts
-        from ..models import XPSRModel, XPSRSettings, load_base_sd
+        from ..models import load_base_sd
 
         config, accelerator = self.config, self.accelerator
         self._check_hr_quality()
@@ -176,8 +211,14 @@ class Trainer:
         # the text encoder: captions encoded in the loop, validation, or the empty prompt of the
         # "no high-level prompt" ablation
         needs_text = config.online_encoding or config.validation_steps > 0 or not config.use_high_prompt
-        components = ("unet", "scheduler") + (("text_encoder", "tokenizer") if needs_text else ()) + (("vae",) if needs_vae else ())
-        base = load_base_sd(config.base_model, dtype=self.weight_dtype, device=accelerator.device, components=components)
+        components = (
+            ("unet", "scheduler")
+            + (("text_encoder", "tokenizer") if needs_text else ())
+            + (("vae",) if needs_vae else ())
+        )
+        base = load_base_sd(
+            config.base_model, dtype=self.weight_dtype, device=accelerator.device, components=components
+        )
         self.base = base
         self.scheduler = base.scheduler
         set_seed(config.seed)  # the new modules' initial weights (DFC heads, projections) are seeded too
@@ -195,6 +236,15 @@ class Trainer:
         self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.warmup_steps,
                                           num_training_steps=config.max_train_steps)
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        # The divergence flag: 1 once any rank's loss was non-finite, and 1 from then on. The step never reads it;
+        # the device skips every optimizer update while it is 1, so the weights and the optimizer stay those after
+        # the last good step until the next read-back (at the latest, before any checkpoint) finds it and saves
+        # them (``_diverged``). The fused AdamW kernel skips its update, step count included, where ``found_inf``
+        # is 1, as it does under a GradScaler; with fp16 the GradScaler sets ``found_inf`` itself, from the
+        # gradients, so there ``micro_step`` makes the loss NaN instead.
+        self.diverged = torch.zeros((), device=accelerator.device)
+        if accelerator.scaler is None:
+            self.optimizer.optimizer.found_inf = self.diverged
         accelerator.register_for_checkpointing(self.lr_scheduler)
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
@@ -211,7 +261,10 @@ class Trainer:
         return "latent.npy" not in next(read_shard(first[0]), {})
 
     def _check_hr_quality(self) -> None:
-        """With hr_condition_probability > 0 the shards must carry the HR quality captions; refuse before any model loads."""
+        """With hr_condition_probability > 0 the shards must carry the HR quality captions.
+
+        Refuses before any model loads.
+        """
         if self.config.hr_condition_probability <= 0:
             return
         from ..io.shards import read_shard
@@ -221,8 +274,11 @@ class Trainer:
             sample = next(read_shard(shard), None)
             if sample is None:
                 continue
-            has = (json.loads(sample["json"]).get("captions", {}).get("hr_quality") is not None if self.config.online_encoding
-                   else "hr_quality.npy" in sample)
+            has = (
+                json.loads(sample["json"]).get("captions", {}).get("hr_quality") is not None
+                if self.config.online_encoding
+                else "hr_quality.npy" in sample
+            )
             if not has:
                 raise missing_hr_quality(sample["__key__"])
 
@@ -257,7 +313,9 @@ class Trainer:
         moments = batch.get("latent_moments")
         if moments is None:  # online: the VAE runs every step
             moments = encode_latent_moments(self.base.vae, hr)
-        return sample_latent(moments.to(self.accelerator.device, non_blocking=True), self.base.vae_scaling_factor, generator)
+        return sample_latent(
+            moments.to(self.accelerator.device, non_blocking=True), self.base.vae_scaling_factor, generator
+        )
 
     def _embeddings(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.online_encoding:
@@ -280,7 +338,9 @@ class Trainer:
         probability = self.config.hr_condition_probability
         if probability <= 0:
             return None
-        return torch.tensor([hr_condition_draw(self.config.seed, step, key, probability) for key in batch["keys"]], dtype=torch.bool)
+        return torch.tensor(
+            [hr_condition_draw(self.config.seed, step, key, probability) for key in batch["keys"]], dtype=torch.bool
+        )
 
     def _hr_quality(self, batch: dict) -> torch.Tensor:
         """The HR images' quality-caption embeddings (c_l of the HR-as-condition samples)."""
@@ -291,6 +351,8 @@ class Trainer:
         return batch["hr_quality"].to(self.accelerator.device, non_blocking=True)
 
     def loss(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        """The loss of one micro-batch and its logs: detached device tensors (the share of HR-conditioned samples,
+        drawn on the host, is a float)."""
         from ..models import training_loss
         from .data import images_on_device
 
@@ -310,24 +372,34 @@ class Trainer:
         content, quality = self._embeddings(batch)
         if hr_mask is not None and bool(hr_mask.any()):  # the HR image's quality caption goes with the HR condition
             hr_quality = self._hr_quality(batch).to(quality.dtype)
-            quality = torch.where(hr_mask.to(device).view(-1, 1, 1), hr_quality, quality)
+            quality = torch.where(hr_mask.to(device, non_blocking=True).view(-1, 1, 1), hr_quality, quality)
         with self.accelerator.autocast():
-            output = self.model(noisy.to(self.weight_dtype), timesteps, content.to(self.weight_dtype), quality.to(self.weight_dtype),
-                                condition, hr_image=hr, hr_latent=latents, return_dfc=self.use_dfc)
+            output = self.model(
+                noisy.to(self.weight_dtype),
+                timesteps,
+                content.to(self.weight_dtype),
+                quality.to(self.weight_dtype),
+                condition,
+                hr_image=hr,
+                hr_latent=latents,
+                return_dfc=self.use_dfc,
+            )
         loss, logs = training_loss(output.sample, target, output.dfc if self.use_dfc else None, self.config.dfc_weight)
         if hr_mask is not None:
             logs["hr_condition_share"] = float(hr_mask.float().mean())
         return loss, logs
 
     def micro_step(self, batch: dict, step: int, micro: int) -> dict:
-        """Loss, divergence check, backward and (at the end of an accumulation) clipping and the
-        optimizer update for one micro-batch; returns its logs."""
+        """Loss, divergence flag, backward and (at the end of an accumulation) clipping and the optimizer
+        update for one micro-batch, all without waiting for the device; returns its logs (see ``loss``)."""
         accelerator = self.accelerator
         with accelerator.accumulate(self.model):
             loss, logs = self.loss(batch, step, micro)
-            bad = torch.tensor([0.0 if math.isfinite(logs["loss"]) else 1.0], device=accelerator.device)
-            if accelerator.reduce(bad, reduction="sum").item() > 0:
-                self._diverged(step, logs)
+            nonfinite = torch.isfinite(loss.detach()).logical_not().float()
+            # reduced on the device, so that every rank skips the same updates
+            torch.maximum(self.diverged, accelerator.reduce(nonfinite, reduction="max"), out=self.diverged)
+            if accelerator.scaler is not None:  # NaN gradients make the GradScaler skip the update (x 1.0: exact)
+                loss = loss * torch.where(self.diverged > 0, float("nan"), 1.0)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
@@ -337,11 +409,62 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
+    def read_back_due(self, done: int) -> bool:
+        """Whether the losses and the divergence flag come to the host after step ``done``: at every step that logs,
+        checkpoints, validates or prints progress at fixed steps, and at the last, so that nothing is written from
+        diverged weights. (Progress lines by the clock wait for the next read-back.)"""
+        config = self.config
+        return (done == config.max_train_steps or done % config.log_every == 0 or done % config.checkpointing_steps == 0
+                or any(every and done % every == 0 for every in (config.validation_steps, config.progress_steps)))
+
+    def _step_state(self, step: int) -> StepState:
+        return StepState(step, copy.deepcopy(self.lr_scheduler.state_dict()), dict(self.stream_state))
+
+    def _read_back(self, pending: list[PendingStep]) -> float | None:
+        """Brings the pending steps' logs and divergence flags to the host in one copy (on a GPU, the one wait for
+        the device), in place; with several ranks also returns the last step's loss averaged over them."""
+        tensors = [value for entry in pending for logs in entry.micro_logs for value in logs.values()
+                   if isinstance(value, torch.Tensor)]
+        tensors += [entry.diverged for entry in pending]
+        if self.accelerator.num_processes > 1:
+            last_loss = torch.stack([logs["loss"] for logs in pending[-1].micro_logs]).mean()
+            tensors.append(self.accelerator.reduce(last_loss, reduction="mean"))
+        values = iter(torch.stack(tensors).tolist())
+        for entry in pending:
+            entry.micro_logs = [{name: next(values) if isinstance(value, torch.Tensor) else value
+                                 for name, value in logs.items()} for logs in entry.micro_logs]
+        for entry in pending:
+            entry.diverged = next(values) > 0
+        return next(values, None)
+
+    def _settle(self, pending: list[PendingStep], last_good: StepState,
+                samples_per_step: int) -> tuple[list[dict], float | None]:
+        """Reads the pending steps back and stops at the first diverged one (``_diverged``); else returns their log rows
+        and, with several ranks, the last step's loss averaged over them."""
+        read_start = time.perf_counter()
+        mean_loss = self._read_back(pending)
+        for index, entry in enumerate(pending):
+            if entry.diverged:
+                self._diverged(entry, pending[index - 1].state if index else last_good)
+        # the device ran ahead of the host until the read-back waited for it, so each step gets the interval's rate
+        seconds = sum(entry.seconds for entry in pending) + time.perf_counter() - read_start
+        return [self._row(entry, samples_per_step * len(pending) / seconds) for entry in pending], mean_loss
+
+    def _row(self, entry: PendingStep, samples_per_s: float) -> dict:
+        """A step's log row: each term averaged over the micro-batches (host floats, summed in this order)."""
+        logs_sum: dict[str, float] = {}
+        for logs in entry.micro_logs:
+            for name, value in logs.items():
+                logs_sum[name] = logs_sum.get(name, 0.0) + value / self.config.gradient_accumulation_steps
+        return {"step": entry.state.step, **logs_sum, "lr": entry.lr, "samples_per_s": samples_per_s}
+
     def save_checkpoint(self, step: int) -> Path:
         path = self.run_dir / f"{CHECKPOINT_PREFIX}{step}"
         self.accelerator.save_state(str(path))
         # where this rank's data stream stands (raw samples pulled, bad ones skipped), for an exact resume
-        atomic_write_json(path / f"{STREAM_FILE_PREFIX}{self.accelerator.process_index}.json", getattr(self, "stream_state", {}))
+        atomic_write_json(
+            path / f"{STREAM_FILE_PREFIX}{self.accelerator.process_index}.json", getattr(self, "stream_state", {})
+        )
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             # written last: the checkpoint is complete; it records the config and code that made it
@@ -351,15 +474,20 @@ class Trainer:
         return path
 
     def train(self, after_step=None) -> dict:
-        """Train to ``max_train_steps``; ``after_step(step)``, if given, runs after each optimizer step (a profiler's tick)."""
+        """Train to ``max_train_steps``.
+
+        ``after_step(step)``, if given, runs after each optimizer step (a profiler's tick).
+        """
         config, accelerator = self.config, self.accelerator
         start_step = 0
         checkpoint = resolve_resume(self.run_dir, config.resume)
         if checkpoint is not None:
             mismatch = resume_mismatch(checkpoint, config)
             if mismatch and not config.overwrite:
-                raise UserError(f"Cannot resume from {checkpoint}: it was made with {mismatch}. Pass --overwrite to start "
-                                "training afresh, or go back to the code and configuration that made it.")
+                raise UserError(
+                    f"Cannot resume from {checkpoint}: it was made with {mismatch}. Pass --overwrite to start "
+                    "training afresh, or go back to the code and configuration that made it."
+                )
             if mismatch:
                 if accelerator.is_main_process:
                     print(f"Not resuming from {checkpoint}: it was made with {mismatch}. --overwrite: training starts "
@@ -392,7 +520,9 @@ class Trainer:
         loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers,
                                                   pin_memory=accelerator.device.type == "cuda"))
         if config.tensorboard:
-            accelerator.init_trackers("xpsr", config={k: v for k, v in config.resolved().items() if isinstance(v, (int, float, str, bool))})
+            accelerator.init_trackers(
+                "xpsr", config={k: v for k, v in config.resolved().items() if isinstance(v, (int, float, str, bool))}
+            )
         log_path = self.run_dir / LOG_FILE
         keys_log = (self.run_dir / "logs" / f"keys.rank{accelerator.process_index}.tsv")
         keys_log.parent.mkdir(parents=True, exist_ok=True)
@@ -407,10 +537,12 @@ class Trainer:
 
         # plain progress lines on rank 0 (any log): every progress_steps steps, or every XPSR_PROGRESS_SECONDS seconds
         progress = StepReporter(every_steps=config.progress_steps) if accelerator.is_main_process else None
+        pending: list[PendingStep] = []
+        last_good = self._step_state(start_step)
         started = time.perf_counter()
         for step in range(start_step, config.max_train_steps):
             step_start = time.perf_counter()
-            logs_sum: dict[str, float] = {}
+            micro_logs = []
             for micro in range(config.gradient_accumulation_steps):
                 batch = next(loader)
                 if "stop" in batch:  # the stream met more bad samples than max_bad_samples
@@ -419,28 +551,30 @@ class Trainer:
                 self.stream_state[str(stream["worker"])] = stream
                 with keys_log.open("a") as handle:
                     handle.write(f"{step}\t{micro}\t{','.join(batch['keys'])}\n")
-                logs = self.micro_step(batch, step, micro)
-                for name, value in logs.items():
-                    logs_sum[name] = logs_sum.get(name, 0.0) + value / config.gradient_accumulation_steps
+                micro_logs.append(self.micro_step(batch, step, micro))
             self.lr_scheduler.step()
             done = step + 1
-            seconds = time.perf_counter() - step_start
-            row = {"step": done, **logs_sum, "lr": self.lr_scheduler.get_last_lr()[0], "samples_per_s": samples_per_step / seconds}
-            history.append(row)
-            if done % config.log_every == 0 or done == config.max_train_steps:
-                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=done)
-                if accelerator.is_main_process:
-                    self._append_log(log_path, row)
-            if done % config.checkpointing_steps == 0 or done == config.max_train_steps:
-                self.save_checkpoint(done)
-            if config.validation_steps and (done % config.validation_steps == 0 or done == config.max_train_steps):
-                self.validate(done)
-            if accelerator.num_processes > 1:  # the progress line shows the loss over all ranks
-                row_loss = accelerator.reduce(torch.tensor([row["loss"]], device=accelerator.device), reduction="mean").item()
-            else:
-                row_loss = row["loss"]
-            if progress is not None and progress.due(done) and done < config.max_train_steps:
-                progress.emit(self._progress_line(done, start_step, row_loss, time.perf_counter() - started, samples_per_step))
+            pending.append(PendingStep(self._step_state(done), micro_logs, self.diverged.clone(),
+                                       time.perf_counter() - step_start, self.lr_scheduler.get_last_lr()[0]))
+            if self.read_back_due(done):
+                rows, mean_loss = self._settle(pending, last_good, samples_per_step)
+                last_good = pending[-1].state
+                pending.clear()
+                for row in rows:
+                    history.append(row)
+                    if row["step"] % config.log_every == 0 or row["step"] == config.max_train_steps:
+                        accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+                        if accelerator.is_main_process:
+                            self._append_log(log_path, row)
+                if done % config.checkpointing_steps == 0 or done == config.max_train_steps:
+                    self.save_checkpoint(done)
+                if config.validation_steps and (done % config.validation_steps == 0 or done == config.max_train_steps):
+                    self.validate(done)
+                # with several ranks, the progress line shows their mean loss
+                row_loss = history[-1]["loss"] if mean_loss is None else mean_loss
+                if progress is not None and progress.due(done) and done < config.max_train_steps:
+                    elapsed = time.perf_counter() - started
+                    progress.emit(self._progress_line(done, start_step, row_loss, elapsed, samples_per_step))
             if after_step is not None:
                 after_step(done)
         total = time.perf_counter() - started
@@ -481,7 +615,9 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)
             if self.config.tensorboard:
-                self.accelerator.get_tracker("tensorboard").log_images({"validation": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
+                self.accelerator.get_tracker("tensorboard").log_images(
+                    {"validation": np.asarray(grid)[None]}, step=step, dataformats="NHWC"
+                )
         self.accelerator.wait_for_everyone()
         return path
 
@@ -500,14 +636,25 @@ class Trainer:
         with path.open("a") as handle:
             if new:
                 handle.write("\t".join(columns) + "\n")
-            handle.write("\t".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + "\n")
+            handle.write(
+                "\t".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + "\n"
+            )
 
-    def _diverged(self, step: int, logs: dict) -> None:
-        path = self.save_checkpoint(step)  # parameters are still those after the last good step
+    def _diverged(self, entry: PendingStep, last_good: StepState) -> None:
+        """Checkpoints the state after the last good step and stops. The device skipped every update from ``entry``
+        on, so the weights and the optimizer are still those after it; the LR schedule and the data stream, which
+        the host moved on, go back to it."""
+        self.lr_scheduler.load_state_dict(last_good.scheduler)
+        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.stream_state = dict(last_good.stream)
+        path = self.save_checkpoint(last_good.step)
+        logs = next((logs for logs in entry.micro_logs if not math.isfinite(logs["loss"])), None)
+        what = (f"non-finite on another rank at step {entry.state.step}" if logs is None else
+                f"{logs['loss']} at step {entry.state.step} (eps loss {logs.get('loss_eps')})")
         raise TrainingDiverged(
-            f"The training loss became {logs['loss']} at step {step + 1} (eps loss {logs.get('loss_eps')}). Training stopped; "
-            f"the last good state is saved in {path}. Lower the learning rate, use bf16 instead of fp16, or check the data, "
-            "then resume with --resume latest."
+            f"The training loss became {what}. Training stopped; the last good state is saved in {path}. Lower the "
+            "learning rate, use bf16 instead of fp16, or check the data, then resume with --resume latest."
         )
 
     def _finish(self, history: list[dict], start_step: int, seconds: float) -> dict:

@@ -1,39 +1,54 @@
-"""Every knob of XPSR training (flat, so `dvc exp run -S train.max_train_steps=...` reaches it)."""
+"""Every knob of XPSR training (flat, so `dvc exp run -S train.max_train_steps=...` reaches it).
+
+The architecture switches are the fields of :class:`~xpsr_core.models.xpsr.XPSRSettings`, taken from there
+(:data:`ModelOptions`) with their types, constraints and descriptions. Importing this module imports the models
+package (torch, diffusers).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, create_model, field_validator
 
 from ..config import StageConfig, runtime_field
 from ..encoding import NEGATIVE_PROMPT
+from ..models.xpsr import XPSRSettings
+
+# not training options: a fresh model takes XPSRSettings' defaults for the conditioning embedding's channels and
+# CA_f's heads, a fine-tuned folder keeps its own
+FIXED_ARCHITECTURE = ("conditioning_embedding_out_channels", "fusion_heads")
+
+ModelOptions = create_model(
+    "ModelOptions", __config__=ConfigDict(extra="forbid"),
+    __doc__="The XPSRSettings fields a training run sets (all but FIXED_ARCHITECTURE), flat in its config.",
+    **{name: (info.annotation, info) for name, info in XPSRSettings.__pydantic_fields__.items()
+       if name not in FIXED_ARCHITECTURE},
+)
 
 
-class TrainConfig(StageConfig):
+class TrainConfig(StageConfig, ModelOptions):
     train_dir: Path = runtime_field(Path("data/shards/train"), "Training shards from `xpsr embed`.")
     base_model: str = Field("models/tiny/sd15", description="Frozen SD-1.5 folder or hub id.")
     out: Path = runtime_field(Path("models/xpsr"), "Run folder: checkpoints, logs, final export.")
     metrics_file: Optional[Path] = runtime_field(Path("metrics/train.json"), "Final training metrics for DVC.")
-    # architecture and the paper's ablations
-    sfa_mode: Literal["parallel", "serial", "high", "low"] = "parallel"
-    conditional_attention: bool = True
-    dfc_pixel: bool = True
-    dfc_latent: bool = True
+    # replaces ModelOptions' init (zero | official): a run may also start from a folder to fine-tune
+    init: str = Field(
+        "zero",
+        description="zero (step 0 = plain ControlNet), official (the authors' initialisation), or a folder "
+        "written by `xpsr import-official` or `xpsr train` to fine-tune (its architecture is kept).",
+    )
     dfc_weight: float = Field(0.05, ge=0, description="lambda in L = L_eps + lambda * L_DFC.")
-    # the authors' released architecture and objective (XPSRSettings.official()) as options
-    fusion: Literal["attention", "transformer"] = Field("attention", description="CA_f: attention (the paper) or a full transformer (the authors' code).")
-    conditional_attention_type: Literal["attention", "transformer"] = "attention"
-    dfc_latent_heads: Literal["pyramid", "residuals"] = Field("pyramid", description="3 heads on the down-block outputs, or 13 on the post-zero-conv residuals (the authors').")
-    dfc_target_resize: Literal["area", "bilinear"] = "area"
-    init: str = Field("zero", description="zero (step 0 = plain ControlNet), official (the authors' initialisation), or a folder "
-                      "written by `xpsr import-official` or `xpsr train` to fine-tune (its architecture is kept).")
     use_high_prompt: bool = Field(True, description="Condition on the content caption (off: the empty prompt).")
     hr_condition_probability: float = Field(
-        0.0, ge=0, le=1, description="Share of samples whose condition is the HR image itself (in [0, 1], at the HR size) with the "
-        "HR image's quality caption as c_l, drawn per (seed, step, key); the authors train with 0.1. Needs training shards "
-        "with hr_quality.npy (`xpsr caption` with caption_hr, then `xpsr embed`).")
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of samples whose condition is the HR image itself (in [0, 1], at the HR size) with the "
+        "HR image's quality caption as c_l, drawn per (seed, step, key); the authors train with 0.1. "
+        "Needs training shards with hr_quality.npy (`xpsr caption` with caption_hr, then `xpsr embed`).",
+    )
     # optimisation
     learning_rate: float = Field(5e-5, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
@@ -54,10 +69,17 @@ class TrainConfig(StageConfig):
     resampled: bool = Field(True, description="Resample shards with replacement (else seeded epochs).")
     shuffle_buffer: int = Field(256, ge=1)
     num_workers: int = Field(0, ge=0, description="Dataloader workers per process (shards >= processes x workers).")
-    max_bad_samples: int = runtime_field(100, "Bad training samples (truncated, undecodable) each dataloader stream logs and "
-                                         "skips before the run stops.", ge=0)
-    online_encoding: bool = Field(False, description="Encode captions and HR latents in the loop (the paper code's practice; slower).")
-    negative_prompt: str = Field(NEGATIVE_PROMPT, description="Replaces the content caption in the validation grids' guidance.")
+    max_bad_samples: int = runtime_field(
+        100,
+        "Bad training samples (truncated, undecodable) each dataloader stream logs and skips before the run stops.",
+        ge=0,
+    )
+    online_encoding: bool = Field(
+        False, description="Encode captions and HR latents in the loop (the paper code's practice; slower)."
+    )
+    negative_prompt: str = Field(
+        NEGATIVE_PROMPT, description="Replaces the content caption in the validation grids' guidance."
+    )
     # checkpoints and logs
     checkpointing_steps: int = runtime_field(500, "Save a resumable checkpoint every N steps.", ge=1)
     checkpoints_total_limit: Optional[int] = runtime_field(3, "Keep only the newest N checkpoints.", ge=1)
@@ -77,3 +99,7 @@ class TrainConfig(StageConfig):
     def _yaml_no(cls, value):
         # YAML 1.1 reads an unquoted `no` (as tools like `dvc exp run -S` write it back) as False
         return "no" if value is False else value
+
+    def xpsr_settings(self) -> XPSRSettings:
+        """The settings of a fresh model (``init`` zero or official): this config's ModelOptions fields."""
+        return XPSRSettings(**self.model_dump(include=set(ModelOptions.model_fields)))

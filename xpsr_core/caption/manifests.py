@@ -1,0 +1,277 @@
+"""Caption manifests: the content and quality captions of images as Parquet rows, per pair shard or per folder.
+
+    settings = CaptionSettings(model="models/tiny/captioner", base_model="models/tiny/sd15")
+    caption_shard(settings, pairs_dir, manifests_dir, shard)        # one manifest {shard:05d}.parquet
+    caption_folder(settings, Path("photos"), Path("captions.parquet"))  # one manifest for a folder
+
+Items (a key, where it comes from, and its decoded images, or the status and error of why not)
+become rows in ``caption_items``; every row names the models, instructions and generation settings
+that made it. Two options follow the authors' training data (both off by default, and then the
+manifest has exactly its usual columns): ``quality_model`` writes the quality captions with a second
+model (a Q-Instruct fine-tune in their recipe; the manifest then names both models and revisions in
+``content_captioner*`` and ``quality_captioner*``, ``captioner*`` staying the content model's), and
+``caption_hr`` also captions each pair's HR image with the quality instruction (``hr_quality_caption``
+and its token count and truncation flag), which training uses when the HR image stands in for the
+condition.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import ConfigDict, Field
+
+from ..config import runtime_field
+from ..errors import UserError
+from ..io.shards import index_path, read_shard, tar_path, write_stats
+from ..sharded import Status, shard_stats, write_index
+from .captioner import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION, GenerationSettings
+
+SEED_STREAM = "caption"  # a sampled caption's seed comes from (seed, this, key/kind); the quality model's: this-quality
+CAPTION_KINDS = ("content", "quality")
+HR_KIND = "hr_quality"  # the quality caption of the HR image (caption_hr)
+CAPTIONER_COLUMNS = ("content_captioner", "content_captioner_revision", "quality_captioner",
+                     "quality_captioner_revision")
+
+
+class CaptionSettings(GenerationSettings):
+    """The captioners, their instructions and generation settings (the fields of :class:`GenerationSettings`,
+    flat beside these), and the tokenizer that counts caption tokens."""
+
+    # fields may be assigned, as on every stage config; generation() is what caches are keyed by
+    model_config = ConfigDict(extra="forbid", frozen=False)
+    model: str = Field("models/tiny/captioner", description="Captioner folder or hub id (llava-hf layout or any "
+                       "image-text-to-text model with a chat template).")
+    quality_model: Optional[str] = Field(
+        None, description="A second captioner for the quality captions (e.g. a Q-Instruct LLaVA-1.5 fine-tune, as the "
+        "authors train with); null: `model` writes both.")
+    quality_trust_remote_code: bool = runtime_field(
+        False, "Let the quality model's folder run its own Python code (passed to its from_pretrained only).")
+    caption_hr: bool = Field(
+        False, description="Also caption each pair's HR image with the quality instruction (hr_quality_* columns) for "
+        "training with the HR image as the condition (train.hr_condition_probability). Pair shards only.")
+    base_model: str = Field("models/tiny/sd15",
+                            description="Base SD folder whose CLIP tokenizer counts caption tokens.")
+    content_instruction: str = Field(CONTENT_INSTRUCTION, description="The instruction of the content captions.")
+    quality_instruction: str = Field(QUALITY_INSTRUCTION, description="The instruction of the quality captions.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Images per generate() call (two prompts each).")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    seed: int = 0
+    device: str = runtime_field("cpu", "cpu, cuda or cuda:N (under torchrun each rank uses its LOCAL_RANK GPU).")
+
+    def generation(self) -> GenerationSettings:
+        """The generation fields alone: what a captioner is cached by and what every row records."""
+        # validated already, as fields of this model
+        return GenerationSettings.model_construct(**self.model_dump(include=set(GenerationSettings.model_fields)))
+
+    @property
+    def separate_quality(self) -> bool:
+        return self.quality_model is not None
+
+    def kinds(self, hr: bool) -> tuple[str, ...]:
+        """The captions of a row: content and quality of the LR image, plus the HR image's quality with ``hr``."""
+        return CAPTION_KINDS + ((HR_KIND,) if hr else ())
+
+
+def manifest_schema(separate_quality: bool = False, hr: bool = False):
+    """The manifest's columns; ``separate_quality``/``hr`` add those of the quality_model/caption_hr options."""
+    import pyarrow as pa
+
+    columns = [("key", pa.string()), ("shard", pa.int64()), ("dataset", pa.string()), ("source", pa.string())]
+    for kind in CAPTION_KINDS + ((HR_KIND,) if hr else ()):
+        columns += [(f"{kind}_caption", pa.string()), (f"{kind}_clip_tokens", pa.int64()),
+                    (f"{kind}_truncated", pa.bool_())]
+    columns += [("content_instruction", pa.string()), ("quality_instruction", pa.string()), ("captioner", pa.string()),
+                ("captioner_revision", pa.string())]
+    if separate_quality:
+        columns += [(name, pa.string()) for name in CAPTIONER_COLUMNS]
+    columns += [("generation", pa.string()), ("clip_token_limit", pa.int64()), ("status", pa.string()),
+                ("error", pa.string())]
+    return pa.schema(columns)
+
+
+@functools.lru_cache(maxsize=2)
+def load_captioner(model: str, dtype: str, device: str, generation: GenerationSettings,
+                   trust_remote_code: bool = False):
+    """Captioners (the content one and the quality one, when separate) per process, reused across its shards."""
+    from .captioner import Captioner
+
+    return Captioner(model, dtype=dtype, device=device, settings=generation, trust_remote_code=trust_remote_code)
+
+
+@functools.lru_cache(maxsize=1)
+def _token_counter(base_model: str):
+    from .captioner import clip_token_counter
+
+    return clip_token_counter(base_model)
+
+
+def caption_items(settings: CaptionSettings, items: list[dict], hr: bool = False) -> list[dict]:
+    """Caption decoded items ({"key", "shard", "dataset", "source", "image" [and "hr_image" with ``hr``] or
+    "status"/"error"}) into manifest rows, in the items' order."""
+    from ..dist import rank_device
+
+    device = rank_device(settings.device)
+    count, limit = _token_counter(settings.base_model)
+    # no remote code for the content model
+    captioner = load_captioner(settings.model, settings.dtype, device, settings.generation(), False)
+    quality_captioner = captioner
+    if settings.separate_quality:
+        quality_captioner = load_captioner(settings.quality_model, settings.dtype, device, settings.generation(),
+                                           settings.quality_trust_remote_code)
+    kinds = settings.kinds(hr)
+    common = _provenance(settings, captioner.revision, quality_captioner.revision, limit)
+    rows = {}
+    for item in items:
+        if "image" not in item:
+            rows[item["key"]] = {**_empty_row(item, kinds), **common, "status": item["status"], "error": item["error"]}
+    ready = [item for item in items if "image" in item]
+    for start in range(0, len(ready), settings.batch_size):
+        batch = ready[start : start + settings.batch_size]
+        texts = _generate(settings, batch, hr, captioner, quality_captioner)
+        for i, item in enumerate(batch):
+            row = {**_empty_row(item, kinds), **common, "status": Status.OK, "error": ""}
+            for kind in kinds:
+                text = texts[i, kind]
+                tokens = count(text)
+                row.update({f"{kind}_caption": text, f"{kind}_clip_tokens": tokens,
+                            f"{kind}_truncated": tokens > limit})
+            empty = [kind.replace("_", " ") for kind in kinds if not texts[i, kind]]
+            if empty:
+                row.update(status=Status.EMPTY_GENERATION,
+                           error=f"the model generated no text for the {' and '.join(empty)} instruction")
+            rows[item["key"]] = row
+    return [rows[item["key"]] for item in items]
+
+
+def _provenance(settings: CaptionSettings, revision: str, quality_revision: str, limit: int) -> dict:
+    """The columns every row shares: instructions, models and their revisions, generation settings."""
+    common = {
+        "content_instruction": settings.content_instruction, "quality_instruction": settings.quality_instruction,
+        "captioner": settings.model, "captioner_revision": revision,
+        "generation": settings.generation().to_json(), "clip_token_limit": limit,
+    }
+    if settings.separate_quality:
+        common.update(content_captioner=settings.model, content_captioner_revision=revision,
+                      quality_captioner=settings.quality_model, quality_captioner_revision=quality_revision)
+    return common
+
+
+def _generate(settings: CaptionSettings, batch: list[dict], hr: bool, captioner,
+              quality_captioner) -> dict[tuple[int, str], str]:
+    """(index in batch, kind) -> caption; all prompts of an image share the batch."""
+    from ..seeding import derive_seed
+
+    wanted = []  # (index in batch, kind, image, instruction)
+    for i, item in enumerate(batch):
+        wanted += [(i, "content", item["image"], settings.content_instruction),
+                   (i, "quality", item["image"], settings.quality_instruction)]
+        if hr:
+            wanted.append((i, HR_KIND, item["hr_image"], settings.quality_instruction))
+    if settings.separate_quality:  # one generate() per model; the quality model takes the LR and HR prompts
+        jobs = [(captioner, SEED_STREAM, [w for w in wanted if w[1] == "content"]),
+                (quality_captioner, f"{SEED_STREAM}-quality", [w for w in wanted if w[1] != "content"])]
+    else:
+        jobs = [(captioner, SEED_STREAM, wanted)]
+    texts: dict[tuple[int, str], str] = {}
+    for model, stream, job in jobs:
+        # sampling (do_sample) draws each caption from its own generator, seeded by (seed, stage, key, kind)
+        seeds = [derive_seed(settings.seed, stream, f"{batch[i]['key']}/{kind}") for i, kind, _, _ in job]
+        generated = model.caption_pairs([(image, instruction) for _, _, image, instruction in job], seeds)
+        for (i, kind, _, _), text in zip(job, generated):
+            texts[i, kind] = text
+    return texts
+
+
+def _empty_row(item: dict, kinds: tuple[str, ...] = CAPTION_KINDS) -> dict:
+    row = {"key": item["key"], "shard": item.get("shard"), "dataset": item.get("dataset"), "source": item.get("source")}
+    for kind in kinds:
+        row.update({f"{kind}_caption": None, f"{kind}_clip_tokens": None, f"{kind}_truncated": None})
+    return row
+
+
+def manifest_stats(shard: int, rows: list[dict], kinds: tuple[str, ...] = CAPTION_KINDS) -> dict:
+    """A manifest's stats: images, captioned ones (samples), failures, and the truncated captions of each kind."""
+    truncated = {kind: sum(bool(r[f"{kind}_truncated"]) for r in rows) for kind in kinds}
+    captioned = sum(r["status"] == Status.OK for r in rows)
+    return shard_stats(shard, (r["status"] for r in rows), captioned, truncated=truncated)
+
+
+def caption_totals(report: dict, all_stats: list[dict]) -> dict:
+    """Truncation counts and shares, and captions/s (two captions per image, three with the HR's)."""
+    images = sum(s["inputs"] for s in all_stats)
+    kinds = CAPTION_KINDS + ((HR_KIND,) if all_stats and all(HR_KIND in s["truncated"] for s in all_stats) else ())
+    truncated = {kind: sum(s["truncated"][kind] for s in all_stats) for kind in kinds}
+    return {
+        "truncated": truncated,
+        "truncated_share": {kind: round(n / max(images, 1), 4) for kind, n in truncated.items()},
+        "captions_per_s": round(len(kinds) * report["samples_per_s"], 3) if report.get("samples_per_s") else None,
+    }
+
+
+def _decode_rgb(data: bytes):
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+def _pair_item(sample: dict, shard: int, hr: bool) -> dict:
+    """A pair-shard sample as an item: its LR image (and HR image with ``hr``), or why it cannot be decoded."""
+    item = {"key": sample["__key__"], "shard": shard}
+    which = "LR"
+    try:
+        meta = json.loads(sample.get("json", b"{}"))
+        item.update(dataset=meta.get("dataset"), source=meta.get("source"))
+        lr_image = _decode_rgb(sample["lr.png"])
+        if hr:
+            which = "HR"
+            item["hr_image"] = _decode_rgb(sample["hr.png"])
+        item["image"] = lr_image
+    except Exception as error:  # recorded as a row, never fatal
+        item.pop("hr_image", None)
+        item.update(status=Status.DECODE_ERROR, error=f"cannot decode the {which} image: {error}")
+    return item
+
+
+def caption_shard(settings: CaptionSettings, in_dir: Path, out_dir: Path, shard: int) -> dict:
+    """Caption pair shard ``shard``'s LR images (and HR images with caption_hr); write its manifest, then its stats."""
+    hr = settings.caption_hr
+    items = [_pair_item(sample, shard, hr) for sample in read_shard(tar_path(in_dir, shard))]
+    rows = caption_items(settings, items, hr=hr)
+    write_index(index_path(out_dir, shard), rows, manifest_schema(settings.separate_quality, hr))
+    stats = manifest_stats(shard, rows, settings.kinds(hr))
+    write_stats(out_dir, shard, stats)
+    return stats
+
+
+def caption_folder(settings: CaptionSettings, folder: Path, out_file: Path) -> dict:
+    """Caption every image below ``folder`` (keyed by sorted order) into one manifest file; returns its stats."""
+    from PIL import Image
+
+    from ..io import images as image_io
+
+    if not folder.is_dir():
+        raise UserError(f"Image folder {folder} does not exist or is not a folder.")
+    files = image_io.find_images(folder)
+    if not files:
+        raise UserError(f"Image folder {folder} holds no images (jpg, png, webp, tiff, bmp).")
+    rows: list[dict] = []
+    for start in range(0, len(files), settings.batch_size):  # decode lazily: one batch in memory at a time
+        items = []
+        for index, path in enumerate(files[start : start + settings.batch_size], start):
+            item = {"key": f"{index:010d}", "shard": None, "dataset": folder.name,
+                    "source": path.relative_to(folder).as_posix()}
+            try:
+                item["image"] = Image.fromarray(image_io.load_image(path, image_io.DEFAULT_MAX_PIXELS).pixels)
+            except image_io.ImageRejected as rejected:
+                item.update(status=rejected.status, error=rejected.message)
+            items.append(item)
+        rows.extend(caption_items(settings, items))  # no HR images here: caption_hr applies to pair shards
+    write_index(out_file, rows, manifest_schema(settings.separate_quality))
+    return manifest_stats(0, rows)

@@ -1,0 +1,125 @@
+"""What an SR run needs, in one config: the model, where captions come from, every sampling value.
+
+`xpsr sr` and `xpsr evaluate` extend :class:`SRModelConfig` with their inputs and outputs. Sampling
+values resolve in layers, lowest first: the field defaults; a saved pipeline folder's recorded
+defaults (``pipeline``); the named ``preset``; every value given explicitly (params file, CLI
+options, ``--set``, keyword arguments).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import Field, create_model, model_validator
+
+from ..caption.captioner import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION
+from ..config import StageConfig, runtime_field
+from ..errors import UserError
+from .pipeline import SRSettings
+
+SEED_STAGE = "sr"  # the stage name in every image's derived seed (sr and evaluate draw alike)
+
+SAMPLING_FIELDS = tuple(SRSettings.__pydantic_fields__)  # the config fields that are SRSettings fields
+
+
+class SRModelBase(StageConfig):
+    """The model, caption and runtime fields of :class:`SRModelConfig` (which adds the sampling fields)."""
+
+    preset: Optional[Literal["default", "paper", "official"]] = Field(
+        None, description="Named inference recipe (xpsr_core.infer.presets); explicit values override it.")
+
+    base_model: str = Field("models/tiny/sd15", description="Frozen SD-1.5 folder or hub id.")
+    xpsr: Optional[str] = Field(
+        "models/xpsr/final",
+        description="Trained XPSR folder (XPSRModel.save_trainable layout, or a run folder with final/).")
+    pipeline: Optional[str] = Field(None, description="A saved XPSR pipeline folder (replaces base_model and xpsr).")
+    captions: Literal["captioner", "manifest", "given"] = Field(
+        "captioner", description="Where the captions come from.")
+    captioner: str = Field("models/tiny/captioner", description="Captioner folder or hub id (llava-hf layout).")
+    content_instruction: str = Field(CONTENT_INSTRUCTION, description="The captioner's instruction for c_h.")
+    quality_instruction: str = Field(QUALITY_INSTRUCTION, description="The captioner's instruction for c_l.")
+    caption_max_new_tokens: int = Field(128, ge=1, le=4096)
+    caption_batch_size: int = runtime_field(4, "Images per captioner generate() call.", ge=1)
+    manifest: Optional[Path] = Field(None, description="Caption manifest: a .parquet file or a folder of them.")
+    content_caption: str = Field("", description="High-level caption c_h for every image (captions=given).")
+    quality_caption: str = Field("", description="Low-level caption c_l for every image (captions=given).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="float16/bfloat16 on a GPU.")
+    device: str = runtime_field("cpu", "cpu, cuda or cuda:N")
+
+
+# every sampling field exactly as SRSettings defines it: type, default, range, description, runtime mark
+_SRModelWithSampling = create_model(
+    "SRModelWithSampling", __base__=SRModelBase, __module__=__name__,
+    **{name: (info.annotation, info) for name, info in SRSettings.__pydantic_fields__.items()},
+)
+
+
+class SRModelConfig(_SRModelWithSampling):
+    """Model, caption and sampling settings shared by `xpsr sr` and `xpsr evaluate`.
+
+    Sampling values resolve in layers, lowest first: the field defaults; a saved pipeline
+    folder's recorded defaults (``pipeline``); the named ``preset``; every value given explicitly
+    (params file, CLI options, ``--set``, keyword arguments).
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layer_sampling_values(cls, data: Any) -> Any:
+        """Fill the sampling values not given explicitly from the preset, then the pipeline folder."""
+        if not isinstance(data, dict) or not (data.get("preset") or data.get("pipeline")):
+            return data
+        from .presets import PRESETS, layered_settings
+
+        preset = data.get("preset") if data.get("preset") in PRESETS else None  # an unknown name fails field validation
+        return layered_settings(dict(data), preset=preset, pipeline=data.get("pipeline"), fields=set(SAMPLING_FIELDS))
+
+    def sr_settings(self, seed: Any = "config") -> SRSettings:
+        """The sampling fields as :class:`SRSettings` (``seed``: another seed than the config's)."""
+        values = {name: getattr(self, name) for name in SAMPLING_FIELDS}
+        if seed != "config":
+            values["seed"] = seed
+        return SRSettings(**values)
+
+    def image_seed(self, stem: str) -> Optional[int]:
+        """The seed of one image's own generator (generator_scope=image): derived from seed and the image's name."""
+        from ..seeding import derive_seed
+
+        return None if self.seed is None else derive_seed(self.seed, SEED_STAGE, stem)
+
+
+def load_pipeline(config: SRModelConfig):
+    """The XPSR pipeline the config names, with its sampling values as the pipeline's settings."""
+    import torch
+
+    from .pipeline import XPSRPipeline
+
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {config.device} was asked for, but PyTorch sees no CUDA GPU. Use --device cpu.")
+    if config.pipeline:
+        return XPSRPipeline.from_pretrained(
+            config.pipeline, dtype=config.dtype, device=config.device, settings=config.sr_settings()
+        )
+    if not config.xpsr:
+        raise UserError(
+            "No trained XPSR folder is configured: pass --xpsr DIR (a training run's final/ folder) or --pipeline DIR."
+        )
+    return XPSRPipeline.from_pretrained(base_model=config.base_model, xpsr=config.xpsr, dtype=config.dtype,
+                                        device=config.device, settings=config.sr_settings())
+
+
+def check_model_paths(config: SRModelConfig) -> None:
+    """Fail before any work when a configured local model folder is missing."""
+    from ..models.loading import check_base_model
+
+    if config.pipeline:
+        if not Path(config.pipeline).is_dir():
+            raise UserError(f"The pipeline folder {config.pipeline} does not exist.")
+        return
+    check_base_model(config.base_model)
+    if config.xpsr and not Path(os.path.expanduser(config.xpsr)).exists():
+        raise UserError(
+            f"The XPSR checkpoint folder {config.xpsr} does not exist. Train one with `xpsr train` and point --xpsr at "
+            "its run folder's final/ (or any folder written by XPSRModel.save_trainable)."
+        )

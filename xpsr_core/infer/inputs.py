@@ -1,0 +1,160 @@
+"""SR inputs: the images a run names, their captions, and a run generator's state in a sidecar.
+
+Inputs are image files, folders (recursive) or globs, each with a unique relative name. Captions
+come from the captioner (the config's two instructions, by default the paper's, on the LR image),
+from a caption manifest (Parquet file or folder of them, matched by source path, file name, stem
+or key), or are given once for every image.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..errors import UserError
+from .config import SRModelConfig
+
+
+def collect_inputs(specs: list[str]) -> list[tuple[Path, str]]:
+    """(path, relative name) of every image named by files, folders or globs; names are unique."""
+    from ..io.images import IMAGE_SUFFIXES, find_images
+
+    found: list[tuple[Path, str]] = []
+    for spec in specs:
+        path = Path(os.path.expanduser(spec))
+        if path.is_dir():
+            found += [(p, p.relative_to(path).as_posix()) for p in find_images(path)]
+        elif path.is_file():
+            found.append((path, path.name))
+        elif glob.has_magic(spec):
+            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(spec), recursive=True))
+            matches = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
+            if matches:
+                parts = Path(os.path.expanduser(spec)).parts
+                fixed = [part for part in parts[: next(i for i, part in enumerate(parts) if glob.has_magic(part))]]
+                root = Path(*fixed) if fixed else Path(".")  # names are relative to the pattern's fixed prefix
+                found += [(m, m.relative_to(root).as_posix()) for m in matches]
+            else:
+                raise UserError(f"The pattern {spec!r} matches no images.")
+        else:
+            raise UserError(f"Input {spec} is not an image file, a folder or a glob pattern that matches images.")
+    if not found:
+        raise UserError("No input images: the given folders hold no jpg, png, webp, tiff or bmp files.")
+    names = [name for _, name in found]
+    if len(set(names)) != len(names):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        raise UserError(
+            f"Several inputs map to the same output name ({', '.join(duplicates[:5])}); run them separately."
+        )
+    return found
+
+
+def output_stem(name: str) -> str:
+    return str(Path(name).with_suffix(""))
+
+
+class CaptionLookup:
+    """Captions from Parquet manifests, looked up by source path, file name, stem or key."""
+
+    def __init__(self, manifest: Path):
+        import pyarrow.parquet as pq
+
+        manifest = Path(manifest)
+        files = sorted(manifest.glob("*.parquet")) if manifest.is_dir() else [manifest]
+        if not files or not all(f.is_file() for f in files):
+            raise UserError(f"Caption manifest {manifest} does not exist or holds no .parquet files.")
+        self.table: dict[str, tuple[str, str]] = {}
+        for file in files:
+            try:
+                rows = pq.read_table(file).to_pylist()
+            except Exception as error:
+                raise UserError(f"Cannot read the caption manifest {file}: {error}") from None
+            for row in rows:
+                if row.get("status", "ok") != "ok" or row.get("content_caption") is None:
+                    continue
+                pair = (row["content_caption"], row.get("quality_caption") or "")
+                for name in (row.get("key"), row.get("source")):
+                    if name:
+                        self.table.setdefault(str(name), pair)
+                        self.table.setdefault(Path(str(name)).name, pair)
+                        self.table.setdefault(Path(str(name)).stem, pair)
+
+    def get(self, *names: str) -> Optional[tuple[str, str]]:
+        for name in names:
+            for candidate in (name, Path(name).name, Path(name).stem):
+                if candidate in self.table:
+                    return self.table[candidate]
+        return None
+
+
+def caption_images(
+    config: SRModelConfig, items: list[dict], on_progress: Optional[Callable[[int, int], None]] = None
+) -> None:
+    """Fill ``content``/``quality`` (or ``error``) of items holding a PIL ``image`` and a ``name``/``key``.
+
+    ``on_progress(done, total)`` follows the captioner's batches.
+    """
+    ready = [item for item in items if "image" in item and "error" not in item]
+    if config.captions == "given":
+        for item in ready:
+            item["content"], item["quality"] = config.content_caption, config.quality_caption
+        return
+    if config.captions == "manifest":
+        if config.manifest is None:
+            raise UserError("captions=manifest needs a manifest path (--manifest FILE_OR_FOLDER).")
+        lookup = CaptionLookup(config.manifest)
+        for item in ready:
+            found = lookup.get(*(n for n in (item.get("name"), item.get("key")) if n))
+            if found is None:
+                item["error"] = f"no ok caption for {item.get('name') or item.get('key')} in {config.manifest}"
+            else:
+                item["content"], item["quality"] = found
+        return
+    from ..caption import Captioner, GenerationSettings
+
+    captioner = Captioner(config.captioner, dtype=config.dtype, device=config.device,
+                          settings=GenerationSettings(max_new_tokens=config.caption_max_new_tokens))
+    instructions = [config.content_instruction, config.quality_instruction]
+    for start in range(0, len(ready), config.caption_batch_size):
+        batch = ready[start : start + config.caption_batch_size]
+        texts = captioner.caption([item["image"] for item in batch], instructions)
+        for item, (content, quality) in zip(batch, texts):
+            item["content"], item["quality"] = content, quality
+        if on_progress is not None:
+            on_progress(start + len(batch), len(ready))
+    del captioner  # its weights go before the SR model loads
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def generator_state(generator) -> str:
+    """A torch.Generator's state as text (base64), for a sidecar."""
+    import base64
+
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
+
+
+def set_generator_state(generator, text: str) -> None:
+    import base64
+
+    import torch
+
+    generator.set_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
+
+
+def saved_generator_state(path: Path) -> Optional[str]:
+    """The generator state recorded in a finished image's sidecar (None when absent or unreadable)."""
+    import json
+
+    try:
+        state = json.loads(Path(path).read_text()).get("generator_state")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return state if isinstance(state, str) and state else None
