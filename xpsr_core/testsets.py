@@ -143,6 +143,12 @@ def _write_index(out: Path, shard: int, rows: list[dict]) -> None:
         pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]), tmp)
 
 
+def _sample_fields(lr: np.ndarray, hr: np.ndarray, meta: dict) -> dict[str, bytes]:
+    """A pair sample's tar members: both images as PNG, the metadata as JSON with sorted keys."""
+    return {"lr.png": images.encode_png(lr), "hr.png": images.encode_png(hr),
+            "json": json.dumps(meta, sort_keys=True).encode()}
+
+
 def _shard_stats(shard: int, samples: int) -> dict:
     # every sample of a test-set shard is written: failures happen per input file, before the shards
     return {"shard": shard, "inputs": samples, "samples": samples, "failed": 0,
@@ -274,6 +280,81 @@ def _cut_synthetic_crops(sources: list[SourceImage], keys: list[tuple[int, str]]
     return crops
 
 
+def _check_synthetic_request(hr_dirs: list[Path], *, count: int, hr_size: int, settings: DegradationSettings,
+                             samples_per_shard: int) -> None:
+    """Raise UserError for a request no set can be made for, before any image is read."""
+    check_synthetic_sizes(hr_size, settings)
+    if not 1 <= count <= MAX_SYNTHETIC_COUNT:
+        raise UserError(f"count must be between 1 and {MAX_SYNTHETIC_COUNT}, got {count}.")
+    if samples_per_shard < 1:
+        raise UserError(f"samples_per_shard must be at least 1, got {samples_per_shard}.")
+    if not hr_dirs:
+        raise UserError("Give at least one folder of HR images (--hr-dir).")
+
+
+def _no_usable_images(hr_dirs: list[Path], failed: list[dict], failures: Counter, min_size: int) -> UserError:
+    counts = ", ".join(f"{status}: {n}" for status, n in sorted(failures.items()))
+    examples = _listing(f"{f['source']} ({f['error']})" for f in failed)
+    folders = ", ".join(map(str, hr_dirs))
+    return UserError(f"None of the {len(failed)} images below {folders} can be used ({counts}): {examples}. "
+                     "Point hr_dirs (--hr-dir) at folders of readable images, or let small images in "
+                     f"(small_images=pad, a min_size under {min_size}).")
+
+
+@dataclass(frozen=True)
+class _SyntheticShardBuilder:
+    """Builds one shard of a synthetic set: its crops cut, degraded in batches and written with their metadata."""
+
+    out: Path
+    sources: list[SourceImage]
+    settings: DegradationSettings
+    degrade_crops: Callable  # .degrade.batches.degrade_crops, imported in the builder function: it loads torch
+    hr_size: int
+    hflip: bool
+    seed: int
+    usm_hr: bool
+    max_pixels: int
+    batch_size: int
+    device: str
+
+    def __call__(self, shard: int, items: range, written: Callable[[int], None]) -> None:
+        crops = _cut_synthetic_crops(self.sources, [(i, synthetic_key(i)) for i in items], hr_size=self.hr_size,
+                                     hflip=self.hflip, seed=self.seed, max_pixels=self.max_pixels)
+        meta_by_key = {key: meta for key, _, meta in crops}
+        rows = []
+        with TarShardWriter(tar_path(self.out, shard)) as writer:
+            results = self.degrade_crops([(key, hr) for key, hr, _ in crops], settings=self.settings, seed=self.seed,
+                                         stage=SYNTHETIC_STAGE, usm_hr=self.usm_hr, device=self.device,
+                                         batch_size=self.batch_size)
+            for result in results:
+                meta = {**meta_by_key[result.key], "scale": self.settings.scale, "usm_hr": self.usm_hr,
+                        "degradation": result.params}
+                writer.write(result.key, _sample_fields(result.lr, result.hr, meta))
+                rows.append({"key": result.key, "status": OK, "error": "", "source": meta["source"],
+                             **{f"deg.{name}": value for name, value in result.params.items()}})
+                written(writer.count)
+        _write_index(self.out, shard, sorted(rows, key=lambda row: row["key"]))
+        write_stats(self.out, shard, _shard_stats(shard, writer.count))
+
+
+def _synthetic_report(sources: list[SourceImage], failed: list[dict], failures: Counter, skipped: Counter, *,
+                      count: int, hr_size: int, scale: int, shards: dict, started: float) -> dict:
+    return {
+        "testset": "synthetic",
+        "images": len(sources) + len(failed),
+        "images_used": len(sources),
+        "images_padded": sum(min(s.width, s.height) < hr_size for s in sources),
+        "failures": dict(sorted(failures.items())),
+        "failed_files": failed,
+        "skipped_paths": dict(sorted(skipped.items())),
+        "samples": count,
+        "hr_size": hr_size,
+        "lr_size": hr_size // scale,
+        **shards,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
 def build_synthetic_testset(
     *,
     hr_dirs: list[Path],
@@ -304,61 +385,19 @@ def build_synthetic_testset(
 
     started = time.perf_counter()
     settings = settings or DegradationSettings()
-    check_synthetic_sizes(hr_size, settings)
-    if not 1 <= count <= MAX_SYNTHETIC_COUNT:
-        raise UserError(f"count must be between 1 and {MAX_SYNTHETIC_COUNT}, got {count}.")
-    if samples_per_shard < 1:
-        raise UserError(f"samples_per_shard must be at least 1, got {samples_per_shard}.")
-    if not hr_dirs:
-        raise UserError("Give at least one folder of HR images (--hr-dir).")
+    _check_synthetic_request(hr_dirs, count=count, hr_size=hr_size, settings=settings,
+                             samples_per_shard=samples_per_shard)
     sources, failed, skipped = read_source_images(list(hr_dirs), hr_size=hr_size, small_images=small_images,
                                                   min_size=min_size, max_pixels=max_pixels, progress=progress)
     failures = Counter(f["status"] for f in failed)
     if not sources:
-        counts = ", ".join(f"{status}: {n}" for status, n in sorted(failures.items()))
-        examples = _listing(f"{f['source']} ({f['error']})" for f in failed)
-        folders = ", ".join(map(str, hr_dirs))
-        raise UserError(f"None of the {len(failed)} images below {folders} can be used ({counts}): {examples}. "
-                        "Point hr_dirs (--hr-dir) at folders of readable images, or let small images in "
-                        f"(small_images=pad, a min_size under {min_size}).")
+        raise _no_usable_images(hr_dirs, failed, failures, min_size)
     out = _prepared(out, prepare_out)
-    scale = settings.scale
-
-    def build(shard: int, items: range, written: Callable[[int], None]) -> None:
-        crops = _cut_synthetic_crops(sources, [(i, synthetic_key(i)) for i in items], hr_size=hr_size, hflip=hflip,
-                                     seed=seed, max_pixels=max_pixels)
-        meta_by_key = {key: meta for key, _, meta in crops}
-        rows = []
-        with TarShardWriter(tar_path(out, shard)) as writer:
-            results = degrade_crops([(key, hr) for key, hr, _ in crops], settings=settings, seed=seed,
-                                    stage=SYNTHETIC_STAGE, usm_hr=usm_hr, device=device, batch_size=batch_size)
-            for result in results:
-                meta = {**meta_by_key[result.key], "scale": scale, "usm_hr": usm_hr, "degradation": result.params}
-                fields = {"hr.png": images.encode_png(result.hr), "lr.png": images.encode_png(result.lr),
-                          "json": json.dumps(meta, sort_keys=True).encode()}
-                writer.write(result.key, fields)
-                rows.append({"key": result.key, "status": OK, "error": "", "source": meta["source"],
-                             **{f"deg.{name}": value for name, value in result.params.items()}})
-                written(writer.count)
-        _write_index(out, shard, sorted(rows, key=lambda row: row["key"]))
-        write_stats(out, shard, _shard_stats(shard, writer.count))
-
+    build = _SyntheticShardBuilder(out, sources, settings, degrade_crops, hr_size=hr_size, hflip=hflip, seed=seed,
+                                   usm_hr=usm_hr, max_pixels=max_pixels, batch_size=batch_size, device=device)
     shards = _write_shards(out, count, samples_per_shard, build, progress, "degrading crops")
-    seconds = time.perf_counter() - started
-    return {
-        "testset": "synthetic",
-        "images": len(sources) + len(failed),
-        "images_used": len(sources),
-        "images_padded": sum(min(s.width, s.height) < hr_size for s in sources),
-        "failures": dict(sorted(failures.items())),
-        "failed_files": failed,
-        "skipped_paths": dict(sorted(skipped.items())),
-        "samples": count,
-        "hr_size": hr_size,
-        "lr_size": hr_size // scale,
-        **shards,
-        "seconds": round(seconds, 3),
-    }
+    return _synthetic_report(sources, failed, failures, skipped, count=count, hr_size=hr_size, scale=settings.scale,
+                             shards=shards, started=started)
 
 
 # ---------------------------------------------------------------------------- paired
@@ -388,6 +427,71 @@ def _decoded_size(root: Path, entry: images.WalkEntry, max_pixels: int) -> tuple
     return width, height
 
 
+def _note_problem(problems: dict[str, list[str]], reason: str, text: str) -> None:
+    problems.setdefault(reason, []).append(text)
+
+
+def _group_by_name(lr_entries: list[images.WalkEntry], hr_entries: list[images.WalkEntry], lr_suffix: str,
+                   hr_suffix: str) -> dict[str, tuple[list, list]]:
+    """Matched name -> (LR entries, HR entries) of that name."""
+    by_name: dict[str, tuple[list, list]] = {}
+    for side, entries, suffix in ((0, lr_entries, lr_suffix), (1, hr_entries, hr_suffix)):
+        for entry in entries:
+            by_name.setdefault(_match_name(entry.relative, suffix), ([], []))[side].append(entry)
+    return by_name
+
+
+def _one_to_one(by_name: dict[str, tuple[list, list]],
+                problems: dict[str, list[str]]) -> list[tuple[images.WalkEntry, images.WalkEntry, str]]:
+    """(LR entry, HR entry, name) for names with one file on each side, in name order; the others are problems."""
+    candidates = []
+    for name in sorted(by_name):
+        lrs, hrs = by_name[name]
+        if not hrs or not lrs:
+            for entry in lrs or hrs:
+                _note_problem(problems, UNMATCHED_LR if lrs else UNMATCHED_HR, images.readable_name(entry.relative))
+        elif len(lrs) > 1 or len(hrs) > 1:
+            files = [f"{side} {images.readable_name(e.relative)}" for side, group in (("LR", lrs), ("HR", hrs))
+                     for e in group]
+            _note_problem(problems, AMBIGUOUS, f"{images.readable_name(name)} ({', '.join(files)})")
+        else:
+            candidates.append((lrs[0], hrs[0], name))
+    return candidates
+
+
+def _decoded_sizes(lr_dir: Path, hr_dir: Path, lr_entry: images.WalkEntry, hr_entry: images.WalkEntry,
+                   max_pixels: int, problems: dict[str, list[str]]) -> list[tuple[int, int]]:
+    """The (width, height) of each side that decodes, LR first; a side that does not is an unreadable problem."""
+    sizes = []
+    for side, root, entry in (("LR", lr_dir, lr_entry), ("HR", hr_dir, hr_entry)):
+        try:
+            sizes.append(_decoded_size(root, entry, max_pixels))
+        except images.ImageRejected as rejected:
+            shown_file = images.readable_name(entry.relative)
+            _note_problem(problems, UNREADABLE, f"{side} {shown_file} ({rejected.status}: {rejected.message})")
+    return sizes
+
+
+def _checked_pair(lr_entry: images.WalkEntry, hr_entry: images.WalkEntry, name: str,
+                  sizes: list[tuple[int, int]], *, lr_size: int, scale: int,
+                  problems: dict[str, list[str]]) -> ImagePair | None:
+    """The pair of two decoded files, or None with its problem noted."""
+    shown = images.readable_name(lr_entry.relative)
+    key = stem_key(_stem(lr_entry.relative))
+    (lr_w, lr_h), (hr_w, hr_h) = sizes
+    if (hr_w, hr_h) != (lr_w * scale, lr_h * scale):
+        expected = f"{lr_w * scale}x{lr_h * scale}"
+        _note_problem(problems, SIZE_MISMATCH, f"{shown} (LR {lr_w}x{lr_h}, HR {hr_w}x{hr_h}; expected HR {expected})")
+    elif min(lr_w, lr_h) < lr_size:
+        _note_problem(problems, TOO_SMALL, f"{shown} (LR {lr_w}x{lr_h})")
+    elif not _fits_tar_header(key):
+        _note_problem(problems, NAME_TOO_LONG, shown)
+    else:
+        return ImagePair(key, images.readable_name(name), lr_entry.relative, hr_entry.relative, (lr_w, lr_h),
+                         (hr_w, hr_h))
+    return None
+
+
 def match_pairs(*, lr_dir: Path, hr_dir: Path, lr_size: int, scale: int, lr_suffix: str = "", hr_suffix: str = "",
                 max_pixels: int = images.DEFAULT_MAX_PIXELS,
                 progress: Progress | None = None) -> tuple[list[ImagePair], dict[str, list[str]]]:
@@ -400,53 +504,18 @@ def match_pairs(*, lr_dir: Path, hr_dir: Path, lr_size: int, scale: int, lr_suff
     """
     lr_entries, _ = _walk(lr_dir, "LR image folder")
     hr_entries, _ = _walk(hr_dir, "HR image folder")
-    by_name: dict[str, tuple[list, list]] = {}
-    for side, entries, suffix in ((0, lr_entries, lr_suffix), (1, hr_entries, hr_suffix)):
-        for entry in entries:
-            by_name.setdefault(_match_name(entry.relative, suffix), ([], []))[side].append(entry)
     problems: dict[str, list[str]] = {}
-
-    def problem(reason: str, text: str) -> None:
-        problems.setdefault(reason, []).append(text)
-
-    candidates = []
-    for name in sorted(by_name):
-        lrs, hrs = by_name[name]
-        if not hrs or not lrs:
-            for entry in lrs or hrs:
-                problem(UNMATCHED_LR if lrs else UNMATCHED_HR, images.readable_name(entry.relative))
-        elif len(lrs) > 1 or len(hrs) > 1:
-            files = [f"{side} {images.readable_name(e.relative)}" for side, group in (("LR", lrs), ("HR", hrs))
-                     for e in group]
-            problem(AMBIGUOUS, f"{images.readable_name(name)} ({', '.join(files)})")
-        else:
-            candidates.append((lrs[0], hrs[0], name))
+    candidates = _one_to_one(_group_by_name(lr_entries, hr_entries, lr_suffix, hr_suffix), problems)
     pairs = []
     for number, (lr_entry, hr_entry, name) in enumerate(candidates, 1):
         if progress is not None:
             progress("checking pairs", number, len(candidates))
-        shown = images.readable_name(lr_entry.relative)
-        key = stem_key(_stem(lr_entry.relative))
-        sizes = []
-        for side, root, entry in (("LR", lr_dir, lr_entry), ("HR", hr_dir, hr_entry)):
-            try:
-                sizes.append(_decoded_size(root, entry, max_pixels))
-            except images.ImageRejected as rejected:
-                shown_file = images.readable_name(entry.relative)
-                problem(UNREADABLE, f"{side} {shown_file} ({rejected.status}: {rejected.message})")
+        sizes = _decoded_sizes(lr_dir, hr_dir, lr_entry, hr_entry, max_pixels, problems)
         if len(sizes) < 2:
             continue
-        (lr_w, lr_h), (hr_w, hr_h) = sizes
-        if (hr_w, hr_h) != (lr_w * scale, lr_h * scale):
-            expected = f"{lr_w * scale}x{lr_h * scale}"
-            problem(SIZE_MISMATCH, f"{shown} (LR {lr_w}x{lr_h}, HR {hr_w}x{hr_h}; expected HR {expected})")
-        elif min(lr_w, lr_h) < lr_size:
-            problem(TOO_SMALL, f"{shown} (LR {lr_w}x{lr_h})")
-        elif not _fits_tar_header(key):
-            problem(NAME_TOO_LONG, shown)
-        else:
-            pairs.append(ImagePair(key, images.readable_name(name), lr_entry.relative, hr_entry.relative,
-                                   (lr_w, lr_h), (hr_w, hr_h)))
+        pair = _checked_pair(lr_entry, hr_entry, name, sizes, lr_size=lr_size, scale=scale, problems=problems)
+        if pair is not None:
+            pairs.append(pair)
     pairs.sort(key=lambda pair: pair.key)
     return pairs, problems
 
@@ -482,6 +551,84 @@ def _remedies(reasons: Iterable[str]) -> str:
     return "; ".join(remedies)
 
 
+def _refuse_problems(problems: dict[str, list[str]], pairs: list[ImagePair], *, lr_dir: Path, hr_dir: Path,
+                     lr_size: int, scale: int, allow_unmatched: bool, skip_bad_pairs: bool) -> None:
+    """Raise UserError for the problems the flags do not let the run skip, or when no pair is left."""
+    refused = [r for r in problems if not (allow_unmatched if r in UNMATCHED else skip_bad_pairs)]
+    if refused:
+        found = describe_problems(problems, scale=scale, lr_size=lr_size, reasons=refused)
+        raise UserError(f"Cannot build a paired test set from LR {lr_dir} and HR {hr_dir}: {found}. "
+                        f"To go on, {_remedies(refused)}.")
+    if not pairs:
+        found = describe_problems(problems, scale=scale, lr_size=lr_size, reasons=problems)
+        raise UserError(f"No usable LR/HR pairs in LR {lr_dir} and HR {hr_dir}: {found}. Check that the folders hold "
+                        "the LR and HR images of one test set and that lr_suffix / hr_suffix, scale and lr_size match "
+                        "their names and sizes.")
+
+
+@dataclass(frozen=True)
+class _PairedShardBuilder:
+    """Builds one shard of a paired set: each pair's LR centre crop and the HR crop at the same place."""
+
+    out: Path
+    lr_dir: Path
+    hr_dir: Path
+    pairs: list[ImagePair]
+    lr_size: int
+    scale: int
+    max_pixels: int
+
+    def __call__(self, shard: int, items: range, written: Callable[[int], None]) -> None:
+        rows = []
+        with TarShardWriter(tar_path(self.out, shard)) as writer:
+            for pair in (self.pairs[i] for i in items):
+                lr_tile, hr_tile, meta = self._crop(pair)
+                writer.write(pair.key, _sample_fields(lr_tile, hr_tile, meta))
+                rows.append({"key": pair.key, "status": OK, "error": "", "name": meta["name"],
+                             "lr_source": meta["lr_source"], "hr_source": meta["hr_source"]})
+                written(writer.count)
+        _write_index(self.out, shard, rows)
+        write_stats(self.out, shard, _shard_stats(shard, writer.count))
+
+    def _crop(self, pair: ImagePair) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(LR tile, HR tile, metadata); the HR box is the LR box x scale."""
+        lr_size, scale = self.lr_size, self.scale
+        hr_crop = lr_size * scale
+        lr = _reload(Path(self.lr_dir), pair.lr_relative, pair.lr_size, self.max_pixels)
+        hr = _reload(Path(self.hr_dir), pair.hr_relative, pair.hr_size, self.max_pixels)
+        left, top = (pair.lr_size[0] - lr_size) // 2, (pair.lr_size[1] - lr_size) // 2
+        hr_left, hr_top = left * scale, top * scale
+        meta = {
+            "key": pair.key,
+            "name": pair.name,
+            "lr_source": images.readable_name(pair.lr_relative),
+            "hr_source": images.readable_name(pair.hr_relative),
+            "lr_source_size": list(pair.lr_size),
+            "hr_source_size": list(pair.hr_size),
+            "lr_crop_box": [left, top, left + lr_size, top + lr_size],
+            "hr_crop_box": [hr_left, hr_top, hr_left + hr_crop, hr_top + hr_crop],
+            "scale": scale,
+        }
+        lr_tile = np.ascontiguousarray(lr[top : top + lr_size, left : left + lr_size])
+        hr_tile = np.ascontiguousarray(hr[hr_top : hr_top + hr_crop, hr_left : hr_left + hr_crop])
+        return lr_tile, hr_tile, meta
+
+
+def _paired_report(pairs: list[ImagePair], problems: dict[str, list[str]], *, lr_size: int, scale: int,
+                   shards: dict, started: float) -> dict:
+    return {
+        "testset": "paired",
+        "pairs": len(pairs),
+        "samples": len(pairs),
+        "lr_size": lr_size,
+        "hr_size": lr_size * scale,
+        "skipped": {reason: len(problems[reason]) for reason in sorted(problems)},
+        "skipped_examples": {reason: problems[reason][:LISTED_PER_PROBLEM] for reason in sorted(problems)},
+        **shards,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
 def build_paired_testset(
     *,
     lr_dir: Path,
@@ -511,58 +658,9 @@ def build_paired_testset(
                         f"got {lr_size}, {scale} and {samples_per_shard}.")
     pairs, problems = match_pairs(lr_dir=lr_dir, hr_dir=hr_dir, lr_size=lr_size, scale=scale, lr_suffix=lr_suffix,
                                   hr_suffix=hr_suffix, max_pixels=max_pixels, progress=progress)
-    refused = [r for r in problems if not (allow_unmatched if r in UNMATCHED else skip_bad_pairs)]
-    if refused:
-        found = describe_problems(problems, scale=scale, lr_size=lr_size, reasons=refused)
-        raise UserError(f"Cannot build a paired test set from LR {lr_dir} and HR {hr_dir}: {found}. "
-                        f"To go on, {_remedies(refused)}.")
-    if not pairs:
-        found = describe_problems(problems, scale=scale, lr_size=lr_size, reasons=problems)
-        raise UserError(f"No usable LR/HR pairs in LR {lr_dir} and HR {hr_dir}: {found}. Check that the folders hold "
-                        "the LR and HR images of one test set and that lr_suffix / hr_suffix, scale and lr_size match "
-                        "their names and sizes.")
+    _refuse_problems(problems, pairs, lr_dir=lr_dir, hr_dir=hr_dir, lr_size=lr_size, scale=scale,
+                     allow_unmatched=allow_unmatched, skip_bad_pairs=skip_bad_pairs)
     out = _prepared(out, prepare_out)
-    hr_crop = lr_size * scale
-
-    def build(shard: int, items: range, written: Callable[[int], None]) -> None:
-        rows = []
-        with TarShardWriter(tar_path(out, shard)) as writer:
-            for pair in (pairs[i] for i in items):
-                lr = _reload(Path(lr_dir), pair.lr_relative, pair.lr_size, max_pixels)
-                hr = _reload(Path(hr_dir), pair.hr_relative, pair.hr_size, max_pixels)
-                left, top = (pair.lr_size[0] - lr_size) // 2, (pair.lr_size[1] - lr_size) // 2
-                meta = {
-                    "key": pair.key,
-                    "name": pair.name,
-                    "lr_source": images.readable_name(pair.lr_relative),
-                    "hr_source": images.readable_name(pair.hr_relative),
-                    "lr_source_size": list(pair.lr_size),
-                    "hr_source_size": list(pair.hr_size),
-                    "lr_crop_box": [left, top, left + lr_size, top + lr_size],
-                    "hr_crop_box": [left * scale, top * scale, left * scale + hr_crop, top * scale + hr_crop],
-                    "scale": scale,
-                }
-                hr_top, hr_left = top * scale, left * scale
-                lr_tile = np.ascontiguousarray(lr[top : top + lr_size, left : left + lr_size])
-                hr_tile = np.ascontiguousarray(hr[hr_top : hr_top + hr_crop, hr_left : hr_left + hr_crop])
-                writer.write(pair.key, {"lr.png": images.encode_png(lr_tile), "hr.png": images.encode_png(hr_tile),
-                                        "json": json.dumps(meta, sort_keys=True).encode()})
-                rows.append({"key": pair.key, "status": OK, "error": "", "name": meta["name"],
-                             "lr_source": meta["lr_source"], "hr_source": meta["hr_source"]})
-                written(writer.count)
-        _write_index(out, shard, rows)
-        write_stats(out, shard, _shard_stats(shard, writer.count))
-
+    build = _PairedShardBuilder(out, lr_dir, hr_dir, pairs, lr_size=lr_size, scale=scale, max_pixels=max_pixels)
     shards = _write_shards(out, len(pairs), samples_per_shard, build, progress, "writing pairs")
-    seconds = time.perf_counter() - started
-    return {
-        "testset": "paired",
-        "pairs": len(pairs),
-        "samples": len(pairs),
-        "lr_size": lr_size,
-        "hr_size": hr_crop,
-        "skipped": {reason: len(problems[reason]) for reason in sorted(problems)},
-        "skipped_examples": {reason: problems[reason][:LISTED_PER_PROBLEM] for reason in sorted(problems)},
-        **shards,
-        "seconds": round(seconds, 3),
-    }
+    return _paired_report(pairs, problems, lr_size=lr_size, scale=scale, shards=shards, started=started)

@@ -231,6 +231,35 @@ def _check_inputs(hr: torch.Tensor, params: list[DegradationParams], settings: D
             )
 
 
+def _stages_to_lr(image: torch.Tensor, p: DegradationParams, lr_size: tuple[int, int]) -> torch.Tensor:
+    """One blurred sample [1, 3, H, W] through stage 1 (resize, noise, JPEG) and stage 2 (maybe blur, resize,
+    noise), then, as ``p.final_order`` says, JPEG 2 and the resize to ``lr_size``, or only that resize."""
+    s1 = p.stage1
+    out = resize(image, (s1.resize_size, s1.resize_size), s1.resize_mode, scale_factor=s1.resize_scale)
+    out = _add_noise(out, s1)
+    out = _jpeg(out, [p.jpeg1_quality])
+
+    if p.blur2_applied:
+        out = filter2d(out, _kernels([p.kernel2], image.device))
+    s2 = p.stage2
+    out = resize(out, (s2.resize_size, s2.resize_size), s2.resize_mode)
+    out = _add_noise(out, s2)
+
+    if p.final_order == "jpeg_first":
+        out = _jpeg(out, [p.jpeg2_quality])
+    return resize(out, lr_size, p.final_resize_mode)
+
+
+def _late_jpeg(batch: torch.Tensor, params: list[DegradationParams]) -> torch.Tensor:
+    """JPEG 2 for the samples of an LR-sized batch whose order is [resize + sinc, JPEG]."""
+    late = [i for i, p in enumerate(params) if p.final_order == "resize_first"]
+    if not late:
+        return batch
+    index = torch.tensor(late, device=batch.device)
+    compressed = _jpeg(batch.index_select(0, index), [params[i].jpeg2_quality for i in late])
+    return batch.index_copy(0, index, compressed)
+
+
 @torch.no_grad()
 def degrade_batch(
     hr: torch.Tensor,
@@ -264,32 +293,12 @@ def degrade_batch(
     blurred = filter2d(source, _kernels([p.kernel1 for p in params], device))
 
     # Stage 1 and 2 change each sample's size differently: loop.
-    at_lr = []
-    for index, p in enumerate(params):
-        out = blurred[index : index + 1]
-        s1 = p.stage1
-        out = resize(out, (s1.resize_size, s1.resize_size), s1.resize_mode, scale_factor=s1.resize_scale)
-        out = _add_noise(out, s1)
-        out = _jpeg(out, [p.jpeg1_quality])
-
-        if p.blur2_applied:
-            out = filter2d(out, _kernels([p.kernel2], device))
-        s2 = p.stage2
-        out = resize(out, (s2.resize_size, s2.resize_size), s2.resize_mode)
-        out = _add_noise(out, s2)
-
-        if p.final_order == "jpeg_first":
-            out = _jpeg(out, [p.jpeg2_quality])
-        at_lr.append(resize(out, (lr_h, lr_w), p.final_resize_mode))
+    at_lr = [_stages_to_lr(blurred[index : index + 1], p, (lr_h, lr_w)) for index, p in enumerate(params)]
 
     # Back at a common size: the final sinc (identity pulse where not applied) for all at once ...
     out = filter2d(torch.cat(at_lr), _kernels([p.sinc_kernel for p in params], device))
     # ... and JPEG for the samples whose order is [resize + sinc, JPEG].
-    late = [i for i, p in enumerate(params) if p.final_order == "resize_first"]
-    if late:
-        index = torch.tensor(late, device=device)
-        compressed = _jpeg(out.index_select(0, index), [params[i].jpeg2_quality for i in late])
-        out = out.index_copy(0, index, compressed)
+    out = _late_jpeg(out, params)
 
     lr = torch.clamp((out * 255.0).round(), 0, 255) / 255.0
     return target, lr.contiguous()

@@ -243,6 +243,74 @@ def _sample_stage(
     return StageParams(direction, scale, mode, size, noise_type, sigma, poisson, gray, seed)
 
 
+def _sample_first_blur_kernel(
+    rng: np.random.Generator, settings: DegradationSettings
+) -> tuple[np.ndarray, KernelParams]:
+    """The first blur's kernel (the unsuffixed kernel settings)."""
+    return _sample_blur_kernel(
+        rng,
+        settings,
+        settings.kernel_list,
+        settings.kernel_prob,
+        settings.sinc_prob,
+        settings.blur_sigma,
+        settings.betag_range,
+        settings.betap_range,
+    )
+
+
+def _sample_second_blur_kernel(
+    rng: np.random.Generator, settings: DegradationSettings
+) -> tuple[np.ndarray, KernelParams]:
+    """The second blur's kernel (the kernel settings suffixed 2), drawn even when not applied."""
+    return _sample_blur_kernel(
+        rng,
+        settings,
+        settings.kernel_list2,
+        settings.kernel_prob2,
+        settings.sinc_prob2,
+        settings.blur_sigma2,
+        settings.betag_range2,
+        settings.betap_range2,
+    )
+
+
+def _sample_first_stage(rng: np.random.Generator, settings: DegradationSettings, hr_size: int) -> StageParams:
+    """Stage 1: resized relative to the HR size, then noised."""
+    return _sample_stage(
+        rng,
+        settings,
+        resize_prob=settings.resize_prob,
+        resize_range=settings.resize_range,
+        base_size=hr_size,
+        gaussian_prob=settings.gaussian_noise_prob,
+        noise_range=settings.noise_range,
+        poisson_range=settings.poisson_scale_range,
+        gray_prob=settings.gray_noise_prob,
+        input_size=hr_size,
+        relative=True,
+    )
+
+
+def _sample_second_stage(
+    rng: np.random.Generator, settings: DegradationSettings, hr_size: int, input_size: int
+) -> StageParams:
+    """Stage 2: resized relative to the original size (Real-ESRGAN), then noised."""
+    return _sample_stage(
+        rng,
+        settings,
+        resize_prob=settings.resize_prob2,
+        resize_range=settings.resize_range2,
+        base_size=hr_size,
+        gaussian_prob=settings.gaussian_noise_prob2,
+        noise_range=settings.noise_range2,
+        poisson_range=settings.poisson_scale_range2,
+        gray_prob=settings.gray_noise_prob2,
+        input_size=input_size,
+        relative=False,
+    )
+
+
 def sample_degradation(rng: np.random.Generator, settings: DegradationSettings, hr_size: int) -> DegradationParams:
     """Draw every random choice of the degradation of one square ``hr_size`` HR image.
 
@@ -256,56 +324,14 @@ def sample_degradation(rng: np.random.Generator, settings: DegradationSettings, 
     if hr_size < minimum:
         raise ValueError(f"HR size {hr_size} is too small for these degradation settings (need >= {minimum}).")
 
-    kernel1, kernel1_params = _sample_blur_kernel(
-        rng,
-        settings,
-        settings.kernel_list,
-        settings.kernel_prob,
-        settings.sinc_prob,
-        settings.blur_sigma,
-        settings.betag_range,
-        settings.betap_range,
-    )
-    kernel2, kernel2_params = _sample_blur_kernel(
-        rng,
-        settings,
-        settings.kernel_list2,
-        settings.kernel_prob2,
-        settings.sinc_prob2,
-        settings.blur_sigma2,
-        settings.betag_range2,
-        settings.betap_range2,
-    )
+    # Every draw comes from rng in this order; changing it changes what a seed means.
+    kernel1, kernel1_params = _sample_first_blur_kernel(rng, settings)
+    kernel2, kernel2_params = _sample_second_blur_kernel(rng, settings)
     sinc_applied, sinc_kernel, sinc_params = _sample_final_sinc(rng, settings)
-
-    stage1 = _sample_stage(
-        rng,
-        settings,
-        resize_prob=settings.resize_prob,
-        resize_range=settings.resize_range,
-        base_size=hr_size,
-        gaussian_prob=settings.gaussian_noise_prob,
-        noise_range=settings.noise_range,
-        poisson_range=settings.poisson_scale_range,
-        gray_prob=settings.gray_noise_prob,
-        input_size=hr_size,
-        relative=True,
-    )
+    stage1 = _sample_first_stage(rng, settings, hr_size)
     jpeg1 = _uniform(rng, settings.jpeg_range)
     blur2_applied = bool(rng.uniform() < settings.second_blur_prob)
-    stage2 = _sample_stage(
-        rng,
-        settings,
-        resize_prob=settings.resize_prob2,
-        resize_range=settings.resize_range2,
-        base_size=hr_size,
-        gaussian_prob=settings.gaussian_noise_prob2,
-        noise_range=settings.noise_range2,
-        poisson_range=settings.poisson_scale_range2,
-        gray_prob=settings.gray_noise_prob2,
-        input_size=stage1.resize_size,
-        relative=False,
-    )
+    stage2 = _sample_second_stage(rng, settings, hr_size, stage1.resize_size)
     final_order = "resize_first" if rng.uniform() < settings.final_resize_first_prob else "jpeg_first"
     final_mode = str(settings.resize_modes[int(rng.integers(len(settings.resize_modes)))])
     jpeg2 = _uniform(rng, settings.jpeg_range2)

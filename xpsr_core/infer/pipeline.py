@@ -198,6 +198,22 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
 
 
+def _sampling_info(prepared, settings: SRSettings, timesteps: torch.Tensor, lr_up: torch.Tensor,
+                   texts: list[str]) -> dict:
+    """The ``info`` of an :class:`SRResult`: start timestep, sizes (width, height) and the encoded prompts."""
+    height, width = lr_up.shape[-2:]
+    return {
+        "start_timestep": int(timesteps[0]),
+        "lr_size": [
+            int(prepared.output_size[1] // settings.scale),
+            int(prepared.output_size[0] // settings.scale),
+        ],
+        "sr_size": [int(prepared.output_size[1]), int(prepared.output_size[0])],
+        "condition_size": [int(width), int(height)],
+        "prompts": texts,
+    }
+
+
 class XPSRPipeline:
     """The XPSR model, VAE, text encoder, tokenizer and scheduler, with default :class:`SRSettings`."""
 
@@ -524,14 +540,10 @@ class XPSRPipeline:
             lr, settings.scale, settings.resize, settings.process_size, self.vae_factor, device
         )
         lr_up = prepared.image.to(device)
-        height, width = lr_up.shape[-2:]
         condition = _pad_to(lr_up, settings.pad_multiple or self.vae_factor * self.unet_factor)
 
         texts = self.prompts(content, quality, settings)
-        embeddings = self.encode_text(texts)
-        c_h, c_l = embeddings[0:1], embeddings[1:2]
-        c_neg = embeddings[2:3] if len(texts) > 2 else None
-        negative_extra = {"c_l_neg": embeddings[3:4]} if len(texts) > 3 else {}
+        prompts = self._prompt_embeddings(texts)
 
         scheduler = self._scheduler(settings.scheduler)
         scheduler.set_timesteps(settings.steps, device=device)
@@ -540,7 +552,33 @@ class XPSRPipeline:
             generator = self.make_generator(settings)
 
         latents = self.start_latents(condition, scheduler, timesteps, generator, settings)
+        latents, n_tiles = self._denoise(latents, condition, scheduler, timesteps, generator, prompts, settings,
+                                         step_callback)
+        return SRResult(
+            image=self._final_image(latents, lr_up, prepared, settings),
+            lr_up=prepared.lr_up,
+            content_caption=content,
+            quality_caption=quality,
+            seed=None if settings.seed is None else int(settings.seed),
+            settings=asdict(settings),
+            seconds=time.perf_counter() - started,
+            latent_tiles=n_tiles,
+            info=_sampling_info(prepared, settings, timesteps, lr_up, texts),
+        )
 
+    def _prompt_embeddings(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], dict]:
+        """(c_h, c_l, negative c_h or None, negative c_l as ``{"c_l_neg": ...}`` or ``{}``) of :meth:`prompts`."""
+        embeddings = self.encode_text(texts)
+        c_h, c_l = embeddings[0:1], embeddings[1:2]
+        c_neg = embeddings[2:3] if len(texts) > 2 else None
+        negative_extra = {"c_l_neg": embeddings[3:4]} if len(texts) > 3 else {}
+        return c_h, c_l, c_neg, negative_extra
+
+    def _denoise(self, latents: torch.Tensor, condition: torch.Tensor, scheduler, timesteps: torch.Tensor,
+                 generator: torch.Generator, prompts: tuple, settings: SRSettings,
+                 step_callback: Optional[StepCallback]) -> tuple[torch.Tensor, int]:
+        """Every scheduler step, the noise predicted tile by tile: (final latents, number of latent tiles)."""
+        c_h, c_l, c_neg, negative_extra = prompts
         tile, overlap = self._latent_tiling(settings, latents.shape[-2], latents.shape[-1])
         n_tiles = len(tile_boxes(latents.shape[-2], latents.shape[-1], tile[0], tile[1], overlap))
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
@@ -557,34 +595,18 @@ class XPSRPipeline:
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample.float()
             if step_callback is not None:
                 step_callback(index + 1, len(timesteps))
+        return latents, n_tiles
 
+    def _final_image(self, latents: torch.Tensor, lr_up: torch.Tensor, prepared, settings: SRSettings) -> np.ndarray:
+        """The decoded latents cropped to ``lr_up``, colour-corrected, quantised and resized to the output size."""
+        height, width = lr_up.shape[-2:]
         decoded = self.vae_decode(latents, settings)[..., :height, :width]
         if settings.color_fix in UINT8_COLOR_FIXES:
             # quantised as the authors' pipeline returns its image, then fixed against the 8-bit condition
             image = adain_color_fix_uint8(to_uint8(decoded / 2 + 0.5), prepared.image_uint8)
         else:
             image = to_uint8(color_fix((decoded + 1) / 2, lr_up, settings.color_fix))
-        image = resize_output(image, prepared.output_size, settings.resize)
-        return SRResult(
-            image=image,
-            lr_up=prepared.lr_up,
-            content_caption=content,
-            quality_caption=quality,
-            seed=None if settings.seed is None else int(settings.seed),
-            settings=asdict(settings),
-            seconds=time.perf_counter() - started,
-            latent_tiles=n_tiles,
-            info={
-                "start_timestep": int(timesteps[0]),
-                "lr_size": [
-                    int(prepared.output_size[1] // settings.scale),
-                    int(prepared.output_size[0] // settings.scale),
-                ],
-                "sr_size": [int(prepared.output_size[1]), int(prepared.output_size[0])],
-                "condition_size": [int(width), int(height)],
-                "prompts": texts,
-            },
-        )
+        return resize_output(image, prepared.output_size, settings.resize)
 
     def __call__(
         self,

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -63,62 +64,77 @@ def prepare_output_dir(
     Under a multi-process launcher only rank 0 checks, clears and records the folder; the other
     ranks wait until the record shows this config, so no rank deletes another's fresh work.
     """
-    import sys
-
     from ..dist import rank_and_world
-    from ..fingerprint import describe_changes, stage_fingerprint
+    from ..fingerprint import stage_fingerprint
 
     folder = ensure_writable_dir(folder)
-    record = folder / CONFIG_FILE
     fingerprint = stage_fingerprint(stage)
     rank, world = rank_and_world()
     if rank > 0 and world > 1:
-        deadline = time.monotonic() + wait_seconds
-        while time.monotonic() < deadline:
-            try:
-                found = json.loads(record.read_text())
-                if (
-                    found.get("config_hash") == config.output_hash()
-                    and (found.get("fingerprint") or {}).get("code") == fingerprint["code"]
-                ):
-                    return folder
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.2)
-        raise UserError(
-            f"Rank {rank} waited {wait_seconds:.0f} s for rank 0 to prepare {folder} with this configuration; "
-            "check rank 0's error, or that every rank got the same config."
-        )
+        return _wait_for_rank_zero(folder, config, fingerprint, rank, wait_seconds)
     settings = config.output_settings()
-    if record.exists():
-        try:
-            previous = json.loads(record.read_text())
-        except (OSError, ValueError):
-            previous = {}
-        same_config = previous.get("stage") == stage and previous.get("config_hash") == config.output_hash()
-        same_code = (previous.get("fingerprint") or {}).get("code") == fingerprint["code"]
-        if not same_config:
-            changed = _changed_fields(previous.get("settings", {}), settings)
-            what = "a different configuration" + (f" (changed: {', '.join(changed)})" if changed else "")
-        elif not same_code:
-            what = f"other code (changed: {describe_changes(previous.get('fingerprint'), fingerprint)})"
-        if not (same_config and same_code):
-            if not overwrite:
-                raise UserError(
-                    f"{folder} holds outputs of '{previous.get('stage', '?')}' made with {what}. "
-                    "Rerun with --overwrite to rebuild them, or choose another output folder."
-                )
-            print(
-                f"{folder} held outputs of '{previous.get('stage', '?')}' made with {what}; "
-                "--overwrite: rebuilding them.",
-                file=sys.stderr,
-                flush=True,
-            )
-            clear_folder(folder)
+    if (folder / CONFIG_FILE).exists():
+        _clear_other_outputs(folder, stage, config, settings, fingerprint, overwrite)
     remove_temporaries(folder)
-    atomic_write_json(record, {"stage": stage, "config_hash": config.output_hash(), "fingerprint": fingerprint,
-                               "settings": settings, "config": config.resolved()})
+    atomic_write_json(folder / CONFIG_FILE, {"stage": stage, "config_hash": config.output_hash(),
+                                             "fingerprint": fingerprint, "settings": settings,
+                                             "config": config.resolved()})
     return folder
+
+
+def _wait_for_rank_zero(folder: Path, config: StageConfig, fingerprint: dict, rank: int, wait_seconds: float) -> Path:
+    """Return ``folder`` once rank 0 has recorded this config and code in it; raise after ``wait_seconds``."""
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        try:
+            found = json.loads((folder / CONFIG_FILE).read_text())
+            if (
+                found.get("config_hash") == config.output_hash()
+                and (found.get("fingerprint") or {}).get("code") == fingerprint["code"]
+            ):
+                return folder
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise UserError(
+        f"Rank {rank} waited {wait_seconds:.0f} s for rank 0 to prepare {folder} with this configuration; "
+        "check rank 0's error, or that every rank got the same config."
+    )
+
+
+def _how_outputs_differ(previous: dict, stage: str, config: StageConfig, settings: dict, fingerprint: dict) -> str:
+    """What made the recorded outputs, when not this stage, config and code ("" when they match)."""
+    from ..fingerprint import describe_changes
+
+    same_config = previous.get("stage") == stage and previous.get("config_hash") == config.output_hash()
+    same_code = (previous.get("fingerprint") or {}).get("code") == fingerprint["code"]
+    if not same_config:
+        changed = _changed_fields(previous.get("settings", {}), settings)
+        return "a different configuration" + (f" (changed: {', '.join(changed)})" if changed else "")
+    if not same_code:
+        return f"other code (changed: {describe_changes(previous.get('fingerprint'), fingerprint)})"
+    return ""
+
+
+def _clear_other_outputs(folder: Path, stage: str, config: StageConfig, settings: dict, fingerprint: dict,
+                         overwrite: bool) -> None:
+    """Empty a folder recorded as made by another stage, config or code; without ``overwrite``, refuse."""
+    previous = read_record(folder)
+    what = _how_outputs_differ(previous, stage, config, settings, fingerprint)
+    if not what:
+        return
+    if not overwrite:
+        raise UserError(
+            f"{folder} holds outputs of '{previous.get('stage', '?')}' made with {what}. "
+            "Rerun with --overwrite to rebuild them, or choose another output folder."
+        )
+    print(
+        f"{folder} held outputs of '{previous.get('stage', '?')}' made with {what}; "
+        "--overwrite: rebuilding them.",
+        file=sys.stderr,
+        flush=True,
+    )
+    clear_folder(folder)
 
 
 def clear_folder(folder: Path) -> None:

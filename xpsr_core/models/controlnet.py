@@ -87,6 +87,21 @@ def _per_block(value, count: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * count
 
 
+def _check_layout(sfa_mode: str, fusion_type: str, conditioning_embedding_out_channels: Sequence[int],
+                  down_block_types: Sequence[str], block_out_channels: Sequence[int]) -> None:
+    """Refuse constructor arguments that describe no XPSR ControlNet."""
+    if sfa_mode not in SFA_MODES:
+        raise ValueError(f"sfa_mode must be one of {SFA_MODES}, got {sfa_mode!r}")
+    if fusion_type not in FUSION_TYPES:
+        raise ValueError(f"fusion_type must be one of {FUSION_TYPES}, got {fusion_type!r}")
+    if len(conditioning_embedding_out_channels) != DFC_LEVELS + 1:
+        raise ValueError(
+            "conditioning_embedding_out_channels needs 4 entries (input level + 3 downsampling levels)"
+        )
+    if len(block_out_channels) != len(down_block_types):
+        raise ValueError("block_out_channels and down_block_types must have the same length")
+
+
 def check_unet_supported(unet) -> None:
     """XPSR is defined on SD-1.x/2.x UNets; refuse configs whose extra embeddings it does not wire."""
     config = unet.config
@@ -143,79 +158,74 @@ class XPSRControlNet(ModelMixin, ConfigMixin):
         fusion_type: str = "attention",
     ):
         super().__init__()
-        if sfa_mode not in SFA_MODES:
-            raise ValueError(f"sfa_mode must be one of {SFA_MODES}, got {sfa_mode!r}")
-        if fusion_type not in FUSION_TYPES:
-            raise ValueError(f"fusion_type must be one of {FUSION_TYPES}, got {fusion_type!r}")
-        if len(conditioning_embedding_out_channels) != DFC_LEVELS + 1:
-            raise ValueError(
-                "conditioning_embedding_out_channels needs 4 entries (input level + 3 downsampling levels)"
-            )
+        _check_layout(sfa_mode, fusion_type, conditioning_embedding_out_channels, down_block_types, block_out_channels)
         blocks = len(down_block_types)
-        if len(block_out_channels) != blocks:
-            raise ValueError("block_out_channels and down_block_types must have the same length")
         # diffusers' historical naming: attention_head_dim is the number of heads when num_attention_heads is unset
         heads = _per_block(num_attention_heads or attention_head_dim, blocks)
-        head_dims = _per_block(attention_head_dim, blocks)
-        cross_only = _per_block(only_cross_attention, blocks)
         transformer_layers = _per_block(transformer_layers_per_block, blocks)
-
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
         time_embed_dim = block_out_channels[0] * 4
-        self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
-        self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, act_fn=act_fn)
+        # the keyword arguments get_down_block and UNetMidBlock2DCrossAttn share
+        shared = dict(temb_channels=time_embed_dim, resnet_eps=norm_eps, resnet_act_fn=act_fn,
+                      resnet_groups=norm_num_groups, cross_attention_dim=cross_attention_dim,
+                      use_linear_projection=use_linear_projection, upcast_attention=upcast_attention,
+                      resnet_time_scale_shift=resnet_time_scale_shift)
+
+        # built in diffusers' order: the state dict's key order and the initial random draws follow it
+        self._add_input_layers(in_channels, conditioning_channels, flip_sin_to_cos, freq_shift, act_fn,
+                               block_out_channels[0], time_embed_dim, conditioning_embedding_out_channels)
+        self._add_down_blocks(down_block_types, block_out_channels, layers_per_block, downsample_padding, heads,
+                              _per_block(attention_head_dim, blocks), _per_block(only_cross_attention, blocks),
+                              transformer_layers, shared)
+        self.mid_block = UNetMidBlock2DCrossAttn(
+            transformer_layers_per_block=transformer_layers[-1], in_channels=block_out_channels[-1],
+            output_scale_factor=mid_block_scale_factor, num_attention_heads=heads[-1], **shared,
+        )
+        self.controlnet_mid_block = _zero_conv(block_out_channels[-1])
+        self._wrap_transformers_in_sfa(sfa_mode, fusion_heads, fusion_type)
+        self.latent_feature_blocks = [i for i in range(min(DFC_LEVELS, blocks))]
+
+    def _add_input_layers(self, in_channels: int, conditioning_channels: int, flip_sin_to_cos: bool, freq_shift: int,
+                          act_fn: str, channels: int, time_embed_dim: int,
+                          conditioning_embedding_out_channels: Sequence[int]) -> None:
+        """``conv_in``, the timestep projection and embedding, and the conditioning encoder."""
+        self.conv_in = nn.Conv2d(in_channels, channels, kernel_size=3, padding=1)
+        self.time_proj = Timesteps(channels, flip_sin_to_cos, freq_shift)
+        self.time_embedding = TimestepEmbedding(channels, time_embed_dim, act_fn=act_fn)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
-            conditioning_embedding_channels=block_out_channels[0],
+            conditioning_embedding_channels=channels,
             conditioning_channels=conditioning_channels,
             block_out_channels=tuple(conditioning_embedding_out_channels),
         )
 
+    def _add_down_blocks(self, down_block_types: Sequence[str], block_out_channels: Sequence[int],
+                         layers_per_block: int, downsample_padding: int, heads: list, head_dims: list,
+                         cross_only: list, transformer_layers: list, shared: dict) -> None:
+        """The down blocks, and a zero conv per residual they push (``conv_in``'s first)."""
         self.down_blocks = nn.ModuleList()
         self.controlnet_down_blocks = nn.ModuleList([_zero_conv(block_out_channels[0])])
         output_channel = block_out_channels[0]
         for i, block_type in enumerate(down_block_types):
             input_channel, output_channel = output_channel, block_out_channels[i]
-            is_final = i == blocks - 1
+            is_final = i == len(down_block_types) - 1
             block = get_down_block(
                 block_type,
                 num_layers=layers_per_block,
                 transformer_layers_per_block=transformer_layers[i],
                 in_channels=input_channel,
                 out_channels=output_channel,
-                temb_channels=time_embed_dim,
                 add_downsample=not is_final,
-                resnet_eps=norm_eps,
-                resnet_act_fn=act_fn,
-                resnet_groups=norm_num_groups,
-                cross_attention_dim=cross_attention_dim,
                 num_attention_heads=heads[i],
                 attention_head_dim=head_dims[i] if head_dims[i] is not None else output_channel,
                 downsample_padding=downsample_padding,
-                use_linear_projection=use_linear_projection,
                 only_cross_attention=cross_only[i],
-                upcast_attention=upcast_attention,
-                resnet_time_scale_shift=resnet_time_scale_shift,
+                **shared,
             )
             self.down_blocks.append(block)
             for _ in range(layers_per_block + (0 if is_final else 1)):
                 self.controlnet_down_blocks.append(_zero_conv(output_channel))
 
-        self.mid_block = UNetMidBlock2DCrossAttn(
-            transformer_layers_per_block=transformer_layers[-1],
-            in_channels=block_out_channels[-1],
-            temb_channels=time_embed_dim,
-            resnet_eps=norm_eps,
-            resnet_act_fn=act_fn,
-            output_scale_factor=mid_block_scale_factor,
-            resnet_time_scale_shift=resnet_time_scale_shift,
-            cross_attention_dim=cross_attention_dim,
-            num_attention_heads=heads[-1],
-            resnet_groups=norm_num_groups,
-            use_linear_projection=use_linear_projection,
-            upcast_attention=upcast_attention,
-        )
-        self.controlnet_mid_block = _zero_conv(block_out_channels[-1])
-
+    def _wrap_transformers_in_sfa(self, sfa_mode: str, fusion_heads: Optional[int], fusion_type: str) -> None:
+        """Replace every transformer of the down and mid blocks by an SFA module around it."""
         for block in list(self.down_blocks) + [self.mid_block]:
             attentions = getattr(block, "attentions", None)
             if attentions is None:
@@ -223,8 +233,6 @@ class XPSRControlNet(ModelMixin, ConfigMixin):
             for j in range(len(attentions)):
                 attentions[j] = SemanticFusionTransformer(attentions[j], mode=sfa_mode, fusion_heads=fusion_heads,
                                                           fusion=fusion_type)
-
-        self.latent_feature_blocks = [i for i in range(min(DFC_LEVELS, blocks))]
 
     # ------------------------------------------------------------------ construction
 

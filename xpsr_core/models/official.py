@@ -382,7 +382,6 @@ def import_official(
     defaults (the authors' inference recipe, normally).
     """
     from .loading import load_base_sd
-    from .xpsr import XPSRModel
 
     start = time.perf_counter()
     out = Path(out)
@@ -398,20 +397,10 @@ def import_official(
     largest, checked = compare_base(sd_unet, base.unet)
     log(f"SD-1.5 UNet tensors: {checked}, largest difference from the base model {largest:.3g}")
     mismatch = largest > SD_TOLERANCE
-    if mismatch and not allow_base_mismatch:
-        raise UserError(
-            f"The checkpoint's SD UNet tensors differ from the base model {base_model} (largest absolute difference "
-            f"{largest:.3g}): it was trained on another base. "
-            "Point --base-model at the SD-1.5 folder it was trained on, "
-            "or pass --allow-base-mismatch to use the checkpoint's own UNet weights (as the authors' test.py does)."
-        )
     if mismatch:
-        base.unet.load_state_dict(sd_unet, strict=True)
+        _adopt_checkpoint_unet(base.unet, sd_unet, base_model, largest, allow_base_mismatch)
     del sd_unet, checkpoint
-    empty = XPSRModel.empty_parts(base.unet, settings)
-    for name, module in empty.items():
-        module.load_state_dict(parts[name], strict=True, assign=True)
-    model = XPSRModel(base.unet, settings=settings, **empty)
+    model = _assemble_model(base.unet, settings, parts)
     log(f"Writing {out}")
     write_pipeline_folder(model, base_model, out, write_unet=mismatch, sr_defaults=sr_defaults)
     summary = ImportSummary(
@@ -430,6 +419,30 @@ def import_official(
         json.dumps(summary.as_dict() | {"checkpoint": str(checkpoint_dir), "base_model": str(base_model)}, indent=2)
     )
     return summary
+
+
+def _adopt_checkpoint_unet(unet, sd_unet: dict, base_model: str | Path, largest: float,
+                           allow_base_mismatch: bool) -> None:
+    """Put the checkpoint's own SD UNet tensors (which differ from the base model's) into ``unet``, or refuse
+    unless ``allow_base_mismatch``."""
+    if not allow_base_mismatch:
+        raise UserError(
+            f"The checkpoint's SD UNet tensors differ from the base model {base_model} (largest absolute difference "
+            f"{largest:.3g}): it was trained on another base. "
+            "Point --base-model at the SD-1.5 folder it was trained on, "
+            "or pass --allow-base-mismatch to use the checkpoint's own UNet weights (as the authors' test.py does)."
+        )
+    unet.load_state_dict(sd_unet, strict=True)
+
+
+def _assemble_model(unet, settings, parts: dict):
+    """An XPSR model on ``unet`` whose parts take the mapped state dicts' tensors (no initialisation first)."""
+    from .xpsr import XPSRModel
+
+    empty = XPSRModel.empty_parts(unet, settings)
+    for name, module in empty.items():
+        module.load_state_dict(parts[name], strict=True, assign=True)
+    return XPSRModel(unet, settings=settings, **empty)
 
 
 def write_pipeline_folder(

@@ -21,6 +21,7 @@ residuals.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -135,6 +136,111 @@ class XPSRConditionalAttention(ModelMixin, ConfigMixin):
         return layer(hidden_states, residual)
 
 
+@dataclass(frozen=True)
+class _PassContext:
+    """What every block of one UNet pass reads besides its hidden states."""
+
+    emb: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
+    encoder_attention_mask: Optional[torch.Tensor]
+    cross_attention_kwargs: Optional[dict[str, Any]]
+
+
+def _attention_bias(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """diffusers' additive form of a 0/1 attention mask (0 where attended, -10000 where masked)."""
+    if mask is None:
+        return None
+    return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
+
+
+def _check_conditional_attention(unet, conditional_attention: Optional[XPSRConditionalAttention],
+                                 residuals: Optional[list]) -> None:
+    if conditional_attention is not None and residuals is None:
+        raise ValueError("Conditional Attention needs the ControlNet residuals")
+    if conditional_attention is not None and len(conditional_attention.layers) != sum(
+        len(b.resnets) for b in unet.up_blocks
+    ):
+        raise ValueError("Conditional Attention was built for a UNet with a different decoder")
+
+
+def _run_encoder(unet, sample: torch.Tensor, context: _PassContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``conv_in`` and the down blocks: the encoder's output and the skips, in the order they are pushed."""
+    sample = unet.conv_in(sample)
+    skips = [sample]
+    for block in unet.down_blocks:
+        sample, res = run_down_block(block, sample, context.emb, context.encoder_hidden_states,
+                                     context.attention_mask, context.cross_attention_kwargs,
+                                     context.encoder_attention_mask)
+        skips.extend(res)
+    return sample, skips
+
+
+def _run_mid_block(unet, sample: torch.Tensor, context: _PassContext) -> torch.Tensor:
+    if getattr(unet.mid_block, "has_cross_attention", False):
+        return unet.mid_block(
+            sample,
+            context.emb,
+            encoder_hidden_states=context.encoder_hidden_states,
+            attention_mask=context.attention_mask,
+            cross_attention_kwargs=context.cross_attention_kwargs,
+            encoder_attention_mask=context.encoder_attention_mask,
+        )
+    if unet.mid_block is not None:
+        return unet.mid_block(sample, context.emb)
+    return sample
+
+
+def _run_up_block(block, sample: torch.Tensor, skips: list[torch.Tensor], residuals: Optional[list[torch.Tensor]],
+                  conditional_attention: Optional[XPSRConditionalAttention], first_layer: int,
+                  context: _PassContext, upsample_size) -> torch.Tensor:
+    """One up block layer by layer: resnet, its transformer (if any), then the layer's Conditional Attention."""
+    attentions = getattr(block, "attentions", None)
+    checkpoint = torch.is_grad_enabled() and getattr(block, "gradient_checkpointing", False)
+    for j, resnet in enumerate(block.resnets):
+        sample = torch.cat([sample, skips[-1 - j]], dim=1)
+        if checkpoint:
+            sample = block._gradient_checkpointing_func(resnet, sample, context.emb)
+        else:
+            sample = resnet(sample, context.emb)
+        if attentions is not None:
+            sample = attentions[j](
+                sample,
+                encoder_hidden_states=context.encoder_hidden_states,
+                cross_attention_kwargs=context.cross_attention_kwargs,
+                attention_mask=context.attention_mask,
+                encoder_attention_mask=context.encoder_attention_mask,
+                return_dict=False,
+            )[0]
+        if conditional_attention is not None:
+            sample = conditional_attention.attend(first_layer + j, sample, residuals[-1 - j])
+    if getattr(block, "upsamplers", None) is not None:
+        for upsampler in block.upsamplers:
+            sample = upsampler(sample, upsample_size)
+    return sample
+
+
+def _run_decoder(unet, sample: torch.Tensor, skips: list[torch.Tensor], residuals: Optional[list[torch.Tensor]],
+                 conditional_attention: Optional[XPSRConditionalAttention], context: _PassContext,
+                 forward_upsample_size: bool) -> torch.Tensor:
+    """The up blocks, each taking its skips (and ControlNet residuals) from the end of the lists."""
+    layer_index = 0
+    upsample_size = None
+    for i, block in enumerate(unet.up_blocks):
+        is_final = i == len(unet.up_blocks) - 1
+        count = len(block.resnets)
+        block_skips, skips = skips[-count:], skips[:-count]
+        block_residuals = None
+        if residuals is not None:
+            block_residuals, residuals = residuals[-count:], residuals[:-count]
+        if not is_final and forward_upsample_size:
+            upsample_size = skips[-1].shape[2:]
+        sample = _run_up_block(block, sample, block_skips, block_residuals, conditional_attention, layer_index,
+                               context, upsample_size)
+        layer_index += count
+    return sample
+
+
 def xpsr_unet_forward(
     unet,
     sample: torch.Tensor,
@@ -149,88 +255,31 @@ def xpsr_unet_forward(
 ) -> torch.Tensor:
     """Noise prediction of a diffusers SD UNet with ControlNet residuals and Conditional Attention."""
     residuals = list(down_block_additional_residuals) if down_block_additional_residuals is not None else None
-    if conditional_attention is not None and residuals is None:
-        raise ValueError("Conditional Attention needs the ControlNet residuals")
-    if conditional_attention is not None and len(conditional_attention.layers) != sum(
-        len(b.resnets) for b in unet.up_blocks
-    ):
-        raise ValueError("Conditional Attention was built for a UNet with a different decoder")
+    _check_conditional_attention(unet, conditional_attention, residuals)
 
     up_factor = 2 ** unet.num_upsamplers
     forward_upsample_size = any(dim % up_factor for dim in sample.shape[-2:])
-    if attention_mask is not None:
-        attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
-    if encoder_attention_mask is not None:
-        encoder_attention_mask = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+    attention_mask = _attention_bias(attention_mask, sample.dtype)
+    encoder_attention_mask = _attention_bias(encoder_attention_mask, sample.dtype)
     if unet.config.center_input_sample:
         sample = 2 * sample - 1.0
 
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
+    context = _PassContext(emb, encoder_hidden_states, attention_mask, encoder_attention_mask, cross_attention_kwargs)
 
-    sample = unet.conv_in(sample)
-    skips = [sample]
-    for block in unet.down_blocks:
-        sample, res = run_down_block(block, sample, emb, encoder_hidden_states, attention_mask, cross_attention_kwargs,
-                                     encoder_attention_mask)
-        skips.extend(res)
-
+    sample, skips = _run_encoder(unet, sample, context)
     if residuals is not None:
         if len(residuals) != len(skips):
             raise ValueError(f"expected {len(skips)} ControlNet residuals, got {len(residuals)}")
         skips = [s + r for s, r in zip(skips, residuals)]
 
-    if getattr(unet.mid_block, "has_cross_attention", False):
-        sample = unet.mid_block(
-            sample,
-            emb,
-            encoder_hidden_states=encoder_hidden_states,
-            attention_mask=attention_mask,
-            cross_attention_kwargs=cross_attention_kwargs,
-            encoder_attention_mask=encoder_attention_mask,
-        )
-    elif unet.mid_block is not None:
-        sample = unet.mid_block(sample, emb)
+    sample = _run_mid_block(unet, sample, context)
     if mid_block_additional_residual is not None:
         sample = sample + mid_block_additional_residual
 
-    layer_index = 0
-    upsample_size = None
-    for i, block in enumerate(unet.up_blocks):
-        is_final = i == len(unet.up_blocks) - 1
-        count = len(block.resnets)
-        block_skips, skips = skips[-count:], skips[:-count]
-        block_residuals = None
-        if residuals is not None:
-            block_residuals, residuals = residuals[-count:], residuals[:-count]
-        if not is_final and forward_upsample_size:
-            upsample_size = skips[-1].shape[2:]
-        attentions = getattr(block, "attentions", None)
-        checkpoint = torch.is_grad_enabled() and getattr(block, "gradient_checkpointing", False)
-        for j, resnet in enumerate(block.resnets):
-            skip = block_skips[-1 - j]
-            sample = torch.cat([sample, skip], dim=1)
-            if checkpoint:
-                sample = block._gradient_checkpointing_func(resnet, sample, emb)
-            else:
-                sample = resnet(sample, emb)
-            if attentions is not None:
-                sample = attentions[j](
-                    sample,
-                    encoder_hidden_states=encoder_hidden_states,
-                    cross_attention_kwargs=cross_attention_kwargs,
-                    attention_mask=attention_mask,
-                    encoder_attention_mask=encoder_attention_mask,
-                    return_dict=False,
-                )[0]
-            if conditional_attention is not None:
-                sample = conditional_attention.attend(layer_index, sample, block_residuals[-1 - j])
-            layer_index += 1
-        if getattr(block, "upsamplers", None) is not None:
-            for upsampler in block.upsamplers:
-                sample = upsampler(sample, upsample_size)
-
+    sample = _run_decoder(unet, sample, skips, residuals, conditional_attention, context, forward_upsample_size)
     if unet.conv_norm_out is not None:
         sample = unet.conv_act(unet.conv_norm_out(sample))
     return unet.conv_out(sample)

@@ -139,6 +139,33 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
+class BadSamples:
+    """The bad samples one data worker met: counted, and each logged with its shard (and key) once."""
+
+    def __init__(self):
+        self.count = 0
+        self.replaying = False  # a resume's fast-forward: what it meets was logged by the run it continues
+
+    def tar_error(self, error: Exception) -> bool:
+        """webdataset's handler for a truncated or unreadable tar: the rest of that shard is skipped."""
+        url = next((a for a in error.args if isinstance(a, str) and a.endswith(".tar")), "?")
+        self.count += 1
+        if not self.replaying:
+            _log_bad(
+                f"a damaged tar member in shard {url}: "
+                f"{type(error).__name__}: {error.args[0] if error.args else error}"
+            )
+        return True
+
+    def undecodable(self, raw: dict, error: Exception) -> None:
+        """A sample that its tar held but that does not decode (an image, a field)."""
+        self.count += 1
+        _log_bad(
+            f"sample {raw.get('__key__', '?')} in shard {raw.get('__url__', '?')}: "
+            f"{type(error).__name__}: {error}"
+        )
+
+
 class TrainingStream(torch.utils.data.IterableDataset):
     """Endless batches for one rank; use with ``DataLoader(stream, batch_size=None, num_workers=W)``."""
 
@@ -174,42 +201,11 @@ class TrainingStream(torch.utils.data.IterableDataset):
         shard_partition(self.shards, self.rank, self.world, 0, max(workers, 1))
 
     def __iter__(self) -> Iterator[dict]:
-        import webdataset as wds
-
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = shard_partition(self.shards, self.rank, self.world, worker, workers)
-        tag = f"{self.rank}-{worker}-{workers}"
-        urls = _shard_urls(mine, random.Random(derive_seed(self.seed, "train-shards", tag)), self.resampled)
-        bad, replaying = [0], [False]
-
-        def tar_error(error: Exception) -> bool:  # a truncated or unreadable tar: the rest of that shard is skipped
-            url = next((a for a in error.args if isinstance(a, str) and a.endswith(".tar")), "?")
-            bad[0] += 1
-            if not replaying[0]:  # a resume's fast-forward meets it again; it was logged then
-                _log_bad(
-                    f"a damaged tar member in shard {url}: "
-                    f"{type(error).__name__}: {error.args[0] if error.args else error}"
-                )
-            return True
-
-        samples = wds.tarfile_to_samples(handler=tar_error)(urls)
-        if self.shuffle_buffer > 1:
-            samples = wds.shuffle(
-                self.shuffle_buffer,
-                initial=self.shuffle_buffer,
-                rng=random.Random(derive_seed(self.seed, "train-shuffle", tag)),
-            )(samples)
-        state = self.resume_state.get(worker)
-        if state is not None:  # exactly what the checkpointed run had pulled, bad samples included
-            pulled = int(state["position"])
-        else:  # the DataLoader hands out batches round-robin: batch i comes from worker i % workers
-            pulled = len(range(worker, self.skip_batches, workers)) * self.batch_size
-        replaying[0] = True
-        for _ in range(pulled):
-            next(samples)
-        replaying[0] = False
-        bad[0] = int(state["skipped"]) if state is not None else 0  # those were counted (and logged) before
+        bad = BadSamples()
+        samples = self._raw_samples(worker, workers, bad)
+        pulled = self._fast_forward(samples, worker, workers, bad)
         while True:
             items = []
             while len(items) < self.batch_size:
@@ -220,24 +216,50 @@ class TrainingStream(torch.utils.data.IterableDataset):
                 except UserError:
                     raise
                 except Exception as error:  # deterministic: the same sample fails in every run
-                    bad[0] += 1
-                    _log_bad(
-                        f"sample {raw.get('__key__', '?')} in shard {raw.get('__url__', '?')}: "
-                        f"{type(error).__name__}: {error}"
-                    )
-                if bad[0] > self.max_bad_samples:
-                    yield {
-                        "stop": f"{bad[0]} bad training samples were skipped on rank {self.rank}, "
-                        f"worker {worker}, more than "
-                        f"max_bad_samples={self.max_bad_samples}; "
-                        "the training shards are damaged (see the messages "
-                        "above for keys and shards). "
-                        "Rebuild them with `xpsr embed --overwrite`, or raise max_bad_samples."
-                    }
+                    bad.undecodable(raw, error)
+                if bad.count > self.max_bad_samples:
+                    yield {"stop": self._too_many_bad_samples(bad.count, worker)}
                     return
             batch = collate(items)
-            batch["stream"] = {"worker": worker, "position": pulled, "skipped": bad[0]}
+            batch["stream"] = {"worker": worker, "position": pulled, "skipped": bad.count}
             yield batch
+
+    def _raw_samples(self, worker: int, workers: int, bad: BadSamples) -> Iterator[dict]:
+        """The endless raw samples of one worker: its shards in seeded order, through the seeded shuffle buffer."""
+        import webdataset as wds
+
+        mine = shard_partition(self.shards, self.rank, self.world, worker, workers)
+        tag = f"{self.rank}-{worker}-{workers}"
+        urls = _shard_urls(mine, random.Random(derive_seed(self.seed, "train-shards", tag)), self.resampled)
+        samples = wds.tarfile_to_samples(handler=bad.tar_error)(urls)
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(
+                self.shuffle_buffer,
+                initial=self.shuffle_buffer,
+                rng=random.Random(derive_seed(self.seed, "train-shuffle", tag)),
+            )(samples)
+        return samples
+
+    def _fast_forward(self, samples: Iterator[dict], worker: int, workers: int, bad: BadSamples) -> int:
+        """Skips the raw samples that the steps before a resume consumed (none on a fresh start); returns how many."""
+        state = self.resume_state.get(worker)
+        if state is not None:  # exactly what the checkpointed run had pulled, bad samples included
+            pulled = int(state["position"])
+        else:  # the DataLoader hands out batches round-robin: batch i comes from worker i % workers
+            pulled = len(range(worker, self.skip_batches, workers)) * self.batch_size
+        bad.replaying = True
+        for _ in range(pulled):
+            next(samples)
+        bad.replaying = False
+        bad.count = int(state["skipped"]) if state is not None else 0  # those were counted (and logged) before
+        return pulled
+
+    def _too_many_bad_samples(self, count: int, worker: int) -> str:
+        return (
+            f"{count} bad training samples were skipped on rank {self.rank}, worker {worker}, more than "
+            f"max_bad_samples={self.max_bad_samples}; the training shards are damaged (see the messages above for "
+            "keys and shards). Rebuild them with `xpsr embed --overwrite`, or raise max_bad_samples."
+        )
 
 
 def _log_bad(what: str) -> None:

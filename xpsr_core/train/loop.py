@@ -479,57 +479,13 @@ class Trainer:
         ``after_step(step)``, if given, runs after each optimizer step (a profiler's tick).
         """
         config, accelerator = self.config, self.accelerator
-        start_step = 0
-        checkpoint = resolve_resume(self.run_dir, config.resume)
-        if checkpoint is not None:
-            mismatch = resume_mismatch(checkpoint, config)
-            if mismatch and not config.overwrite:
-                raise UserError(
-                    f"Cannot resume from {checkpoint}: it was made with {mismatch}. Pass --overwrite to start "
-                    "training afresh, or go back to the code and configuration that made it."
-                )
-            if mismatch:
-                if accelerator.is_main_process:
-                    print(f"Not resuming from {checkpoint}: it was made with {mismatch}. --overwrite: training starts "
-                          "fresh from step 0.", flush=True)
-                    if Path(checkpoint).resolve().parent == self.run_dir.resolve():
-                        for old in list_checkpoints(self.run_dir):  # they would mix with the fresh run's
-                            shutil.rmtree(old)
-                accelerator.wait_for_everyone()
-                checkpoint = None
-        elif config.resume == "latest" and accelerator.is_main_process:
-            print(f"--resume latest: no checkpoint of this configuration and code in {self.run_dir}; training starts "
-                  "from step 0.", flush=True)
-        self.stream_state: dict = {}
-        if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            start_step = json.loads((checkpoint / STATE_FILE).read_text())["global_step"]
-            stream_file = checkpoint / f"{STREAM_FILE_PREFIX}{accelerator.process_index}.json"
-            if stream_file.is_file():
-                self.stream_state = json.loads(stream_file.read_text())
-        shards = sorted(Path(config.train_dir).glob("*.tar"))
-        stream = TrainingStream(
-            shards, config.batch_size, config.seed, rank=accelerator.process_index, world=accelerator.num_processes,
-            shuffle_buffer=config.shuffle_buffer, resampled=config.resampled,
-            skip_batches=start_step * config.gradient_accumulation_steps, online_encoding=config.online_encoding,
-            hr_quality=config.hr_condition_probability > 0, max_bad_samples=config.max_bad_samples,
-            resume_state=self.stream_state,
-        )
-        stream.check_workers(config.num_workers)
-        # pinned batches let the host-to-device copies run asynchronously
-        loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers,
-                                                  pin_memory=accelerator.device.type == "cuda"))
+        start_step = self._load_checkpoint(self._resume_checkpoint())
+        loader = self._data_loader(start_step)
         if config.tensorboard:
             accelerator.init_trackers(
                 "xpsr", config={k: v for k, v in config.resolved().items() if isinstance(v, (int, float, str, bool))}
             )
-        log_path = self.run_dir / LOG_FILE
-        keys_log = (self.run_dir / "logs" / f"keys.rank{accelerator.process_index}.tsv")
-        keys_log.parent.mkdir(parents=True, exist_ok=True)
-        if start_step == 0:
-            keys_log.write_text("")
-            if accelerator.is_main_process:
-                log_path.write_text("")
+        log_path, keys_log = self._start_logs(start_step)
         history: list[dict] = []
         samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
         self.model.train()
@@ -541,44 +497,132 @@ class Trainer:
         last_good = self._step_state(start_step)
         started = time.perf_counter()
         for step in range(start_step, config.max_train_steps):
-            step_start = time.perf_counter()
-            micro_logs = []
-            for micro in range(config.gradient_accumulation_steps):
-                batch = next(loader)
-                if "stop" in batch:  # the stream met more bad samples than max_bad_samples
-                    raise UserError(batch["stop"])
-                stream = batch.pop("stream")
-                self.stream_state[str(stream["worker"])] = stream
-                with keys_log.open("a") as handle:
-                    handle.write(f"{step}\t{micro}\t{','.join(batch['keys'])}\n")
-                micro_logs.append(self.micro_step(batch, step, micro))
-            self.lr_scheduler.step()
+            pending.append(self._optimizer_step(loader, step, keys_log))
             done = step + 1
-            pending.append(PendingStep(self._step_state(done), micro_logs, self.diverged.clone(),
-                                       time.perf_counter() - step_start, self.lr_scheduler.get_last_lr()[0]))
             if self.read_back_due(done):
                 rows, mean_loss = self._settle(pending, last_good, samples_per_step)
                 last_good = pending[-1].state
                 pending.clear()
-                for row in rows:
-                    history.append(row)
-                    if row["step"] % config.log_every == 0 or row["step"] == config.max_train_steps:
-                        accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-                        if accelerator.is_main_process:
-                            self._append_log(log_path, row)
-                if done % config.checkpointing_steps == 0 or done == config.max_train_steps:
-                    self.save_checkpoint(done)
-                if config.validation_steps and (done % config.validation_steps == 0 or done == config.max_train_steps):
-                    self.validate(done)
-                # with several ranks, the progress line shows their mean loss
-                row_loss = history[-1]["loss"] if mean_loss is None else mean_loss
+                history.extend(rows)
+                self._log_rows(rows, log_path)
+                self._checkpoint_and_validate(done)
                 if progress is not None and progress.due(done) and done < config.max_train_steps:
+                    # with several ranks, the progress line shows their mean loss
+                    row_loss = history[-1]["loss"] if mean_loss is None else mean_loss
                     elapsed = time.perf_counter() - started
                     progress.emit(self._progress_line(done, start_step, row_loss, elapsed, samples_per_step))
             if after_step is not None:
                 after_step(done)
         total = time.perf_counter() - started
         return self._finish(history, start_step, total)
+
+    def _resume_checkpoint(self) -> Path | None:
+        """The checkpoint that ``resume`` names, or None to start from step 0. One made with other code or another
+        configuration is refused; with ``overwrite`` it is passed over instead (and the run folder's checkpoints,
+        if it is one of them, are deleted)."""
+        config, accelerator = self.config, self.accelerator
+        checkpoint = resolve_resume(self.run_dir, config.resume)
+        if checkpoint is None:
+            if config.resume == "latest" and accelerator.is_main_process:
+                print(f"--resume latest: no checkpoint of this configuration and code in {self.run_dir}; training "
+                      "starts from step 0.", flush=True)
+            return None
+        mismatch = resume_mismatch(checkpoint, config)
+        if not mismatch:
+            return checkpoint
+        if not config.overwrite:
+            raise UserError(
+                f"Cannot resume from {checkpoint}: it was made with {mismatch}. Pass --overwrite to start "
+                "training afresh, or go back to the code and configuration that made it."
+            )
+        if accelerator.is_main_process:
+            print(f"Not resuming from {checkpoint}: it was made with {mismatch}. --overwrite: training starts "
+                  "fresh from step 0.", flush=True)
+            if Path(checkpoint).resolve().parent == self.run_dir.resolve():
+                for old in list_checkpoints(self.run_dir):  # they would mix with the fresh run's
+                    shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return None
+
+    def _load_checkpoint(self, checkpoint: Path | None) -> int:
+        """Restores the weights, the optimizer, the LR schedule and this rank's data stream from ``checkpoint``;
+        returns the step it was saved after (0 without a checkpoint: a fresh start)."""
+        self.stream_state: dict = {}
+        if checkpoint is None:
+            return 0
+        accelerator = self.accelerator
+        accelerator.load_state(str(checkpoint))
+        start_step = json.loads((checkpoint / STATE_FILE).read_text())["global_step"]
+        stream_file = checkpoint / f"{STREAM_FILE_PREFIX}{accelerator.process_index}.json"
+        if stream_file.is_file():
+            self.stream_state = json.loads(stream_file.read_text())
+        return start_step
+
+    def _data_loader(self, start_step: int):
+        """This rank's batches, from where the steps before ``start_step`` left the stream."""
+        config, accelerator = self.config, self.accelerator
+        shards = sorted(Path(config.train_dir).glob("*.tar"))
+        stream = TrainingStream(
+            shards, config.batch_size, config.seed, rank=accelerator.process_index, world=accelerator.num_processes,
+            shuffle_buffer=config.shuffle_buffer, resampled=config.resampled,
+            skip_batches=start_step * config.gradient_accumulation_steps, online_encoding=config.online_encoding,
+            hr_quality=config.hr_condition_probability > 0, max_bad_samples=config.max_bad_samples,
+            resume_state=self.stream_state,
+        )
+        stream.check_workers(config.num_workers)
+        # pinned batches let the host-to-device copies run asynchronously
+        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers,
+                                                pin_memory=accelerator.device.type == "cuda"))
+
+    def _start_logs(self, start_step: int) -> tuple[Path, Path]:
+        """The log file and this rank's record of the sample keys of every micro-batch; a fresh run empties both."""
+        log_path = self.run_dir / LOG_FILE
+        keys_log = (self.run_dir / "logs" / f"keys.rank{self.accelerator.process_index}.tsv")
+        keys_log.parent.mkdir(parents=True, exist_ok=True)
+        if start_step == 0:
+            keys_log.write_text("")
+            if self.accelerator.is_main_process:
+                log_path.write_text("")
+        return log_path, keys_log
+
+    def _optimizer_step(self, loader, step: int, keys_log: Path) -> PendingStep:
+        """One optimizer step over its micro-batches and the LR schedule's step, without waiting for the device."""
+        step_start = time.perf_counter()
+        micro_logs = []
+        for micro in range(self.config.gradient_accumulation_steps):
+            batch = self._next_batch(loader, step, micro, keys_log)
+            micro_logs.append(self.micro_step(batch, step, micro))
+        self.lr_scheduler.step()
+        return PendingStep(self._step_state(step + 1), micro_logs, self.diverged.clone(),
+                           time.perf_counter() - step_start, self.lr_scheduler.get_last_lr()[0])
+
+    def _next_batch(self, loader, step: int, micro: int, keys_log: Path) -> dict:
+        """The next batch; notes where its data worker stands (for checkpoints) and its sample keys."""
+        batch = next(loader)
+        if "stop" in batch:  # the stream met more bad samples than max_bad_samples
+            raise UserError(batch["stop"])
+        stream = batch.pop("stream")
+        self.stream_state[str(stream["worker"])] = stream
+        with keys_log.open("a") as handle:
+            handle.write(f"{step}\t{micro}\t{','.join(batch['keys'])}\n")
+        return batch
+
+    def _log_rows(self, rows: list[dict], log_path: Path) -> None:
+        """Logs the rows of the logging steps (every ``log_every``-th and the last) to the trackers and the log file."""
+        config = self.config
+        for row in rows:
+            if row["step"] % config.log_every == 0 or row["step"] == config.max_train_steps:
+                self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+                if self.accelerator.is_main_process:
+                    self._append_log(log_path, row)
+
+    def _checkpoint_and_validate(self, done: int) -> None:
+        """After step ``done`` (read back, so not diverged): the checkpoint and the validation grid when due."""
+        config = self.config
+        if done % config.checkpointing_steps == 0 or done == config.max_train_steps:
+            self.save_checkpoint(done)
+        if config.validation_steps and (done % config.validation_steps == 0 or done == config.max_train_steps):
+            self.validate(done)
 
     def validation_samples(self) -> list[dict]:
         """The first samples of the first training shard, with their captions (fixed across the run)."""

@@ -1,0 +1,182 @@
+"""Super-resolve a list of images into a folder: resume, decode, caption, sample, write a PNG and a JSON sidecar.
+
+For each input ``(path, name)`` (``xpsr_core.infer.inputs.collect_inputs``) the folder gets ``STEM.png`` and
+``STEM.json`` (STEM: the name without its suffix; settings, captions, seed, sizes, timing). The JSON is written last,
+so an image with both files is finished and a rerun skips it.
+
+Each image draws from its own generator seeded by (seed, name), or, with ``generator_scope: run``, from one
+generator shared by all images in input order; then each sidecar records the generator's state after its image, and
+a resumed run restores the states of the images it skips, so it continues the same stream and writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .config import SRModelConfig
+
+
+class BatchProgress:
+    """What ``super_resolve_folder`` reports as it goes; every method does nothing unless a subclass overrides it.
+
+    The folder's work runs inside ``with progress:`` once the inputs are decoded, so a subclass may open its
+    display in ``__enter__`` and close it in ``__exit__``.
+    """
+
+    def __enter__(self) -> "BatchProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def captions_started(self) -> Optional[Callable[[int, int], None]]:
+        """Captioning begins; returns the ``on_progress(done, total)`` that follows the captioner's batches."""
+        return None
+
+    def images_started(self, total: int) -> None:
+        """The pipeline is loaded; ``total`` decoded images are next (sampled, or failed for want of a caption)."""
+
+    def image_started(self, name: str) -> None:
+        """Sampling of image ``name`` begins."""
+
+    def step(self, done: int, total: int) -> None:
+        """A sampling step of the current image is done."""
+
+    def image_finished(self, name: str, done: int, error: Optional[str] = None) -> None:
+        """Image ``name`` is written (``done`` images so far), or failed with ``error``."""
+
+
+def sidecar(result, extra: dict) -> dict:
+    """The JSON record of one SR result: ``extra`` (input, output, model...), captions, seed, settings, timing."""
+    return {
+        **extra,
+        "content_caption": result.content_caption,
+        "quality_caption": result.quality_caption,
+        "seed": result.seed,
+        "settings": result.settings,
+        "latent_tiles": result.latent_tiles,
+        "seconds": round(result.seconds, 3),
+        **result.info,
+    }
+
+
+def _finished_entry(out: Path, name: str, run_scope: bool) -> Optional[dict]:
+    """The entry of an image finished in ``out`` (PNG and JSON sidecar), or None when it must be (re)done.
+
+    With a run generator an image counts as finished only when its sidecar holds the generator's state after it.
+    """
+    from .inputs import output_stem, saved_generator_state
+
+    stem = output_stem(name)
+    if not ((out / f"{stem}.json").is_file() and (out / f"{stem}.png").is_file()):
+        return None
+    state = saved_generator_state(out / f"{stem}.json") if run_scope else None
+    if run_scope and state is None:
+        return None
+    return {"name": name, "stem": stem, "done": True, "generator_state": state}
+
+
+def _decoded_entry(path: Path, name: str) -> dict:
+    """An input to super-resolve: its PIL ``image``, or the ``status`` and ``error`` of a rejected file."""
+    from PIL import Image
+
+    from ..io import images as image_io
+    from .inputs import output_stem
+
+    item = {"path": path, "name": name, "stem": output_stem(name)}
+    try:
+        item["image"] = Image.fromarray(image_io.load_image(path, image_io.DEFAULT_MAX_PIXELS).pixels)
+    except image_io.ImageRejected as rejected:
+        item.update(status=rejected.status, error=rejected.message)
+    return item
+
+
+def _write_result(out: Path, item: dict, result, pipe, generator) -> None:
+    """The SR PNG, then its sidecar (written last: it marks the image finished), each replaced atomically."""
+    from PIL import Image
+
+    from ..io.atomic import atomic_path, atomic_write_json
+    from .inputs import generator_state
+
+    target = out / f"{item['stem']}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        Image.fromarray(result.image).save(tmp, format="PNG")
+    extra = {"input": str(item["path"]), "output": f"{item['stem']}.png", "model": pipe.source}
+    if generator is not None:
+        extra["generator_state"] = generator_state(generator)
+    atomic_write_json(out / f"{item['stem']}.json", sidecar(result, extra))
+
+
+def _sample_entries(
+    config: SRModelConfig, entries: list[dict], out: Path, failures: dict[str, str], progress: BatchProgress
+) -> int:
+    """Load the pipeline and super-resolve the decoded, captioned entries in input order; the number written.
+
+    A finished entry only restores the run generator's state after it; a caption failure joins ``failures``.
+    """
+    from .config import load_pipeline
+    from .inputs import set_generator_state
+
+    pipe = load_pipeline(config)
+    generator = pipe.make_generator() if config.generator_scope == "run" else None
+    progress.images_started(sum("image" in entry for entry in entries))
+    done = 0
+    for item in entries:
+        if item.get("done"):
+            if generator is not None:
+                set_generator_state(generator, item["generator_state"])
+        elif "image" not in item:  # rejected by the decoder: already a failure
+            continue
+        elif "error" in item:
+            failures[item["name"]] = item["error"]
+            progress.image_finished(item["name"], done, item["error"])
+        else:
+            progress.image_started(item["name"])
+            # a run generator carries on from the previous image; otherwise the image's own seed
+            draw = {"generator": generator} if generator is not None else {"seed": config.image_seed(item["stem"])}
+            result = pipe.upscale(item["image"], item["content"], item["quality"], step_callback=progress.step, **draw)
+            _write_result(out, item, result, pipe, generator)
+            done += 1
+            progress.image_finished(item["name"], done)
+    return done
+
+
+def super_resolve_folder(
+    config: SRModelConfig,
+    inputs: Sequence[tuple[Path, str]],
+    out: Path,
+    *,
+    progress: Optional[BatchProgress] = None,
+    started: Optional[float] = None,
+) -> dict:
+    """Super-resolve ``inputs`` ((path, relative name) pairs) into the folder ``out``, skipping finished images.
+
+    Captions come as ``config.captions`` says (``caption_images``). Call ``check_model_paths(config)`` first to
+    fail on a missing model folder before any decoding or captioning. ``started`` (a ``time.perf_counter()``
+    value; default: now) is where the report's seconds count from. Returns the report: the number of inputs,
+    images done, skipped (already finished) and failed, ``failures`` (name -> error), seconds, images per second
+    and the folder.
+    """
+    from .inputs import caption_images
+
+    started = time.perf_counter() if started is None else started
+    progress = progress or BatchProgress()
+    out = Path(out)
+    run_scope = config.generator_scope == "run"
+    entries = [_finished_entry(out, name, run_scope) or _decoded_entry(path, name) for path, name in inputs]
+    skipped = sum(1 for entry in entries if entry.get("done"))
+    failures: dict[str, str] = {entry["name"]: entry["error"] for entry in entries if "error" in entry}
+    done = 0
+    with progress:
+        todo = [entry for entry in entries if "image" in entry]
+        if todo:
+            caption_images(config, todo, progress.captions_started())
+            done = _sample_entries(config, entries, out, failures, progress)
+    seconds = time.perf_counter() - started
+    return {
+        "inputs": len(inputs), "done": done, "skipped": skipped, "failed": len(failures), "failures": failures,
+        "seconds": round(seconds, 3), "images_per_s": round(done / seconds, 4) if done else None, "out": str(out),
+    }
