@@ -279,118 +279,64 @@ def train(
     stage.run(config)
 
 
+def _sr_option(field: str, kind, flag: str, help: Optional[str] = None) -> tuple:
+    return field, kind, typer.Option(None, flag, help=help)
+
+
 # the options `xpsr sr` and `xpsr evaluate` share: parameter name -> (config field, type, option)
 SR_OPTIONS = {
-    "base_model": (
-        "base_model",
-        Optional[str],
-        typer.Option(None, "--base-model", help="Frozen SD-1.5 folder or hub id."),
+    "base_model": _sr_option("base_model", Optional[str], "--base-model", "Frozen SD-1.5 folder or hub id."),
+    "xpsr": _sr_option("xpsr", Optional[str], "--xpsr", "Trained XPSR folder (a run's final/, or a run folder)."),
+    "pipeline": _sr_option(
+        "pipeline", Optional[str], "--pipeline", "A saved XPSR pipeline folder (instead of --base-model/--xpsr)."
     ),
-    "xpsr": (
-        "xpsr",
-        Optional[str],
-        typer.Option(None, "--xpsr", help="Trained XPSR folder (a run's final/, or a run folder)."),
+    "captions": _sr_option("captions", Optional[str], "--captions", "captioner | manifest | given"),
+    "captioner": _sr_option("captioner", Optional[str], "--captioner", "Captioner folder or hub id (llava-hf layout)."),
+    "manifest": _sr_option(
+        "manifest", Optional[Path], "--manifest", "Caption manifest (.parquet file or folder) for --captions manifest."
     ),
-    "pipeline": (
-        "pipeline",
-        Optional[str],
-        typer.Option(None, "--pipeline", help="A saved XPSR pipeline folder (instead of --base-model/--xpsr)."),
+    "content": _sr_option(
+        "content_caption", Optional[str], "--content", "High-level caption for every image (--captions given)."
     ),
-    "captions": ("captions", Optional[str], typer.Option(None, "--captions", help="captioner | manifest | given")),
-    "captioner": (
-        "captioner",
-        Optional[str],
-        typer.Option(None, "--captioner", help="Captioner folder or hub id (llava-hf layout)."),
+    "quality": _sr_option(
+        "quality_caption", Optional[str], "--quality", "Low-level caption for every image (--captions given)."
     ),
-    "manifest": (
-        "manifest",
-        Optional[Path],
-        typer.Option(None, "--manifest", help="Caption manifest (.parquet file or folder) for --captions manifest."),
+    "scale": _sr_option("scale", Optional[int], "--scale", "Upscaling factor (4 in the paper)."),
+    "steps": _sr_option("steps", Optional[int], "--steps", "Sampling steps (20 in the paper)."),
+    "scheduler": _sr_option("scheduler", Optional[str], "--scheduler", "ddpm | ddim | dpm-solver | unipc | euler"),
+    "guidance_scale": _sr_option(
+        "guidance_scale", Optional[float], "--guidance-scale", "Classifier-free guidance scale (5.5 in the paper)."
     ),
-    "content": (
-        "content_caption",
-        Optional[str],
-        typer.Option(None, "--content", help="High-level caption for every image (--captions given)."),
+    "negative_prompt": _sr_option(
+        "negative_prompt", Optional[str], "--negative-prompt", "Replaces the content caption in the guidance branch."
     ),
-    "quality": (
-        "quality_caption",
-        Optional[str],
-        typer.Option(None, "--quality", help="Low-level caption for every image (--captions given)."),
+    "color_fix": _sr_option("color_fix", Optional[str], "--color-fix", "adain | wavelet | adain-official | none"),
+    "tile_size": _sr_option(
+        "tile_size", Optional[int], "--tile-size", "Latent tile in output pixels (default: the model's native size)."
     ),
-    "scale": ("scale", Optional[int], typer.Option(None, "--scale", help="Upscaling factor (4 in the paper).")),
-    "steps": ("steps", Optional[int], typer.Option(None, "--steps", help="Sampling steps (20 in the paper).")),
-    "scheduler": (
-        "scheduler",
-        Optional[str],
-        typer.Option(None, "--scheduler", help="ddpm | ddim | dpm-solver | unipc | euler"),
+    "tile_overlap": _sr_option("tile_overlap", Optional[int], "--tile-overlap", "Latent tile overlap in pixels."),
+    "vae_tile_size": _sr_option("vae_tile_size", Optional[int], "--vae-tile-size", "VAE tile in pixels."),
+    "seed": _sr_option("seed", Optional[int], "--seed"),
+    "dtype": _sr_option("dtype", Optional[str], "--dtype", "float32 | float16 | bfloat16 (half precision on a GPU)."),
+    "device": _sr_option("device", Optional[str], "--device", "cpu | cuda | cuda:N"),
+    "preset": _sr_option(
+        "preset", Optional[str], "--preset",
+        "default | paper | official (the authors' inference recipe); explicit values override it.",
     ),
-    "guidance_scale": (
-        "guidance_scale",
-        Optional[float],
-        typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale (5.5 in the paper)."),
+    "added_prompt": _sr_option(
+        "added_prompt", Optional[str], "--added-prompt", "Text appended to every content caption."
     ),
-    "negative_prompt": (
-        "negative_prompt",
-        Optional[str],
-        typer.Option(None, "--negative-prompt", help="Replaces the content caption in the guidance branch."),
+    "negative_quality_prompt": _sr_option(
+        "negative_quality_prompt", Optional[str], "--negative-quality-prompt",
+        "Low-level caption of the negative guidance branch.",
     ),
-    "color_fix": (
-        "color_fix",
-        Optional[str],
-        typer.Option(None, "--color-fix", help="adain | wavelet | adain-official | none"),
+    "added_noise_level": _sr_option(
+        "added_noise_level", Optional[int], "--added-noise-level",
+        "Noise the start latent again, to this timestep (official: 800).",
     ),
-    "tile_size": (
-        "tile_size",
-        Optional[int],
-        typer.Option(None, "--tile-size", help="Latent tile in output pixels (default: the model's native size)."),
-    ),
-    "tile_overlap": (
-        "tile_overlap",
-        Optional[int],
-        typer.Option(None, "--tile-overlap", help="Latent tile overlap in pixels."),
-    ),
-    "vae_tile_size": (
-        "vae_tile_size",
-        Optional[int],
-        typer.Option(None, "--vae-tile-size", help="VAE tile in pixels."),
-    ),
-    "seed": ("seed", Optional[int], typer.Option(None, "--seed")),
-    "dtype": (
-        "dtype",
-        Optional[str],
-        typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (half precision on a GPU)."),
-    ),
-    "device": ("device", Optional[str], typer.Option(None, "--device", help="cpu | cuda | cuda:N")),
-    "preset": (
-        "preset",
-        Optional[str],
-        typer.Option(
-            None,
-            "--preset",
-            help="default | paper | official (the authors' inference recipe); explicit values override it.",
-        ),
-    ),
-    "added_prompt": (
-        "added_prompt",
-        Optional[str],
-        typer.Option(None, "--added-prompt", help="Text appended to every content caption."),
-    ),
-    "negative_quality_prompt": (
-        "negative_quality_prompt",
-        Optional[str],
-        typer.Option(None, "--negative-quality-prompt", help="Low-level caption of the negative guidance branch."),
-    ),
-    "added_noise_level": (
-        "added_noise_level",
-        Optional[int],
-        typer.Option(
-            None, "--added-noise-level", help="Noise the start latent again, to this timestep (official: 800)."
-        ),
-    ),
-    "process_size": (
-        "process_size",
-        Optional[int],
-        typer.Option(None, "--process-size", help="Enlarge conditions whose short side is smaller (official: 512)."),
+    "process_size": _sr_option(
+        "process_size", Optional[int], "--process-size",
+        "Enlarge conditions whose short side is smaller (official: 512).",
     ),
 }
 
