@@ -154,9 +154,9 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def pair_shards(photo_dir, tmp_path_factory) -> Path:
-    """LR/HR pair shards of the six test photographs (96 px HR, 24 px LR), three shards of two."""
-    from stages import degrade, shard
+def hr_shards(photo_dir, tmp_path_factory) -> Path:
+    """HR shards of the six test photographs (one 96 px crop each), three shards of two. Read-only."""
+    from stages import shard
 
     hr = tmp_path_factory.mktemp("hr")
     shard.run(
@@ -164,8 +164,16 @@ def pair_shards(photo_dir, tmp_path_factory) -> Path:
             inputs=[{"path": str(photo_dir), "dataset": "photos"}], out=hr, crop_size=96, images_per_shard=2
         )
     )
+    return hr
+
+
+@pytest.fixture(scope="session")
+def pair_shards(hr_shards, tmp_path_factory) -> Path:
+    """LR/HR pair shards of the six test photographs (96 px HR, 24 px LR), three shards of two."""
+    from stages import degrade
+
     pairs = tmp_path_factory.mktemp("pairs")
-    degrade.run(degrade.DegradeConfig(input_dir=hr, out=pairs, batch_size=2))
+    degrade.run(degrade.DegradeConfig(input_dir=hr_shards, out=pairs, batch_size=2))
     return pairs
 
 

@@ -11,25 +11,9 @@ import pytest
 from test_shard import output_bytes
 
 from stages import degrade as degrade_stage
-from stages import shard as shard_stage
 from xpsr_core.errors import UserError
 from xpsr_core.io.images import decode_png
 from xpsr_core.io.shards import read_shard, read_sizes
-
-
-@pytest.fixture(scope="module")
-def hr_shards(photo_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hr")
-    shard_stage.run(
-        shard_stage.ShardConfig(
-            inputs=[{"path": str(photo_dir), "dataset": "photos"}],
-            out=out,
-            crop_size=96,
-            images_per_shard=2,
-            crops_per_image=1,
-        )
-    )
-    return out
 
 
 def degrade(hr: Path, out: Path, **changes) -> dict:
