@@ -248,3 +248,75 @@ def train_shards_hr(tiny_models, pair_shards, hr_captions, tmp_path_factory) -> 
         )
     )
     return out
+
+
+# ---- the bad-input tables: the real CLI, its exit code, its one-line message, and the files it must not touch ----
+
+
+def tree_digest(*roots: Path) -> dict[bytes, tuple[str, int]]:
+    """Every file and folder under ``roots``: (sha256 of the content or "dir", permission bits), keyed by the exact
+    path bytes, so a test can tell whether a command changed, removed or added anything there."""
+    import hashlib
+
+    digest: dict[bytes, tuple[str, int]] = {}
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            continue
+        for folder, dirs, files in os.walk(os.fsencode(root)):
+            for name in dirs:
+                path = os.path.join(folder, name)
+                digest[path] = ("dir", os.lstat(path).st_mode & 0o7777)
+            for name in files:
+                path = os.path.join(folder, name)
+                info = os.lstat(path)
+                if os.path.islink(path):
+                    digest[path] = ("link:" + os.fsdecode(os.readlink(path)), 0)
+                    continue
+                try:
+                    with open(path, "rb") as handle:
+                        content = hashlib.sha256(handle.read()).hexdigest()
+                except OSError:
+                    content = "unreadable"
+                digest[path] = (content, info.st_mode & 0o7777)
+    return digest
+
+
+class CliResult:
+    """What one run of the ``xpsr`` command printed and returned."""
+
+    def __init__(self, code: int, stdout: str, stderr: str):
+        self.code, self.stdout, self.stderr = code, stdout, stderr
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("Error:")]
+
+
+def run_xpsr(*args, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> CliResult:
+    """Run the real ``xpsr`` command in a fresh process (output piped, as in a log), from ``cwd``."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "80", **(env or {})}
+    environment.pop("XPSR_DEBUG", None)
+    process = subprocess.run(
+        [sys.executable, "-m", "stages.cli", *[os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args]],
+        cwd=cwd, env=environment, capture_output=True, timeout=timeout,
+    )
+    decode = lambda raw: raw.decode("utf-8", errors="backslashreplace")  # noqa: E731
+    return CliResult(process.returncode, decode(process.stdout), decode(process.stderr))
+
+
+def assert_one_line_error(result: CliResult, *fragments: str) -> None:
+    """A user error: a non-zero exit, no traceback, exactly one ``Error:`` line holding every fragment."""
+    assert result.code not in (0, None), result.output
+    assert "Traceback" not in result.output, result.output
+    lines = result.error_lines()
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, result.output)
