@@ -22,16 +22,21 @@ def shards_for_rank(shards: list[int], rank: int, world: int) -> list[int]:
 
 
 def rank_device(device: str) -> str:
-    """The device this process should use: under a launcher, plain ``cuda`` means this rank's GPU.
+    """The device this process should use: under a launcher, plain ``cuda`` means this rank's GPU;
+    ``auto`` means that GPU when PyTorch sees one, else the CPU.
 
     Raises UserError when a GPU is asked for and PyTorch sees none.
     """
-    if not device.startswith("cuda"):
+    if device != "auto" and not device.startswith("cuda"):
         return device
     import torch
 
     from .errors import UserError
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            return device
     if not torch.cuda.is_available():
         raise UserError(
             f"--device {device} was asked for, but PyTorch sees no CUDA GPU on this machine. Use --device cpu."
