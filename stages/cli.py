@@ -1,8 +1,9 @@
 """The ``xpsr`` command line: argument parsing, config resolution and error formatting only.
 
-Every command resolves its stage config (params.yaml < CLI options), prints it, and calls the
-stage's ``run``. Heavy libraries (torch, transformers, diffusers) are imported inside commands
-so that ``xpsr --help`` stays instant.
+Every command resolves its stage config (params.yaml < CLI options), prints one start line (params
+file, preset, device, config hash; ``--debug``: the whole config), and calls the stage's ``run``.
+Heavy libraries (torch, transformers, diffusers) are imported inside commands so that ``xpsr --help``
+stays instant; ``xpsr_core.quiet`` silences their noise before that.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
+
+from xpsr_core.quiet import quiet_third_party
+
+quiet_third_party()  # before any command imports torch, transformers or diffusers
 
 app = typer.Typer(
     name="xpsr",
@@ -90,15 +95,50 @@ def user_command(function: Callable) -> Callable:
     return wrapper
 
 
-def _resolve(config_cls, section: str, params: Optional[Path], options: dict, sets: Optional[List[str]]):
-    from xpsr_core.config import deep_merge, load_params, parse_overrides, resolve_config
+# every command's params-file section (the one its _resolve call names); any other top-level name is an error
+SECTIONS = ("demo_data", "models", "shard", "degrade", "caption", "embed", "train", "sr", "evaluate",
+            "import_official", "testset_synthetic", "testset_paired")
+# the sections whose stage records its whole config in OUT/config.json (when OUT is a folder)
+RECORDED_SECTIONS = frozenset(SECTIONS) - {"train", "import_official"}
+DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto: the GPU when there is one, else the CPU)"
 
-    overrides = deep_merge({k: v for k, v in options.items() if v is not None}, parse_overrides(sets))
-    config = resolve_config(config_cls, section, load_params(params), overrides)
+
+def start_line(section: str, resolution) -> str:
+    """'sr: params params.yaml, preset official, device cpu (auto), config 3f2a... (full config: OUT/config.json)'."""
+    from xpsr_core.dist import rank_device
+
+    config = resolution.config
+    parts = [f"params {resolution.params}" if resolution.params else "no params file"]
+    if "preset" in type(config).model_fields:
+        parts.append(f"preset {config.preset}" if config.preset else "no preset")
+    if "device" in type(config).model_fields:
+        device = rank_device(config.device)  # fails here, before any work, when a GPU is asked for and none is there
+        parts.append(f"device {device}" + (f" ({config.device})" if device != config.device else ""))
+    record = ""
+    out = getattr(config, "out", None)
+    if section in RECORDED_SECTIONS and out is not None and not Path(out).suffix:
+        record = f" (full config: {Path(out) / 'config.json'})"
+    return f"{section}: {', '.join(parts)}, config {config.output_hash()}{record}"
+
+
+def _resolve(config_cls, section: str, params: Optional[Path], options: dict, sets: Optional[List[str]]):
+    from xpsr_core.config import COMMAND_LINE, deep_merge, load_params, params_file, parse_overrides, resolve_layers
+
+    assert section in SECTIONS, section
+    path = params_file(params)
+    section_values = dict(load_params(path, SECTIONS).get(section) or {})
+    given = deep_merge({k: v for k, v in options.items() if v is not None}, parse_overrides(sets))
+    given = {k: v for k, v in given.items() if v is not None}
+    layers = [(str(path or "params file"), section_values), (COMMAND_LINE, given)]
+    resolution = resolve_layers(config_cls, section, layers, params=path)
     from stages.common import console
 
-    console.print(f"[bold]{section}[/] config: " + json.dumps(config.resolved()), highlight=False, soft_wrap=True)
-    return config
+    lines = [start_line(section, resolution), *(f"  {note}" for note in resolution.notes)]
+    if _state["debug"]:
+        lines.append(f"{section} config: " + json.dumps(resolution.config.resolved()))
+    for line in lines:  # whole lines on a terminal too: the paths in them stay copyable
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    return resolution.config
 
 
 @app.command("demo-data")
@@ -152,7 +192,7 @@ def shard(
 def degrade(
     input_dir: Optional[Path] = typer.Option(None, "--in", help="Folder of HR shards (output of `xpsr shard`)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the LR/HR pair shards."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N"),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     usm_hr: Optional[bool] = typer.Option(None, "--usm/--no-usm", help="USM-sharpen the HR target (default on)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Worker processes (CPU)."),
@@ -195,7 +235,7 @@ def caption(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per generate() call."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N"),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     params: Optional[Path] = ParamsOption,
     sets: Optional[List[str]] = SetOption,
     overwrite: bool = OverwriteOption,
@@ -224,7 +264,7 @@ def embed(
         None, "--drop-missing", help="Leave out keys lacking an image or caption."
     ),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N"),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     params: Optional[Path] = ParamsOption,
     sets: Optional[List[str]] = SetOption,
     overwrite: bool = OverwriteOption,
@@ -296,10 +336,10 @@ SR_OPTIONS = {
         "manifest", Optional[Path], "--manifest", "Caption manifest (.parquet file or folder) for --captions manifest."
     ),
     "content": _sr_option(
-        "content_caption", Optional[str], "--content", "High-level caption for every image (--captions given)."
+        "content_caption", Optional[str], "--content", "High-level caption for every image (means --captions given)."
     ),
     "quality": _sr_option(
-        "quality_caption", Optional[str], "--quality", "Low-level caption for every image (--captions given)."
+        "quality_caption", Optional[str], "--quality", "Low-level caption for every image (means --captions given)."
     ),
     "scale": _sr_option("scale", Optional[int], "--scale", "Upscaling factor (4 in the paper)."),
     "steps": _sr_option("steps", Optional[int], "--steps", "Sampling steps (20 in the paper)."),
@@ -318,7 +358,7 @@ SR_OPTIONS = {
     "vae_tile_size": _sr_option("vae_tile_size", Optional[int], "--vae-tile-size", "VAE tile in pixels."),
     "seed": _sr_option("seed", Optional[int], "--seed"),
     "dtype": _sr_option("dtype", Optional[str], "--dtype", "float32 | float16 | bfloat16 (half precision on a GPU)."),
-    "device": _sr_option("device", Optional[str], "--device", "cpu | cuda | cuda:N"),
+    "device": _sr_option("device", Optional[str], "--device", DEVICE_HELP),
     "preset": _sr_option(
         "preset", Optional[str], "--preset",
         "default | paper | official (the authors' inference recipe); explicit values override it.",
@@ -516,7 +556,7 @@ def testset_synthetic(
     hr_size: Optional[int] = typer.Option(None, "--hr-size", help="HR crop size (512 in the paper)."),
     scale: Optional[int] = typer.Option(None, "--scale", help="HR size / LR size (4 in the paper)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N"),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops degraded together."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the test-set pair shards."),
     params: Optional[Path] = ParamsOption,

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from xpsr_core.sharded import ShardedStage, ShardProgress
 
 console = Console(stderr=True)
+# in a log (not a terminal) no line is wrapped at rich's default 80 columns: a long path or URL stays whole
+console.soft_wrap = not console.is_terminal
 
 
 class LoggedProgress(Progress):

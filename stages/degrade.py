@@ -48,10 +48,10 @@ def run(config: DegradeConfig) -> dict:
     in_dir = Path(config.input_dir)
     sizes = require_finished(in_dir, "HR shard",
                              "Run `xpsr shard` to completion first, or point --in at its output folder.")
-    rank_device(config.device)  # fail before any work when no GPU is there
+    device = rank_device(config.device)  # fail before any work when no GPU is there
     _check_crop_size(config, in_dir)
     out = prepare_output_dir(config.out, STAGE, config, overwrite=config.overwrite)
-    workers = 1 if config.device.startswith("cuda") else config.workers
+    workers = 1 if device.startswith("cuda") else config.workers
     threads = max(1, (os.cpu_count() or 1) // workers)
     work = functools.partial(degrade_shard, config, in_dir, out, threads=threads)
     return run_stage(ShardedStage(name=STAGE, out=out, n_shards=len(sizes), work=work, workers=workers,

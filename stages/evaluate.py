@@ -98,6 +98,7 @@ def _xpsr_inputs(config: EvaluateConfig, pairs, progress):
 
 def run(config: EvaluateConfig) -> dict:
     from stages.common import console, progress_bar, progress_task
+    from xpsr_core.dist import rank_device
     from xpsr_core.evaluation.compare import evaluate_methods, write_evaluation
     from xpsr_core.infer.config import check_model_paths
     from xpsr_core.io.outputs import prepare_output_dir
@@ -111,7 +112,7 @@ def run(config: EvaluateConfig) -> dict:
         check_model_paths(config)
     out = prepare_output_dir(config.out, STAGE, config, overwrite=config.overwrite)
     crop = config.scale if config.crop_border is None else config.crop_border
-    device = config.device if config.device.startswith("cuda") else "cpu"
+    device = rank_device(config.device)
     metric_runs = prepare_metrics(config.metrics, config.metric_weights_dir, device, crop_border=crop)
 
     with progress_bar() as progress:

@@ -1,23 +1,31 @@
-"""Stage configuration: one pydantic model per stage, resolved as params.yaml < CLI options.
+"""Stage configuration: one pydantic model per stage, resolved in layers: params file < command line.
 
 A config knows which of its fields change what a stage writes; those enter the config hash
 recorded beside the outputs, so a rerun with different settings is refused instead of mixing
-outputs. Fields marked ``runtime`` (worker counts, progress, overwrite) do not.
+outputs. Fields marked ``runtime`` (worker counts, progress, overwrite, device) do not.
+
+Nothing a user states is dropped: a params file's unknown section and a section's unknown key are
+errors naming the closest known name, and a config class can check how its layers combine
+(``StageConfig.merge_layers``: e.g. captions given on the command line over a params file's
+captioner) and say so in notes the CLI prints.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Annotated, Any, Iterable, Mapping, Optional, Sequence, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
 
 DEFAULT_PARAMS = Path("params.yaml")
+COMMAND_LINE = "command line"  # the name of the top layer: CLI options and --set
 RUNTIME = {"runtime": True}
 
 
@@ -26,8 +34,42 @@ def runtime_field(default: Any, description: str, **kwargs: Any) -> Any:
     return Field(default, description=description, json_schema_extra=RUNTIME, **kwargs)
 
 
+DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"
+
+
+def _check_device_name(value: str) -> str:
+    if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise ValueError(f"device must be {DEVICE_CHOICES}")
+    return value
+
+
+# a torch device a stage runs on; "auto" is this rank's GPU when PyTorch sees one, else the CPU
+# (``xpsr_core.dist.rank_device``, called where the device is used)
+DeviceName = Annotated[str, AfterValidator(_check_device_name)]
+
+
+def device_field(note: str = "") -> Any:
+    """The ``device`` setting of every stage that runs torch: runtime (outside the config hash), default auto."""
+    return runtime_field("auto", f"{DEVICE_CHOICES}: auto is this rank's GPU when there is one, else the CPU.{note}")
+
+
+def closest(name: str, known: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the known name nearest ``name``, or '' when none is near."""
+    match = difflib.get_close_matches(str(name), sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
 class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def merge_layers(cls, layers: Sequence[tuple[str, Mapping]]) -> tuple[dict, list[str]]:
+        """The values of ``layers`` ((name, values), lowest first) merged, each over the ones below, and notes
+        on how they combined (none here; configs whose fields interact override this)."""
+        merged: dict = {}
+        for _, values in layers:
+            merged = deep_merge(merged, values)
+        return merged, []
 
     def resolved(self) -> dict:
         return self.model_dump(mode="json")
@@ -48,13 +90,21 @@ class StageConfig(BaseModel):
 Config = TypeVar("Config", bound=StageConfig)
 
 
-def load_params(path: Path | None) -> dict:
-    """The whole params file as a dict; an absent default file means 'no params'."""
+def params_file(path: Path | None) -> Optional[Path]:
+    """The params file a command reads: ``path``, else ./params.yaml when present, else none."""
     if path is None:
-        path = DEFAULT_PARAMS
-        if not path.exists():
-            return {}
-    path = Path(path)
+        return DEFAULT_PARAMS if DEFAULT_PARAMS.exists() else None
+    return Path(path)
+
+
+def load_params(path: Path | None, sections: Optional[Iterable[str]] = None) -> dict:
+    """The whole params file as a dict; an absent default file means 'no params'.
+
+    ``sections``: the known top-level names; any other one is an error naming the closest known name.
+    """
+    path = params_file(path)
+    if path is None:
+        return {}
     if not path.is_file():
         raise UserError(f"Params file {path} does not exist. Pass --params PATH or run from the project folder.")
     try:
@@ -63,6 +113,12 @@ def load_params(path: Path | None) -> dict:
         raise UserError(f"Params file {path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise UserError(f"Params file {path} must hold a mapping of stage sections, not {type(data).__name__}.")
+    if sections is not None:
+        known = set(sections)
+        for name in data:
+            if name not in known:
+                raise UserError(f"{path}: unknown section {str(name)!r}{closest(name, known)}; the sections are "
+                                f"{', '.join(sorted(known))}.")
     return data
 
 
@@ -95,21 +151,57 @@ def deep_merge(base: dict, extra: Mapping) -> dict:
     return merged
 
 
+@dataclass
+class Resolution:
+    """A resolved stage config, where its values came from, and what the CLI should say about how they combined."""
+
+    config: StageConfig
+    params: Optional[Path] = None  # the params file read (None: none)
+    notes: list[str] = field(default_factory=list)
+
+
+def _fields_at(cls: type[BaseModel], loc: Sequence) -> set[str]:
+    """The field names of the (nested) model at ``loc`` below ``cls`` (empty when it is not a model)."""
+    model: Any = cls
+    for part in loc:
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None or not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
+            return set()
+        model = info.annotation
+    return set(getattr(model, "model_fields", {}))
+
+
+def _problem(cls: type[BaseModel], section: str, error: dict) -> str:
+    loc = error["loc"]
+    text = f"{'.'.join(str(p) for p in loc) or section}: {error['msg'].removeprefix('Value error, ')}"
+    if error["type"] == "extra_forbidden" and loc:
+        return text + closest(loc[-1], _fields_at(cls, loc[:-1]))
+    if "input" in error and not isinstance(error["input"], dict):
+        text += f" (got {error['input']!r})"
+    return text
+
+
+def resolve_layers(cls: type[Config], section: str, layers: Sequence[tuple[str, Mapping]],
+                   params: Optional[Path] = None) -> Resolution:
+    """Build a stage config from ``layers`` ((name, values), lowest first: the params file's section, then the
+    command line) with ``cls.merge_layers``, validate it, and keep the notes on how the layers combined."""
+    values, notes = cls.merge_layers(layers)
+    try:
+        config = cls.model_validate(values)
+    except ValidationError as error:
+        problems = "; ".join(_problem(cls, section, e) for e in error.errors())
+        raise UserError(f"Invalid '{section}' configuration: {problems}.") from None
+    return Resolution(config, params, notes)
+
+
 def resolve_config(
     cls: type[Config],
     section: str,
     params: Mapping | None = None,
     overrides: Mapping | None = None,
+    params_name: str = "params file",
 ) -> Config:
     """Build a stage config from params[section], then explicit overrides, and validate it."""
-    values = dict((params or {}).get(section) or {})
-    values = deep_merge(values, {k: v for k, v in (overrides or {}).items() if v is not None})
-    try:
-        return cls.model_validate(values)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or section}: {e['msg']}"
-            + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else "")
-            for e in error.errors()
-        )
-        raise UserError(f"Invalid '{section}' configuration: {problems}.") from None
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}  # None: an option not given
+    return resolve_layers(cls, section, [(params_name, dict((params or {}).get(section) or {})), (COMMAND_LINE, given)]
+                          ).config

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import runtime_field
+from .config import DeviceName, device_field
 from .encoding import NEGATIVE_PROMPT
 from .errors import UserError
 from .io.shards import TarShardWriter, index_path, read_shard, tar_path, write_stats
@@ -42,7 +42,7 @@ class EmbedSettings(BaseModel):
     negative_prompt: str = NEGATIVE_PROMPT
     drop_missing: bool = Field(False, description="Drop keys without an image or an ok caption instead of failing.")
     batch_size: int = Field(16, ge=1, le=4096)
-    device: str = runtime_field("cpu", "cpu, cuda or cuda:N.")
+    device: DeviceName = device_field()
 
 
 def _tar_keys(path: Path) -> list[str]:

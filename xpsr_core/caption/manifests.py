@@ -25,7 +25,7 @@ from typing import Literal, Optional
 
 from pydantic import ConfigDict, Field
 
-from ..config import runtime_field
+from ..config import DeviceName, device_field, runtime_field
 from ..errors import UserError
 from ..io.shards import index_path, read_shard, tar_path, write_stats
 from ..sharded import Status, shard_stats, write_index
@@ -61,7 +61,7 @@ class CaptionSettings(GenerationSettings):
     batch_size: int = Field(8, ge=1, le=1024, description="Images per generate() call (two prompts each).")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     seed: int = 0
-    device: str = runtime_field("cpu", "cpu, cuda or cuda:N (under torchrun each rank uses its LOCAL_RANK GPU).")
+    device: DeviceName = device_field(" Under torchrun each rank uses its LOCAL_RANK GPU.")
 
     def generation(self) -> GenerationSettings:
         """The generation fields alone: what a captioner is cached by and what every row records."""

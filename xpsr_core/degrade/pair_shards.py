@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import runtime_field
+from ..config import DeviceName, device_field, runtime_field
 from ..io.images import decode_png, encode_png
 from ..io.shards import TarShardWriter, index_path, read_shard, tar_path, write_stats
 from ..sharded import Status, shard_stats, write_index
@@ -36,14 +36,7 @@ class PairShardSettings(BaseModel):
     usm_hr: bool = Field(True, description="USM-sharpen the HR target, as the reference data scripts do.")
     seed: int = 0
     batch_size: int = runtime_field(16, "Samples degraded together.", ge=1, le=4096)
-    device: str = runtime_field("cpu", "cpu, cuda or cuda:N.")
-
-    @field_validator("device")
-    @classmethod
-    def _device_name(cls, value: str) -> str:
-        if value != "cpu" and not (value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit())):
-            raise ValueError("device must be cpu, cuda or cuda:N")
-        return value
+    device: DeviceName = device_field()
 
 
 def degrade_shard(settings: PairShardSettings, in_dir: Path, out_dir: Path, shard: int, *, threads: int = 1) -> dict:

@@ -173,7 +173,7 @@ def super_resolve_folder(
     with progress:
         todo = [entry for entry in entries if "image" in entry]
         if todo:
-            caption_images(config, todo, progress.captions_started())
+            caption_images(config, todo, progress.captions_started() if config.captions == "captioner" else None)
             done = _sample_entries(config, entries, out, failures, progress)
     seconds = time.perf_counter() - started
     return {

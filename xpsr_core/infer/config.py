@@ -3,7 +3,12 @@
 `xpsr sr` and `xpsr evaluate` extend :class:`SRModelConfig` with their inputs and outputs. Sampling
 values resolve in layers, lowest first: the field defaults; a saved pipeline folder's recorded
 defaults (``pipeline``); the named ``preset``; every value given explicitly (params file, CLI
-options, ``--set``, keyword arguments).
+options, ``--set``, keyword arguments). A params file's value that differs from the preset's is
+reported in a note (``SRModelConfig.merge_layers``), so a ./params.yaml never changes a preset
+silently.
+
+Captions given as text (``content_caption``/``quality_caption``, ``--content``/``--quality``) mean
+``captions: given`` unless a layer at least as high names another source, which is an error.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ from typing import Any, Literal, Optional
 from pydantic import Field, create_model, model_validator
 
 from ..caption.captioner import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION
-from ..config import StageConfig, runtime_field
+from ..config import COMMAND_LINE, DeviceName, StageConfig, device_field, runtime_field
 from ..errors import UserError
 from .pipeline import SRSettings
 
 SEED_STAGE = "sr"  # the stage name in every image's derived seed (sr and evaluate draw alike)
 
 SAMPLING_FIELDS = tuple(SRSettings.__pydantic_fields__)  # the config fields that are SRSettings fields
+CAPTION_TEXTS = {"content_caption": "--content", "quality_caption": "--quality"}  # captions given as text
 
 
 class SRModelBase(StageConfig):
@@ -46,7 +52,7 @@ class SRModelBase(StageConfig):
     content_caption: str = Field("", description="High-level caption c_h for every image (captions=given).")
     quality_caption: str = Field("", description="Low-level caption c_l for every image (captions=given).")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="float16/bfloat16 on a GPU.")
-    device: str = runtime_field("cpu", "cpu, cuda or cuda:N")
+    device: DeviceName = device_field()
 
 
 # every sampling field exactly as SRSettings defines it: type, default, range, description, runtime mark
@@ -63,6 +69,51 @@ class SRModelConfig(_SRModelWithSampling):
     folder's recorded defaults (``pipeline``); the named ``preset``; every value given explicitly
     (params file, CLI options, ``--set``, keyword arguments).
     """
+
+    @classmethod
+    def merge_layers(cls, layers):
+        """The layers merged (``StageConfig.merge_layers``); text captions imply ``captions: given``; notes name
+        the params-file values that replace the preset's."""
+        merged, notes = super().merge_layers(layers)
+        texts = [i for i, (_, values) in enumerate(layers) if any(k in values for k in CAPTION_TEXTS)]
+        if texts:
+            sources = [i for i, (_, values) in enumerate(layers) if values.get("captions") is not None]
+            if not sources or sources[-1] < texts[-1]:
+                merged["captions"] = "given"
+            elif merged.get("captions") != "given":
+                name, values = layers[texts[-1]]
+                stated = " and ".join(f"{key}/{flag}" for key, flag in CAPTION_TEXTS.items() if key in values)
+                raise UserError(
+                    f"{stated} ({name}) gives every image's captions, but captions: {merged['captions']} "
+                    f"({layers[sources[-1]][0]}) takes them from the {merged['captions']}: drop one, "
+                    "or use --captions given."
+                )
+        return merged, notes + cls._preset_notes(layers, merged.get("preset"))
+
+    @staticmethod
+    def _preset_notes(layers, preset: Any) -> list[str]:
+        """A line per params-file layer stating sampling values that differ from ``preset``'s and that no higher
+        layer replaces: the params file wins, as the documented precedence says."""
+        from .presets import PRESETS, preset_values
+
+        if preset not in PRESETS:
+            return []
+        recipe, notes = preset_values(preset), []
+        for index, (name, values) in enumerate(layers):
+            above = {key for _, higher in layers[index + 1:] for key in higher}
+            keys = [k for k in SAMPLING_FIELDS if k in values and k not in above and values[k] != recipe[k]]
+            if keys and name != COMMAND_LINE:
+                notes.append(f"{name} sets {', '.join(keys)}, which the preset {preset} also sets: {name} wins "
+                             "(precedence: preset < params file < command line)")
+        return notes
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_captions_are_given(cls, data: Any) -> Any:
+        """Built from Python (one layer): a caption text and no caption source means captions=given."""
+        if isinstance(data, dict) and data.get("captions") is None and any(data.get(k) for k in CAPTION_TEXTS):
+            return {**data, "captions": "given"}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -91,22 +142,20 @@ class SRModelConfig(_SRModelWithSampling):
 
 def load_pipeline(config: SRModelConfig):
     """The XPSR pipeline the config names, with its sampling values as the pipeline's settings."""
-    import torch
-
+    from ..dist import rank_device
     from .pipeline import XPSRPipeline
 
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {config.device} was asked for, but PyTorch sees no CUDA GPU. Use --device cpu.")
+    device = rank_device(config.device)  # auto: this rank's GPU when there is one, else the CPU
     if config.pipeline:
         return XPSRPipeline.from_pretrained(
-            config.pipeline, dtype=config.dtype, device=config.device, settings=config.sr_settings()
+            config.pipeline, dtype=config.dtype, device=device, settings=config.sr_settings()
         )
     if not config.xpsr:
         raise UserError(
             "No trained XPSR folder is configured: pass --xpsr DIR (a training run's final/ folder) or --pipeline DIR."
         )
     return XPSRPipeline.from_pretrained(base_model=config.base_model, xpsr=config.xpsr, dtype=config.dtype,
-                                        device=config.device, settings=config.sr_settings())
+                                        device=device, settings=config.sr_settings())
 
 
 def check_model_paths(config: SRModelConfig) -> None:

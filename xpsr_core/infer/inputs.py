@@ -113,8 +113,9 @@ def caption_images(
                 item["content"], item["quality"] = found
         return
     from ..caption import Captioner, GenerationSettings
+    from ..dist import rank_device
 
-    captioner = Captioner(config.captioner, dtype=config.dtype, device=config.device,
+    captioner = Captioner(config.captioner, dtype=config.dtype, device=rank_device(config.device),
                           settings=GenerationSettings(max_new_tokens=config.caption_max_new_tokens))
     instructions = [config.content_instruction, config.quality_instruction]
     for start in range(0, len(ready), config.caption_batch_size):
