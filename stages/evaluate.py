@@ -100,7 +100,7 @@ def run(config: EvaluateConfig) -> dict:
     from stages.common import console, progress_bar, progress_task
     from xpsr_core.evaluation.compare import evaluate_methods, write_evaluation
     from xpsr_core.infer.config import check_model_paths
-    from xpsr_core.io.outputs import prepare_output_dir
+    from xpsr_core.io.outputs import mark_finished, prepare_output_dir
     from xpsr_core.metrics import prepare_metrics
 
     started = time.perf_counter()
@@ -136,6 +136,7 @@ def run(config: EvaluateConfig) -> dict:
             f"{k} not run: {v}" for k, v in evaluation.not_run.items()
         ]
         raise UserError("No pair could be evaluated: " + "; ".join(reasons))
+    mark_finished(out)
     return report
 
 
