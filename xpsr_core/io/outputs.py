@@ -116,6 +116,28 @@ def claim(folder: Path, relative: str) -> None:
     _append_to_ledger(folder, relative)
 
 
+def claim_contents(folder: Path) -> None:
+    """Record every entry of ``folder`` as xpsr's: for a folder a stage has just written whole (its ledger is
+    new; an entry that is a folder is claimed with all it holds)."""
+    folder = Path(folder)
+    (folder / LEDGER_FILE).touch()
+    for entry in sorted(folder.iterdir()):
+        if entry.name not in RECORD_FILES:
+            claim(folder, entry.name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
+
+
+def refuse_foreign(folder: Path, stage: str, record: dict | None = None) -> "Ownership":
+    """Raise when ``folder`` holds files xpsr did not write (``stage`` needs a folder of its own); its ownership."""
+    ownership = Ownership(folder, stage, read_record(folder) if record is None else record)
+    if ownership.foreign:
+        raise UserError(
+            f"{folder} holds {len(ownership.foreign)} files xpsr did not write ({ownership.describe_foreign()}); "
+            f"'{stage}' needs a folder of its own. Move them away or choose another output folder; "
+            "nothing was changed."
+        )
+    return ownership
+
+
 def read_ledger(folder: Path) -> set[str] | None:
     """The entries of ``folder``'s ledger; None when it has none. A line cut short by a crash is skipped."""
     try:
@@ -269,13 +291,7 @@ def prepare_output_dir(
     if rank > 0 and world > 1:
         return _wait_for_rank_zero(folder, config, fingerprint, rank, wait_seconds)
     record = read_record(folder)
-    ownership = Ownership(folder, stage, record)
-    if ownership.foreign and stage not in SHARES_FOLDER:
-        raise UserError(
-            f"{folder} holds {len(ownership.foreign)} files xpsr did not write ({ownership.describe_foreign()}); "
-            f"'{stage}' needs a folder of its own. Move them away or choose another output folder; "
-            "nothing was changed."
-        )
+    ownership = Ownership(folder, stage, record) if stage in SHARES_FOLDER else refuse_foreign(folder, stage, record)
     what = _how_outputs_differ(record, stage, config, fingerprint) if record else ""
     if what:
         _clear_other_outputs(folder, record, ownership, what, overwrite)
