@@ -160,41 +160,39 @@ def test_sr_on_a_name_that_is_not_utf8_writes_its_sidecar_and_resumes(tiny_model
 # ---------------------------------------------------------------------------- the real CLI
 
 
-def _shard_case(root: Path, photos: Path, tiny_models, checkpoint, case: str):
-    """(args, the folder it must leave as it was, fragments of the one Error line or None for success)."""
-    out = root / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("a user's file")
-    shard = ["shard", str(photos), "--out", str(out), "--crop-size", "48", "--crops-per-image", "1"]
-    if case == "shard into a foreign folder":
-        return shard, [out], ("1 files xpsr did not write", "mine.txt")
-    if case == "shard --overwrite over a foreign folder":
-        return shard + ["--overwrite"], [out], ("mine.txt", "nothing was changed")
-    raise KeyError(case)
-
-
-SR_CASES = {
-    "sr --out is the input folder": (lambda r: (["in"], "in"), ("is, or lies inside, the input folder",)),
-    "sr --out inside the input folder": (lambda r: (["in"], "in/sr"), ("lies inside, the input folder",)),
-    "sr --out holds the input folder": (lambda r: (["out/in"], "out"), ("holds the input folder",)),
-    "sr pattern would match its outputs": (lambda r: (["in/**/*.png"], "in/sr"), ("would match its output",)),
+# case -> (extra arguments, fragments of the one Error line); the folder holds a user's mine.txt
+SHARD_CASES = {
+    "shard into a foreign folder": ([], ("1 files xpsr did not write", "mine.txt")),
+    "shard --overwrite over a foreign folder": (["--overwrite"], ("mine.txt", "nothing was changed")),
 }
 
 
-@pytest.mark.parametrize("case", ["shard into a foreign folder", "shard --overwrite over a foreign folder"])
+# case -> (inputs, --out, the photographs to make, fragments of the one Error line)
+SR_CASES = {
+    "sr --out is the input folder": (["in"], "in", ["in/a.png"], ("is, or lies inside, the input folder",)),
+    "sr --out inside the input folder": (["in"], "in/sr", ["in/a.png"], ("lies inside, the input folder",)),
+    "sr --out holds the input folder": (["out/in"], "out", ["out/in/a.png"], ("holds the input folder",)),
+    "sr --out holds an input file": (["out/a.png"], "out", ["out/a.png"], ("holds the input out/a.png",)),
+    "sr pattern would match its outputs": (["in/**/*.png"], "in/sr", ["in/a.png"], ("would match its output",)),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARD_CASES))
 def test_shard_cli_refuses_foreign_folders_and_changes_nothing(case, photo_dir, tmp_path):
-    args, kept, fragments = _shard_case(tmp_path, photo_dir, None, None, case)
+    extra, fragments = SHARD_CASES[case]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("a user's file")
     before = tree_digest(tmp_path, photo_dir)
-    assert_one_line_error(run_xpsr(*args, cwd=tmp_path), *fragments)
+    result = run_xpsr("shard", photo_dir, "--out", "out", "--crop-size", "48", *extra, cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
     assert tree_digest(tmp_path, photo_dir) == before
 
 
 @pytest.mark.parametrize("case", list(SR_CASES))
 def test_sr_cli_refuses_output_folders_that_overlap_the_inputs(case, tiny_models, checkpoint, tmp_path):
-    make, fragments = SR_CASES[case]
-    inputs, out = make(tmp_path)
-    for spec in inputs:
-        small_photo(tmp_path / spec.split("*")[0].rstrip("/") / "a.png")
+    inputs, out, photos, fragments = SR_CASES[case]
+    for relative in photos:
+        small_photo(tmp_path / relative)
     before = tree_digest(tmp_path)
     result = run_xpsr("sr", *inputs, "--out", out, *sr_args(tiny_models, checkpoint), cwd=tmp_path)
     assert_one_line_error(result, *fragments)

@@ -205,8 +205,8 @@ def _pattern_matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
     return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _pattern_matches(parts[1:], pattern[1:])
 
 
-def _overlap(out: Path, spec: str, inputs: list[Path], planned: list[Path]) -> Optional[str]:
-    """Why the output folder ``out`` cannot serve the input ``spec`` (None when it can)."""
+def _overlap(out: Path, spec: str, planned: list[Path]) -> Optional[str]:
+    """Why the output folder ``out`` cannot serve the input folder or pattern ``spec`` (None when it can)."""
     import glob
 
     from .inputs import glob_root
@@ -218,15 +218,14 @@ def _overlap(out: Path, spec: str, inputs: list[Path], planned: list[Path]) -> O
         if _inside(path, out):
             return f"it holds the input folder {spec}"
         return None
-    if glob.has_magic(spec):
+    if glob.has_magic(spec) and not Path(os.path.expanduser(spec)).is_file():
         if _inside(Path(os.path.realpath(glob_root(spec))), out):
             return f"it holds the folder of the input pattern {spec}"
         pattern = Path(os.path.abspath(os.path.expanduser(spec))).parts
         hit = next((p for p in planned if _pattern_matches(p.parts, pattern)), None)
         if hit is not None:
             return f"the pattern {spec} would match its output {hit.name}"
-    held = next((p for p in inputs if _inside(Path(os.path.realpath(p)), out)), None)
-    return f"it holds the input {held}" if held is not None else None
+    return None
 
 
 def check_output_folder(out: Path, specs: Sequence[str], inputs: Sequence[tuple[Path, str]]) -> None:
@@ -240,9 +239,10 @@ def check_output_folder(out: Path, specs: Sequence[str], inputs: Sequence[tuple[
     real_out = Path(os.path.realpath(out))
     stems = output_stems([name for _, name in inputs])
     planned = [real_out / f"{stem}{suffix}" for stem in stems for suffix in (".png", ".json")]
-    paths = [path for path, _ in inputs]
-    for spec in specs:
-        why = _overlap(real_out, spec, paths, planned)
+    held = next((path for path, _ in inputs if _inside(Path(os.path.realpath(path)), real_out)), None)
+    reasons = [_overlap(real_out, spec, planned) for spec in specs]
+    reasons.append(f"it holds the input {readable_name(str(held))}" if held is not None else None)
+    for why in reasons:
         if why is not None:
             raise UserError(f"Cannot write the SR outputs to {out}: {why}. Choose an output folder apart from the "
                             "inputs.")
