@@ -11,7 +11,7 @@ from xpsr_core.config import StageConfig, runtime_field
 from xpsr_core.errors import UserError
 from xpsr_core.io.atomic import atomic_write_bytes, atomic_write_json
 from xpsr_core.io.images import encode_png
-from xpsr_core.io.outputs import prepare_output_dir
+from xpsr_core.io.outputs import mark_finished, prepare_output_dir
 
 # Real photographs bundled inside the scikit-image wheel (no download needed).
 DEMO_IMAGES = (
@@ -74,4 +74,6 @@ def run(config: DemoDataConfig) -> dict:
         counts[str(out)] = len(names)
     report = {"stage": "demo_data", "images": counts, "seconds": round(time.perf_counter() - started, 3)}
     atomic_write_json(Path(config.out) / "report.json", report)
+    for folder in counts:
+        mark_finished(Path(folder))
     return report

@@ -101,7 +101,7 @@ def run(config: EvaluateConfig) -> dict:
     from xpsr_core.dist import rank_device
     from xpsr_core.evaluation.compare import evaluate_methods, write_evaluation
     from xpsr_core.infer.config import check_model_paths
-    from xpsr_core.io.outputs import prepare_output_dir
+    from xpsr_core.io.outputs import mark_finished, prepare_output_dir
     from xpsr_core.metrics import prepare_metrics
 
     started = time.perf_counter()
@@ -137,6 +137,7 @@ def run(config: EvaluateConfig) -> dict:
             f"{k} not run: {v}" for k, v in evaluation.not_run.items()
         ]
         raise UserError("No pair could be evaluated: " + "; ".join(reasons))
+    mark_finished(out)
     return report
 
 

@@ -32,12 +32,15 @@ class ImportOfficialConfig(StageConfig):
 def run(config: ImportOfficialConfig) -> dict:
     from stages.common import console
     from xpsr_core.infer.presets import preset_values
+    from xpsr_core.io.outputs import claim_contents, refuse_foreign
     from xpsr_core.models.official import import_official
 
     started = time.perf_counter()
     out = Path(config.out)
-    if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")
+    if out.is_dir() and any(out.iterdir()):
+        refuse_foreign(out, "import-official", record={})  # --overwrite replaces the folder whole
+        if not config.overwrite:
+            raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")
     summary = import_official(
         config.checkpoint,
         config.base_model,
@@ -46,6 +49,7 @@ def run(config: ImportOfficialConfig) -> dict:
         sr_defaults=preset_values("official"),
         log=lambda message: console.print(f"[dim]import-official[/] {message}", highlight=False),
     )
+    claim_contents(out)  # written whole: a later --overwrite may replace it
     report = {"stage": "import-official", **summary.as_dict(), "seconds": round(time.perf_counter() - started, 2)}
     mapped = ", ".join(f"{part} {count}" for part, count in summary.mapped.items())
     base = (

@@ -30,7 +30,7 @@ class ModelsConfig(StageConfig):
 
 def run(config: ModelsConfig) -> dict:
     from stages.common import console
-    from xpsr_core.io.outputs import prepare_output_dir
+    from xpsr_core.io.outputs import mark_finished, prepare_output_dir
     from xpsr_core.zoo import CAPTIONER_SUBFOLDER, SD_SUBFOLDER, parameter_counts, write_zoo
 
     started = time.perf_counter()
@@ -43,7 +43,8 @@ def run(config: ModelsConfig) -> dict:
             done = previous.get("preset") == config.kind and previous.get("seed") == config.seed
         except (OSError, ValueError):
             done = False
-    prepare_output_dir(out, "models", config, overwrite=config.overwrite)
+    prepare_output_dir(out, "models", config, overwrite=config.overwrite,
+                       claims=(f"{SD_SUBFOLDER}/", f"{CAPTIONER_SUBFOLDER}/", "zoo.json"))
     if done and not config.overwrite:
         console.print(f"[bold green]models[/] {config.kind} zoo already in {out}; nothing to do.")
     else:
@@ -57,6 +58,7 @@ def run(config: ModelsConfig) -> dict:
             raise UserError(
                 f"Not enough memory to build the {config.kind} zoo; free memory or use a larger machine."
             ) from None
+    mark_finished(out)
     report = {
         "stage": "models",
         "kind": config.kind,

@@ -2,8 +2,10 @@
 
 Inputs: an image file, a folder (recursive) or a glob; captions from the captioner, a caption
 manifest, or given once (``xpsr_core.infer.inputs``). For each input ``REL.ext`` the output folder
-gets ``REL.png`` and ``REL.json`` (settings, captions, seed, sizes, timing); the JSON is written
-last, so a rerun skips finished images. The work per image, resuming included, is the library's
+gets ``REL.png`` and ``REL.json`` (settings, captions, seed, sizes, timing); inputs that would share
+them (``x.png`` and ``x.jpg``) keep their suffix: ``x.png.png``, ``x.jpg.png``. The JSON is written
+last, so a rerun skips finished images. The output folder must lie apart from the input folders, and
+sr never writes over a file it did not write. The work per image, resuming included, is the library's
 (``xpsr_core.infer.batch.super_resolve_folder``); the stage adds the checked output folder, the
 progress bars, the summary and the failure ratio.
 
@@ -106,18 +108,21 @@ def check_failure_ratio(report: dict, max_failure_ratio: float) -> None:
 
 
 def run(config: SRConfig) -> dict:
+    from xpsr_core.infer.batch import check_output_folder
     from xpsr_core.infer.config import check_model_paths
     from xpsr_core.infer.inputs import collect_inputs
-    from xpsr_core.io.outputs import prepare_output_dir
+    from xpsr_core.io.outputs import mark_finished, prepare_output_dir
 
     started = time.perf_counter()
     if not config.inputs:
         raise UserError("No inputs: give image files, folders or glob patterns (xpsr sr INPUT... --out DIR).")
     inputs = collect_inputs(config.inputs)
     check_model_paths(config)
+    check_output_folder(config.out, config.inputs, inputs)
     out = prepare_output_dir(config.out, STAGE, config, overwrite=config.overwrite)
     progress = RichBatchProgress(started)
     report = {"stage": STAGE, **super_resolve_folder(config, inputs, out, progress=progress, started=started)}
+    mark_finished(out)
     print_report(report)
     check_failure_ratio(report, config.max_failure_ratio)
     return report

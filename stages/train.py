@@ -23,7 +23,9 @@ def prepare_run_dir(config: TrainConfig) -> None:
     from xpsr_core.io.outputs import prepare_output_dir
     from xpsr_core.train.loop import LOG_FILE, list_checkpoints
 
-    run_dir = prepare_output_dir(config.out, STAGE, config, overwrite=config.overwrite)
+    # what the trainer writes there other than by atomic writes (checkpoints: Trainer.save_checkpoint)
+    run_dir = prepare_output_dir(config.out, STAGE, config, overwrite=config.overwrite,
+                                 claims=("logs/", "validation/", "final/", LOG_FILE))
     if config.resume is None and list_checkpoints(run_dir):
         if not config.overwrite:
             raise UserError(
@@ -56,6 +58,7 @@ def run(config: TrainConfig) -> dict:
     from stages.common import console
     from xpsr_core.dist import rank_and_world
     from xpsr_core.io.atomic import atomic_write_json
+    from xpsr_core.io.outputs import mark_finished
     from xpsr_core.io.shards import require_finished
     from xpsr_core.train.loop import LOG_FILE, train
 
@@ -65,6 +68,7 @@ def run(config: TrainConfig) -> dict:
     run_dir = Path(config.out)
     atomic_write_json(run_dir / (f"report.rank{rank}.json" if world > 1 else "report.json"), report)
     if rank == 0:
+        mark_finished(run_dir)
         if config.metrics_file is not None:
             Path(config.metrics_file).parent.mkdir(parents=True, exist_ok=True)
             metrics = {

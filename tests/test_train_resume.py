@@ -38,7 +38,7 @@ def test_changed_code_refuses_or_starts_fresh_and_says_so(tiny_models, train_sha
     )
     assert fresh["resumed_from"] == 0 and fresh["steps_this_run"] == 6
     said = capsys.readouterr()
-    assert "rebuilding" in said.err and "starts from step 0" in said.out
+    assert "--overwrite: removing the" in said.err and "starts from step 0" in said.out
 
 
 def test_a_checkpoint_of_other_code_or_config_is_not_continued(tiny_models, train_shards, tmp_path, capsys):

@@ -28,9 +28,9 @@ those columns.
 
 Left out, and why:
 
-- ``config.json`` directly in an output folder: the record of the stage config beside the outputs; it holds the
-  config hash and the code fingerprint, which change with any edit of the code while the outputs need not. The
-  model configs inside ``models/xpsr/final`` are outputs and are hashed.
+- ``config.json`` and ``ledger.jsonl`` directly in an output folder: the records of how it was made (the stage
+  config with its config hash and code fingerprint, which change with any edit of the code while the outputs need
+  not; the files xpsr wrote there). The model configs inside ``models/xpsr/final`` are outputs and are hashed.
 - the keys of ``VOLATILE_KEYS`` (timings, rates, fingerprints, reuse counts) wherever they occur in JSON,
   Parquet or CSV.
 - everything of ``models/xpsr`` but ``final``: checkpoints (optimizer and RNG states to resume from; the final
@@ -78,6 +78,7 @@ VOLATILE_KEYS: dict[str, str] = {
 # files directly in a listed folder that are records of how it was made, not outputs
 EXCLUDED_NAMES: dict[str, str] = {
     "config.json": "stage config with its config hash and code fingerprint",
+    "ledger.jsonl": "the files xpsr wrote in the folder, in the order it began writing them",
 }
 
 HASH_CHUNK_BYTES = 1 << 20

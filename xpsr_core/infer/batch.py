@@ -1,8 +1,10 @@
 """Super-resolve a list of images into a folder: resume, decode, caption, sample, write a PNG and a JSON sidecar.
 
 For each input ``(path, name)`` (``xpsr_core.infer.inputs.collect_inputs``) the folder gets ``STEM.png`` and
-``STEM.json`` (STEM: the name without its suffix; settings, captions, seed, sizes, timing). The JSON is written last,
-so an image with both files is finished and a rerun skips it.
+``STEM.json`` (STEM: the name without its suffix, or with it where inputs would share a stem, see
+``inputs.output_stems``; settings, captions, seed, sizes, timing). The JSON is written last, so an image with both
+files is finished and a rerun skips it. ``check_output_folder`` refuses a folder that overlaps the inputs, or would
+have a file that xpsr did not write replaced.
 
 Each image draws from its own generator seeded by (seed, name), or, with ``generator_scope: run``, from one
 generator shared by all images in input order; then each sidecar records the generator's state after its image, and
@@ -11,6 +13,7 @@ a resumed run restores the states of the images it skips, so it continues the sa
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -62,14 +65,13 @@ def sidecar(result, extra: dict) -> dict:
     }
 
 
-def _finished_entry(out: Path, name: str, run_scope: bool) -> Optional[dict]:
+def _finished_entry(out: Path, name: str, stem: str, run_scope: bool) -> Optional[dict]:
     """The entry of an image finished in ``out`` (PNG and JSON sidecar), or None when it must be (re)done.
 
     With a run generator an image counts as finished only when its sidecar holds the generator's state after it.
     """
-    from .inputs import output_stem, saved_generator_state
+    from .inputs import saved_generator_state
 
-    stem = output_stem(name)
     if not ((out / f"{stem}.json").is_file() and (out / f"{stem}.png").is_file()):
         return None
     state = saved_generator_state(out / f"{stem}.json") if run_scope else None
@@ -78,14 +80,13 @@ def _finished_entry(out: Path, name: str, run_scope: bool) -> Optional[dict]:
     return {"name": name, "stem": stem, "done": True, "generator_state": state}
 
 
-def _decoded_entry(path: Path, name: str) -> dict:
+def _decoded_entry(path: Path, name: str, stem: str) -> dict:
     """An input to super-resolve: its PIL ``image``, or the ``status`` and ``error`` of a rejected file."""
     from PIL import Image
 
     from ..io import images as image_io
-    from .inputs import output_stem
 
-    item = {"path": path, "name": name, "stem": output_stem(name)}
+    item = {"path": path, "name": image_io.readable_name(name), "stem": stem}
     try:
         item["image"] = Image.fromarray(image_io.load_image(path, image_io.DEFAULT_MAX_PIXELS).pixels)
     except image_io.ImageRejected as rejected:
@@ -98,13 +99,17 @@ def _write_result(out: Path, item: dict, result, pipe, generator) -> None:
     from PIL import Image
 
     from ..io.atomic import atomic_path, atomic_write_json
+    from ..io.images import readable_name
     from .inputs import generator_state
 
     target = out / f"{item['stem']}.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         Image.fromarray(result.image).save(tmp, format="PNG")
-    extra = {"input": str(item["path"]), "output": f"{item['stem']}.png", "model": pipe.source}
+    extra = {"input": readable_name(str(item["path"])), "output": readable_name(f"{item['stem']}.png"),
+             "model": pipe.source}
+    if extra["input"] != str(item["path"]):  # a name that is not UTF-8: its exact bytes too
+        extra["input_bytes"] = os.fsencode(item["path"]).hex()
     if generator is not None:
         extra["generator_state"] = generator_state(generator)
     atomic_write_json(out / f"{item['stem']}.json", sidecar(result, extra))
@@ -160,13 +165,15 @@ def super_resolve_folder(
     images done, skipped (already finished) and failed, ``failures`` (name -> error), seconds, images per second
     and the folder.
     """
-    from .inputs import caption_images
+    from .inputs import caption_images, output_stems
 
     started = time.perf_counter() if started is None else started
     progress = progress or BatchProgress()
     out = Path(out)
     run_scope = config.generator_scope == "run"
-    entries = [_finished_entry(out, name, run_scope) or _decoded_entry(path, name) for path, name in inputs]
+    stems = output_stems([name for _, name in inputs])
+    entries = [_finished_entry(out, name, stem, run_scope) or _decoded_entry(path, name, stem)
+               for (path, name), stem in zip(inputs, stems)]
     skipped = sum(1 for entry in entries if entry.get("done"))
     failures: dict[str, str] = {entry["name"]: entry["error"] for entry in entries if "error" in entry}
     done = 0
@@ -180,3 +187,73 @@ def super_resolve_folder(
         "inputs": len(inputs), "done": done, "skipped": skipped, "failed": len(failures), "failures": failures,
         "seconds": round(seconds, 3), "images_per_s": round(done / seconds, 4) if done else None, "out": str(out),
     }
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or lies below it."""
+    return path == folder or folder in path.parents
+
+
+def _pattern_matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """A path's components against a glob's, ``**`` standing for any number of components."""
+    import fnmatch
+
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_pattern_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _pattern_matches(parts[1:], pattern[1:])
+
+
+def _overlap(out: Path, spec: str, planned: list[Path]) -> Optional[str]:
+    """Why the output folder ``out`` cannot serve the input folder or pattern ``spec`` (None when it can)."""
+    import glob
+
+    from .inputs import glob_root
+
+    path = Path(os.path.realpath(os.path.expanduser(spec)))
+    if Path(os.path.expanduser(spec)).is_dir():
+        if _inside(out, path):
+            return f"it is, or lies inside, the input folder {spec}: its outputs would become inputs"
+        if _inside(path, out):
+            return f"it holds the input folder {spec}"
+        return None
+    if glob.has_magic(spec) and not Path(os.path.expanduser(spec)).is_file():
+        if _inside(Path(os.path.realpath(glob_root(spec))), out):
+            return f"it holds the folder of the input pattern {spec}"
+        pattern = Path(os.path.abspath(os.path.expanduser(spec))).parts
+        hit = next((p for p in planned if _pattern_matches(p.parts, pattern)), None)
+        if hit is not None:
+            return f"the pattern {spec} would match its output {hit.name}"
+    return None
+
+
+def check_output_folder(out: Path, specs: Sequence[str], inputs: Sequence[tuple[Path, str]]) -> None:
+    """Refuse an output folder that is, holds or lies inside an input folder, or whose outputs an input pattern
+    would match, or where an output would replace a file xpsr did not write. Changes nothing."""
+    from ..errors import UserError
+    from ..io.images import readable_name
+    from ..io.outputs import Ownership, read_record
+    from .inputs import output_stems
+
+    real_out = Path(os.path.realpath(out))
+    stems = output_stems([name for _, name in inputs])
+    planned = [real_out / f"{stem}{suffix}" for stem in stems for suffix in (".png", ".json")]
+    held = next((path for path, _ in inputs if _inside(Path(os.path.realpath(path)), real_out)), None)
+    reasons = [_overlap(real_out, spec, planned) for spec in specs]
+    reasons.append(f"it holds the input {readable_name(str(held))}" if held is not None else None)
+    for why in reasons:
+        if why is not None:
+            raise UserError(f"Cannot write the SR outputs to {out}: {why}. Choose an output folder apart from the "
+                            "inputs.")
+    if not Path(out).is_dir():
+        return
+    ownership = Ownership(Path(out), "sr", read_record(Path(out)))
+    targets = [f"{stem}{suffix}" for stem in stems for suffix in (".png", ".json")]
+    foreign = [t for t in targets if (Path(out) / t).exists() and t not in ownership.owned_set]
+    if foreign:
+        raise UserError(
+            f"{out} already holds {len(foreign)} files that xpsr did not write under the output names of these "
+            f"inputs ({', '.join(readable_name(f) for f in foreign[:5])}); sr never replaces them. Move them away "
+            "or choose another output folder."
+        )

@@ -19,7 +19,7 @@ from .config import SRModelConfig
 
 def collect_inputs(specs: list[str]) -> list[tuple[Path, str]]:
     """(path, relative name) of every image named by files, folders or globs; names are unique."""
-    from ..io.images import IMAGE_SUFFIXES, find_images
+    from ..io.images import IMAGE_SUFFIXES, find_images, readable_name
 
     found: list[tuple[Path, str]] = []
     for spec in specs:
@@ -32,9 +32,7 @@ def collect_inputs(specs: list[str]) -> list[tuple[Path, str]]:
             matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(spec), recursive=True))
             matches = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
             if matches:
-                parts = Path(os.path.expanduser(spec)).parts
-                fixed = [part for part in parts[: next(i for i, part in enumerate(parts) if glob.has_magic(part))]]
-                root = Path(*fixed) if fixed else Path(".")  # names are relative to the pattern's fixed prefix
+                root = glob_root(spec)  # names are relative to the pattern's fixed prefix
                 found += [(m, m.relative_to(root).as_posix()) for m in matches]
             else:
                 raise UserError(f"The pattern {spec!r} matches no images.")
@@ -44,15 +42,46 @@ def collect_inputs(specs: list[str]) -> list[tuple[Path, str]]:
         raise UserError("No input images: the given folders hold no jpg, png, webp, tiff or bmp files.")
     names = [name for _, name in found]
     if len(set(names)) != len(names):
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = sorted({readable_name(n) for n in names if names.count(n) > 1})
         raise UserError(
             f"Several inputs map to the same output name ({', '.join(duplicates[:5])}); run them separately."
         )
     return found
 
 
-def output_stem(name: str) -> str:
-    return str(Path(name).with_suffix(""))
+def glob_root(spec: str) -> Path:
+    """The fixed part of a glob pattern, before its first component with a wildcard ("." when none)."""
+    parts = Path(os.path.expanduser(spec)).parts
+    fixed = parts[: next(i for i, part in enumerate(parts) if glob.has_magic(part))]
+    return Path(*fixed) if fixed else Path(".")
+
+
+# a stem whose sidecar would be the folder's own record
+RESERVED_STEMS = frozenset({"config"})
+
+
+def output_stems(names: list[str]) -> list[str]:
+    """The output stem of each input name: the name without its suffix (``sub/x.jpg`` -> ``sub/x``, giving
+    ``sub/x.png`` and ``sub/x.json``), except where several names share that stem (ignoring case, as some file
+    systems do: ``x.png`` and ``X.jpg``) or it is reserved (``config``): then each of them keeps its suffix
+    (``x.png.png``, ``X.jpg.png``). A function of the names alone, so reruns and resumes find the same files;
+    names that clash even so are a UserError listing them."""
+    from collections import Counter
+
+    from ..io.images import readable_name
+
+    plain = [str(Path(name).with_suffix("")) for name in names]
+    sharing = Counter(stem.casefold() for stem in plain)
+    stems = [name if sharing[stem.casefold()] > 1 or stem in RESERVED_STEMS else stem
+             for name, stem in zip(names, plain)]
+    final = Counter(stem.casefold() for stem in stems)
+    clashing = sorted(readable_name(name) for name, stem in zip(names, stems) if final[stem.casefold()] > 1)
+    if clashing:
+        raise UserError(
+            f"These inputs would write the same output files: {', '.join(clashing[:6])}. Rename one of them, "
+            "or run them into separate output folders."
+        )
+    return stems
 
 
 class CaptionLookup:

@@ -21,8 +21,11 @@ def temporary_sibling(path: Path) -> Path:
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    from .outputs import record_write
+
     path = Path(path)
     tmp = temporary_sibling(path)
+    record_write(path)  # before the write: a crash leaves no file of xpsr's unrecorded
     try:
         yield tmp
         with open(tmp, "rb") as handle:

@@ -133,8 +133,12 @@ def read_shard(path: Path) -> Iterator[dict]:
 
 
 def write_sizes(folder: Path, counts: Mapping[int, int]) -> None:
-    """sizes.json: shard file name -> number of samples, as webdataset tooling expects."""
+    """sizes.json: shard file name -> number of samples, as webdataset tooling expects; written once every shard is
+    done, so the folder's record says from then on that its stage finished."""
+    from .outputs import mark_finished
+
     atomic_write_json(Path(folder) / SIZES_FILE, {f"{shard_stem(s)}.tar": n for s, n in sorted(counts.items())})
+    mark_finished(folder)
 
 
 def read_sizes(folder: Path) -> dict[int, int]:

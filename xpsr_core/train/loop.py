@@ -31,6 +31,7 @@ import torch
 
 from ..errors import UserError
 from ..io.atomic import atomic_write_json
+from ..io.outputs import claim
 from ..seeding import torch_generator
 from .data import TrainingStream
 from .settings import TrainConfig
@@ -460,6 +461,8 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path:
         path = self.run_dir / f"{CHECKPOINT_PREFIX}{step}"
+        if self.accelerator.is_main_process:
+            claim(self.run_dir, f"{path.name}/")  # the run folder's own: save_state writes it not atomically
         self.accelerator.save_state(str(path))
         # where this rank's data stream stands (raw samples pulled, bad ones skipped), for an exact resume
         atomic_write_json(
