@@ -31,9 +31,8 @@ def checkpoint(tiny_models, perturbed_xpsr, tmp_path_factory):
     return model.save_trainable(tmp_path_factory.mktemp("xpsr") / "final", include_dfc=False)
 
 
-def sr_args(tiny_models, checkpoint) -> list[str]:
-    return ["--base-model", str(tiny_models.sd), "--xpsr", str(checkpoint), "--captions", "given",
-            "--content", "a photo", "--quality", "blurry", "--steps", "1", "--scale", "2"]
+def sr_args(tiny_models, checkpoint, captions: tuple = ("--content", "a photo", "--quality", "blurry")) -> list[str]:
+    return ["--base-model", str(tiny_models.sd), "--xpsr", str(checkpoint), *captions, "--steps", "1", "--scale", "2"]
 
 
 def sr_config(tiny_models, checkpoint, inputs: list, out: Path, **values):
@@ -221,8 +220,8 @@ def test_sr_cli_overwrite_keeps_foreign_files_and_a_failed_run_reruns(tiny_model
     foreign = tree_digest(out / "notes.txt", out / "b.png")
     inputs = tree_digest(tmp_path / "in")
     # fails after preparing the folder: the manifest is read once the images are decoded
-    failed = run_xpsr("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint), "--captions", "manifest",
-                      "--manifest", "missing.parquet", cwd=tmp_path)
+    failed = run_xpsr("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint, captions=()),
+                      "--captions", "manifest", "--manifest", "missing.parquet", cwd=tmp_path)
     assert_one_line_error(failed, "missing.parquet")
     corrected = run_xpsr("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint), cwd=tmp_path)
     assert corrected.code == 0, corrected.output
