@@ -194,6 +194,8 @@ def test_metrics_record_their_run_and_refuse_another_runs(tiny_models, train_sha
     assert record["steps"] == 2
     assert record["run"]["out"] == str(tmp_path / "a") and record["run"]["config_hash"] == first.output_hash()
     assert record["run"]["code"] and record["run"]["started"].endswith("Z")
+    header, *rows = [line.split("\t") for line in metrics.with_name("train_log.tsv").read_text().splitlines()]
+    assert header[-1] == "config_hash" and {row[-1] for row in rows} == {first.output_hash()}
     # the same run, extended and resumed: its own record, updated
     train_stage.run(make_config(tiny_models, train_shards, tmp_path / "a", max_train_steps=3, metrics_file=metrics,
                                 resume="latest"))

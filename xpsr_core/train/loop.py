@@ -173,6 +173,7 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
         self.config = config
+        self.config_hash = config.output_hash()
         self.run_dir = Path(config.out)
         ddp = DistributedDataParallelKwargs(find_unused_parameters=config.sfa_mode in ("high", "low"))
         self.accelerator = Accelerator(
@@ -728,6 +729,8 @@ class Trainer:
                 f"{rate * samples_per_step:.3g} samples/s, {rate:.3g} steps/s, ETA {eta}")
 
     def _append_log(self, path: Path, row: dict) -> None:
+        # the last column says which configuration made the row (a string: dvc plots keeps plotting the others)
+        row = {**row, "config_hash": self.config_hash}
         columns = list(row)
         new = not path.exists() or path.stat().st_size == 0
         with path.open("a") as handle:
