@@ -135,24 +135,34 @@ def rank_one_shard_broken(train_shards, tmp_path_factory) -> Path:
     return out
 
 
-def test_too_many_bad_samples_on_one_rank_stop_every_rank(tiny_models, rank_one_shard_broken, tmp_path):
+@pytest.mark.parametrize("case", ["bad samples on rank 1", "rank 0 cannot prepare the run folder"])
+def test_when_one_rank_stops_every_rank_stops_with_the_reason(tiny_models, rank_one_shard_broken, tmp_path, case):
+    settings = ["max_bad_samples=0", "tensorboard=false", "device=cpu", "shuffle_buffer=2", "collective_timeout=120"]
+    if case == "bad samples on rank 1":
+        settings.append("metrics_file=null")
+        expected = ["on rank 1, worker 0, more than max_bad_samples=0", "at step 1: rank 1 could not go on"]
+    else:  # the metrics file of another run, which rank 0 refuses to write over
+        (tmp_path / "other").mkdir()
+        (tmp_path / "train.json").write_text(json.dumps({"run": {"out": str(tmp_path / "other")}}))
+        settings.append(f"metrics_file={tmp_path / 'train.json'}")
+        expected = [f"the training run in {tmp_path / 'other'}", "before training: rank 0 could not prepare"]
     torchrun = Path(sys.executable).parent / "torchrun"
     command = [str(torchrun), "--nproc_per_node", "2", "--no-python", sys.executable, "-m", "stages.cli", "train",
                "--data", str(rank_one_shard_broken), "--out", str(tmp_path / "run"), "--base-model",
-               str(tiny_models.sd), "--batch-size", "1", "--max-train-steps", "50", "--set", "max_bad_samples=0",
-               "--set", "tensorboard=false", "--set", "metrics_file=null", "--set", "device=cpu",
-               "--set", "shuffle_buffer=2", "--set", "collective_timeout=120"]
+               str(tiny_models.sd), "--batch-size", "1", "--max-train-steps", "50"]
+    for setting in settings:
+        command += ["--set", setting]
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "COLUMNS": "80"}
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     started = time.monotonic()
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
     seconds = time.monotonic() - started
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     errors = [line for line in output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 2, output  # one per rank, with its reason
-    assert any("on rank 1, worker 0, more than max_bad_samples=0" in line for line in errors), output
-    assert any("rank 1 could not go on" in line for line in errors), output
+    assert len(errors) == 2, output  # one per rank, each with its reason
+    for fragment in expected:
+        assert any(fragment in line for line in errors), (fragment, output)
     assert "stages/cli.py" not in output, output  # no traceback of xpsr's (torchrun prints one of its own)
     assert seconds < 90, f"{seconds:.0f} s: a rank waited for the other"
 

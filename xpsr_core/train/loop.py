@@ -187,10 +187,14 @@ class Trainer:
         if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             # accelerate runs fp16 on the CPU without autocast, so fp16 inputs would meet fp32 weights
             raise UserError("fp16 mixed precision needs a GPU. On the CPU use mixed_precision=bf16 (or no).")
-        if prepare_run_dir is not None and self.accelerator.is_main_process:
-            prepare_run_dir(config)
-        self.accelerator.wait_for_everyone()
         self.stop_group = self._stop_flag_group()
+        failure = None
+        if prepare_run_dir is not None and self.accelerator.is_main_process:
+            try:
+                prepare_run_dir(config)
+            except Exception as error:  # the other ranks hear of it instead of waiting for rank 0
+                failure = error
+        self._stop_if_any_rank_failed(failure, "before training: rank {ranks} could not prepare the run folder")
         self._build()
 
     def _stop_flag_group(self):
@@ -631,16 +635,18 @@ class Trainer:
             failure = UserError(batch["stop"]) if "stop" in batch else None  # more bad samples than max_bad_samples
         except Exception as error:  # told to the other ranks before raised here
             failure = error
-        self._stop_if_any_rank_failed(failure, step)
+        self._stop_if_any_rank_failed(failure, f"at step {step + 1}: rank {{ranks}} could not go on (too many bad "
+                                               "samples, or an error while reading its data)")
         stream = batch.pop("stream")
         self.stream_state[str(stream["worker"])] = stream
         with keys_log.open("a") as handle:
             handle.write(f"{step}\t{micro}\t{','.join(batch['keys'])}\n")
         return batch
 
-    def _stop_if_any_rank_failed(self, failure: Exception | None, step: int) -> None:
+    def _stop_if_any_rank_failed(self, failure: Exception | None, what: str) -> None:
         """Raises ``failure`` on its rank and RankStopped on the others when any rank has one (an all-reduce of
-        one flag per rank, on the host); returns when none has."""
+        one flag per rank, on the host; every rank calls it at the same point); returns when none has. ``what``
+        says where, with ``{ranks}`` for the ranks that failed."""
         if self.stop_group is None:
             if failure is not None:
                 raise failure
@@ -654,12 +660,8 @@ class Trainer:
             raise failure
         stopped = [rank for rank, flag in enumerate(flags.tolist()) if flag]
         if stopped:
-            ranks = ", ".join(map(str, stopped))
-            raise RankStopped(
-                f"Training stopped at step {step + 1}: rank {ranks} could not go on (see its message: too many bad "
-                "samples, or an error while reading its data); every rank stops with it. Fix that, then resume "
-                "with --resume latest."
-            )
+            where = what.format(ranks=", ".join(map(str, stopped)))
+            raise RankStopped(f"Training stopped {where}; every rank stops with it. See that rank's message for why.")
 
     def _log_rows(self, rows: list[dict], log_path: Path) -> None:
         """Logs the rows of the logging steps (every ``log_every``-th and the last) to the trackers and the log file."""
