@@ -526,7 +526,8 @@ def write_zoo(out: Path, preset_name: "str | ZooPreset" = "tiny", seed: int = 0,
             {"preset": preset.name, "seed": seed, "sd": SD_SUBFOLDER, "captioner": CAPTIONER_SUBFOLDER}, indent=2
         )
     )
-    share_per_umask(out)  # safetensors writes 0600
+    for written in (sd, captioner):  # safetensors writes 0600
+        share_per_umask(written)
     return ZooResult(root=out, sd=sd, captioner=captioner, preset=preset.name)
 
 

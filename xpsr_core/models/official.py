@@ -534,5 +534,5 @@ def export_official(model, out: str | Path, safe_serialization: bool = True) -> 
             save_file(tensors[folder], str(target / WEIGHT_FILES[0]), metadata={"format": "pt"})
         else:
             torch.save(tensors[folder], str(target / WEIGHT_FILES[1]))
-    share_per_umask(out)
+        share_per_umask(target)
     return out
