@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from .errors import UserError
+from .io.atomic import share_per_umask
 
 SD_SUBFOLDER = "sd15"
 CAPTIONER_SUBFOLDER = "captioner"
@@ -525,6 +526,8 @@ def write_zoo(out: Path, preset_name: "str | ZooPreset" = "tiny", seed: int = 0,
             {"preset": preset.name, "seed": seed, "sd": SD_SUBFOLDER, "captioner": CAPTIONER_SUBFOLDER}, indent=2
         )
     )
+    for written in (sd, captioner):  # safetensors writes 0600
+        share_per_umask(written)
     return ZooResult(root=out, sd=sd, captioner=captioner, preset=preset.name)
 
 

@@ -50,6 +50,7 @@ from pydantic.dataclasses import dataclass as settings_dataclass
 from ..config import runtime_field
 from ..encoding import NEGATIVE_PROMPT, encode_prompts
 from ..errors import UserError
+from ..io.atomic import share_per_umask
 from .color import COLOR_FIXES, UINT8_COLOR_FIXES, adain_color_fix_uint8, color_fix
 from .resize import RESIZES, prepare_condition, resize_output
 from .tiling import tile_boxes, tiled_apply
@@ -332,6 +333,7 @@ class XPSRPipeline:
         (folder / PIPELINE_FILE).write_text(
             json.dumps({"xpsr": XPSR_SUBFOLDER, "defaults": asdict(self.settings)}, indent=2)
         )
+        share_per_umask(folder)  # safetensors writes 0600
         return folder
 
     # ------------------------------------------------------------------ pieces

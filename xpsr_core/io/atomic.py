@@ -36,6 +36,30 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only read by setting)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_per_umask(path: Path) -> None:
+    """Give ``path`` (and everything under a folder) the modes the umask allows: 0644 / 0755 under umask 022.
+    For files that libraries write 0600 whatever the umask (safetensors' save_file, mkstemp), or that copies
+    keep from their source, so that a shared cluster's group can read what xpsr writes."""
+    mask = current_umask()
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

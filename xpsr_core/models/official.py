@@ -38,6 +38,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import UserError
+from ..io.atomic import share_per_umask
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 AUTHORS_DIFFUSERS_VERSION = "0.21.4"
@@ -470,6 +471,7 @@ def write_pipeline_folder(
         model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
     model.save_trainable(tmp / XPSR_SUBFOLDER, include_dfc=True)
     (tmp / PIPELINE_FILE).write_text(json.dumps({"xpsr": XPSR_SUBFOLDER, "defaults": sr_defaults or {}}, indent=2))
+    share_per_umask(tmp)  # safetensors writes 0600; copytree keeps the base folder's modes
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -532,4 +534,5 @@ def export_official(model, out: str | Path, safe_serialization: bool = True) -> 
             save_file(tensors[folder], str(target / WEIGHT_FILES[0]), metadata={"format": "pt"})
         else:
             torch.save(tensors[folder], str(target / WEIGHT_FILES[1]))
+        share_per_umask(target)
     return out

@@ -26,6 +26,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 
 from ..errors import UserError
+from ..io.atomic import share_per_umask
 from .controlnet import XPSRControlNet
 from .dfc import DFC_WEIGHT, DFCHeads, DFCLoss
 from .loading import BaseSD, channels_last_on_cpu, load_base_sd
@@ -220,6 +221,7 @@ class XPSRModel(nn.Module):
             "parts": [p for p in PARTS if (folder / p).is_dir()],
         }
         (folder / TRAINABLE_FILE).write_text(json.dumps(meta, indent=2))
+        share_per_umask(folder)  # safetensors writes 0600
         return folder
 
     @classmethod

@@ -14,6 +14,12 @@ come to the host together, in one copy, after every step that logs, checkpoints,
 the run (``Trainer.read_back_due``). A non-finite loss on any rank sets the flag on the device, and
 from then on the device skips every optimizer update, so the weights stay those of the last good
 step until the next read-back finds the flag and checkpoints them.
+
+With several ranks, a rank that cannot go on (more bad samples than ``max_bad_samples``, or an error while it
+fetched its batch) says so before the next micro-batch: every micro-batch starts with a small all-reduce of one
+stop flag per rank, on the host over gloo (it never waits for the GPU), so all ranks stop together, each with
+the reason, instead of waiting forever in the gradient all-reduce for the rank that left. A rank that dies
+hard or hangs elsewhere is caught by the collective timeout (``collective_timeout``).
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ STREAM_FILE_PREFIX = "stream.rank"
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good state was checkpointed."""
+
+
+class RankStopped(UserError):
+    """Another rank stopped the run (its own message says why); this rank stopped with it."""
 
 
 @dataclass
@@ -158,10 +168,13 @@ def parameter_digest(model) -> str:
 class Trainer:
     def __init__(self, config: TrainConfig, prepare_run_dir=None):
         """``prepare_run_dir(config)`` runs on the main process only, before the others go on."""
+        from datetime import timedelta
+
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
         self.config = config
+        self.config_hash = config.output_hash()
         self.run_dir = Path(config.out)
         ddp = DistributedDataParallelKwargs(find_unused_parameters=config.sfa_mode in ("high", "low"))
         self.accelerator = Accelerator(
@@ -170,15 +183,33 @@ class Trainer:
             cpu=config.device == "cpu",
             log_with="tensorboard" if config.tensorboard else None,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
-            kwargs_handlers=[ddp],
+            kwargs_handlers=[ddp, InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout))],
         )
         if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             # accelerate runs fp16 on the CPU without autocast, so fp16 inputs would meet fp32 weights
             raise UserError("fp16 mixed precision needs a GPU. On the CPU use mixed_precision=bf16 (or no).")
+        self.stop_group = self._stop_flag_group()
+        failure = None
         if prepare_run_dir is not None and self.accelerator.is_main_process:
-            prepare_run_dir(config)
-        self.accelerator.wait_for_everyone()
+            try:
+                prepare_run_dir(config)
+            except Exception as error:  # the other ranks hear of it instead of waiting for rank 0
+                failure = error
+        self._stop_if_any_rank_failed(failure, "before training: rank {ranks} could not prepare the run folder")
         self._build()
+
+    def _stop_flag_group(self):
+        """The process group of the per-micro-batch stop flags: gloo, so that they never wait for a GPU
+        (the default group where it is gloo already); None with one process."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        if self.accelerator.num_processes == 1:
+            return None
+        if dist.get_backend() == "gloo":
+            return dist.group.WORLD
+        return dist.new_group(backend="gloo", timeout=timedelta(seconds=self.config.collective_timeout))
 
     # ------------------------------------------------------------------ setup
 
@@ -600,15 +631,40 @@ class Trainer:
                            time.perf_counter() - step_start, self.lr_scheduler.get_last_lr()[0])
 
     def _next_batch(self, loader, step: int, micro: int, keys_log: Path) -> dict:
-        """The next batch; notes where its data worker stands (for checkpoints) and its sample keys."""
-        batch = next(loader)
-        if "stop" in batch:  # the stream met more bad samples than max_bad_samples
-            raise UserError(batch["stop"])
+        """The next batch, once every rank has one; notes where its data worker stands (for checkpoints) and its
+        sample keys."""
+        try:
+            batch = next(loader)
+            failure = UserError(batch["stop"]) if "stop" in batch else None  # more bad samples than max_bad_samples
+        except Exception as error:  # told to the other ranks before raised here
+            failure = error
+        self._stop_if_any_rank_failed(failure, f"at step {step + 1}: rank {{ranks}} could not go on (too many bad "
+                                               "samples, or an error while reading its data)")
         stream = batch.pop("stream")
         self.stream_state[str(stream["worker"])] = stream
         with keys_log.open("a") as handle:
             handle.write(f"{step}\t{micro}\t{','.join(batch['keys'])}\n")
         return batch
+
+    def _stop_if_any_rank_failed(self, failure: Exception | None, what: str) -> None:
+        """Raises ``failure`` on its rank and RankStopped on the others when any rank has one (an all-reduce of
+        one flag per rank, on the host; every rank calls it at the same point); returns when none has. ``what``
+        says where, with ``{ranks}`` for the ranks that failed."""
+        if self.stop_group is None:
+            if failure is not None:
+                raise failure
+            return
+        import torch.distributed as dist
+
+        flags = torch.zeros(self.accelerator.num_processes, dtype=torch.int32)
+        flags[self.accelerator.process_index] = failure is not None
+        dist.all_reduce(flags, group=self.stop_group)
+        if failure is not None:
+            raise failure
+        stopped = [rank for rank, flag in enumerate(flags.tolist()) if flag]
+        if stopped:
+            where = what.format(ranks=", ".join(map(str, stopped)))
+            raise RankStopped(f"Training stopped {where}; every rank stops with it. See that rank's message for why.")
 
     def _log_rows(self, rows: list[dict], log_path: Path) -> None:
         """Logs the rows of the logging steps (every ``log_every``-th and the last) to the trackers and the log file."""
@@ -678,6 +734,8 @@ class Trainer:
                 f"{rate * samples_per_step:.3g} samples/s, {rate:.3g} steps/s, ETA {eta}")
 
     def _append_log(self, path: Path, row: dict) -> None:
+        # the last column says which configuration made the row (a string: dvc plots keeps plotting the others)
+        row = {**row, "config_hash": self.config_hash}
         columns = list(row)
         new = not path.exists() or path.stat().st_size == 0
         with path.open("a") as handle:

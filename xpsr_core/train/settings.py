@@ -65,6 +65,12 @@ class TrainConfig(StageConfig, ModelOptions):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
+    collective_timeout: int = runtime_field(
+        1800,
+        "Seconds a rank waits for the others in a collective (gradient all-reduce, barrier) before the run fails: "
+        "the backstop for a rank that died or hangs. Longer than a checkpoint save or a validation grid on rank 0.",
+        ge=1,
+    )
     # data
     resampled: bool = Field(True, description="Resample shards with replacement (else seeded epochs).")
     shuffle_buffer: int = Field(256, ge=1)
