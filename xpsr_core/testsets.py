@@ -242,7 +242,7 @@ def read_source_images(
             usable.append(
                 SourceImage(root, entry.relative, width, height, decoded.source_mode, decoded.exif_transposed))
         except images.ImageRejected as rejected:
-            failed.append({"source": images.readable_name(entry.relative), "folder": str(root),
+            failed.append({"source": images.readable_name(entry.relative), "folder": images.readable_name(str(root)),
                            "status": rejected.status, "error": rejected.message})
         if progress is not None:
             progress("reading HR images", number, len(listed))
@@ -266,7 +266,7 @@ def _cut_synthetic_crops(sources: list[SourceImage], keys: list[tuple[int, str]]
             meta = {
                 "key": key,
                 "source": source.shown,
-                "source_folder": source.root.name,
+                "source_folder": images.readable_name(source.root.name),
                 "source_size": [source.width, source.height],
                 "source_mode": source.mode,
                 "exif_transposed": source.exif_transposed,
@@ -321,6 +321,8 @@ class _SyntheticShardBuilder:
         crops = _cut_synthetic_crops(self.sources, [(i, synthetic_key(i)) for i in items], hr_size=self.hr_size,
                                      hflip=self.hflip, seed=self.seed, max_pixels=self.max_pixels)
         meta_by_key = {key: meta for key, _, meta in crops}
+        # a source name's exact bytes (the readable one, \\xNN for non-UTF-8 bytes, is "source")
+        exact_by_key = {synthetic_key(i): os.fsencode(self.sources[i % len(self.sources)].relative) for i in items}
         rows = []
         with TarShardWriter(tar_path(self.out, shard)) as writer:
             results = self.degrade_crops([(key, hr) for key, hr, _ in crops], settings=self.settings, seed=self.seed,
@@ -331,6 +333,7 @@ class _SyntheticShardBuilder:
                         "degradation": result.params}
                 writer.write(result.key, _sample_fields(result.lr, result.hr, meta))
                 rows.append({"key": result.key, "status": OK, "error": "", "source": meta["source"],
+                             "source_bytes": exact_by_key[result.key],
                              **{f"deg.{name}": value for name, value in result.params.items()}})
                 written(writer.count)
         _write_index(self.out, shard, sorted(rows, key=lambda row: row["key"]))
@@ -585,7 +588,9 @@ class _PairedShardBuilder:
                 lr_tile, hr_tile, meta = self._crop(pair)
                 writer.write(pair.key, _sample_fields(lr_tile, hr_tile, meta))
                 rows.append({"key": pair.key, "status": OK, "error": "", "name": meta["name"],
-                             "lr_source": meta["lr_source"], "hr_source": meta["hr_source"]})
+                             "lr_source": meta["lr_source"], "hr_source": meta["hr_source"],
+                             "lr_source_bytes": os.fsencode(pair.lr_relative),
+                             "hr_source_bytes": os.fsencode(pair.hr_relative)})
                 written(writer.count)
         _write_index(self.out, shard, rows)
         write_stats(self.out, shard, _shard_stats(shard, writer.count))

@@ -25,6 +25,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+# an LR image to super-resolve needs this many pixels on its shorter side: below it there is no picture to
+# enlarge (a 1x1 pixel, a tracking dot) and x4 gives less than one 32 px output tile of the VAE's 8 px latent grid
+MIN_SR_SIDE = 8
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 
 # statuses recorded in shard indexes
@@ -216,8 +219,18 @@ def _orientation(image: Image.Image) -> int | None:
         return None
 
 
-def load_image(path: Path, max_pixels: int) -> DecodedImage:
-    return decode_image(read_file_bytes(path), max_pixels)
+def load_image(path: Path, max_pixels: int, min_side: int = 1) -> DecodedImage:
+    """Read and decode one file; an image whose shorter side is under ``min_side`` px is rejected as too small."""
+    decoded = decode_image(read_file_bytes(path), max_pixels)
+    height, width = decoded.pixels.shape[:2]
+    if min(width, height) < min_side:
+        raise ImageRejected(TOO_SMALL, f"{width}x{height} is under the minimum {min_side} px on a side")
+    return decoded
+
+
+def load_sr_input(path: Path) -> DecodedImage:
+    """An LR image to super-resolve: decoded like every input, and at least ``MIN_SR_SIDE`` px on a side."""
+    return load_image(path, DEFAULT_MAX_PIXELS, min_side=MIN_SR_SIDE)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

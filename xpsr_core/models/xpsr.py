@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import UserError
 from .controlnet import XPSRControlNet
 from .dfc import DFC_WEIGHT, DFCHeads, DFCLoss
-from .loading import BaseSD, channels_last_on_cpu, load_base_sd
+from .loading import BaseSD, channels_last_on_cpu, load_base_sd, loading_model
 from .unet import XPSRConditionalAttention, xpsr_unet_forward
 
 TRAINABLE_FILE = "xpsr.json"
@@ -241,11 +241,12 @@ class XPSRModel(nn.Module):
         dtype = dtype or unet.dtype
 
         def load(part: str, model_cls):
-            try:
+            if not (folder / part).is_dir():
+                raise UserError(f"The XPSR folder {folder} has no {part}/ folder (its {TRAINABLE_FILE} needs one); "
+                                "point at a complete folder written by XPSRModel.save_trainable.")
+            with loading_model(f"the XPSR {part}", folder / part,
+                               "Replace it with a complete copy, or point at another checkpoint."):
                 return model_cls.from_pretrained(folder / part, torch_dtype=dtype).to(device)
-            except (OSError, ValueError, KeyError, RuntimeError) as error:
-                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise UserError(f"Could not load the XPSR {part} from {folder / part}: {first}.") from None
 
         controlnet = load("controlnet", XPSRControlNet)
         conditional = (
