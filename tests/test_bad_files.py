@@ -76,9 +76,9 @@ WEIGHT_CASES = [
     ("pipeline-without-controlnet-sr", "pipeline", "xpsr/controlnet", shutil.rmtree, "sr",
      ("has no controlnet/ folder",)),
     ("official-controlnet-truncated", "official", "controlnet/diffusion_pytorch_model.safetensors", _truncate,
-     "import-official", ("diffusion_pytorch_model.safetensors",)),
+     "import-official", ("diffusion_pytorch_model.safetensors", "truncated or corrupt")),
     ("realesrgan-garbage-evaluate", "realesrgan", "RealESRGAN_x4plus.pth", _garbage, "evaluate",
-     ("Real-ESRGAN checkpoint", "RealESRGAN_x4plus.pth")),
+     ("Real-ESRGAN checkpoint", "RealESRGAN_x4plus.pth", "truncated or corrupt")),
 ]
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"

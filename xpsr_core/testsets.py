@@ -100,19 +100,6 @@ def _listing(items: Iterable[str], limit: int = LISTED_PER_PROBLEM) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def _walk(root: Path, what: str) -> tuple[list[images.WalkEntry], Counter]:
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"The {what} {root} does not exist or is not a folder.")
-    try:
-        entries, skipped = images.walk_inputs(root)
-    except OSError as error:
-        raise UserError(f"Cannot list the {what} {root}: {error.strerror or error}.") from None
-    if not entries:
-        raise UserError(f"The {what} {root} holds no images (jpg, png, webp, tiff, bmp).")
-    return entries, skipped
-
-
 def _load(root: Path, entry: images.WalkEntry, max_pixels: int) -> images.DecodedImage:
     if entry.status is not None:  # the walk found it unusable (broken link, loop, not a file, unreadable folder)
         raise images.ImageRejected(entry.status, entry.error)
@@ -227,7 +214,7 @@ def read_source_images(
     listed = []
     skipped: Counter = Counter()
     for root in hr_dirs:
-        entries, other = _walk(root, "HR image folder")
+        entries, other = images.walk_folder(root, "HR image folder")
         listed.extend((Path(root), entry) for entry in entries)
         skipped.update(other)
     usable, failed = [], []
@@ -505,8 +492,8 @@ def match_pairs(*, lr_dir: Path, hr_dir: Path, lr_size: int, scale: int, lr_suff
     whose HR is not ``scale`` x the LR (``size_mismatch``), LR images under ``lr_size`` (``too_small``), and LR
     names too long for a tar header (``name_too_long``).
     """
-    lr_entries, _ = _walk(lr_dir, "LR image folder")
-    hr_entries, _ = _walk(hr_dir, "HR image folder")
+    lr_entries, _ = images.walk_folder(lr_dir, "LR image folder")
+    hr_entries, _ = images.walk_folder(hr_dir, "HR image folder")
     problems: dict[str, list[str]] = {}
     candidates = _one_to_one(_group_by_name(lr_entries, hr_entries, lr_suffix, hr_suffix), problems)
     pairs = []

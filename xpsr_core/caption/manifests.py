@@ -27,7 +27,6 @@ from typing import Literal, Optional
 from pydantic import ConfigDict, Field
 
 from ..config import runtime_field
-from ..errors import UserError
 from ..io.shards import index_path, read_shard, tar_path, write_stats
 from ..sharded import Status, shard_stats, write_index
 from .captioner import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION, GenerationSettings
@@ -264,16 +263,7 @@ def caption_folder(settings: CaptionSettings, folder: Path, out_file: Path) -> d
 
     from ..io import images as image_io
 
-    if not folder.is_dir():
-        raise UserError(f"Image folder {image_io.readable_name(str(folder))} does not exist or is not a folder.")
-    try:
-        entries, _ = image_io.walk_inputs(folder)
-    except OSError as error:
-        raise UserError(f"Cannot list the image folder {image_io.readable_name(str(folder))}: "
-                        f"{error.strerror or error}.") from None
-    if not entries:
-        raise UserError(f"Image folder {image_io.readable_name(str(folder))} holds no images "
-                        "(jpg, png, webp, tiff, bmp).")
+    entries, _ = image_io.walk_folder(folder, "image folder")
     rows: list[dict] = []
     for start in range(0, len(entries), settings.batch_size):  # decode lazily: one batch in memory at a time
         items = []

@@ -126,6 +126,24 @@ def walk_inputs(root: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> tuple
     return entries, skipped
 
 
+def walk_folder(root: Path, what: str, detail: str = "") -> tuple[list[WalkEntry], Counter]:
+    """``walk_inputs`` of a folder the user named as the ``what`` (e.g. "HR folder"; ``detail`` follows its path):
+    a ``UserError`` when it is missing, cannot be listed or holds no images."""
+    from ..errors import UserError
+
+    named = f"the {what} {readable_name(str(root))}{detail}"
+    if not Path(root).is_dir():
+        raise UserError(f"{named[0].upper()}{named[1:]} does not exist or is not a folder.")
+    try:
+        entries, skipped = walk_inputs(root)
+    except OSError as error:
+        raise UserError(f"Cannot list {named}: {error.strerror or error}.") from None
+    if not entries:
+        others = f"; skipped: {', '.join(f'{k}={v}' for k, v in sorted(skipped.items()))}" if skipped else ""
+        raise UserError(f"{named[0].upper()}{named[1:]} holds no images (jpg, png, webp, tiff, bmp){others}.")
+    return entries, skipped
+
+
 def _kind(entry) -> tuple[str, tuple[str, str] | None]:
     """(file | dir | linked_dir | not_a_file, (status, error) when the path is unusable)."""
     try:

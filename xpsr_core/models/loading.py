@@ -87,7 +87,7 @@ _MISSING_FILE = re.compile(r"(?:file named|containing an?) ([\w.\-]+?)(?: file|\
 
 def describe_load_error(error: BaseException, path: str | os.PathLike) -> str:
     """One line on why loading ``path`` failed, naming the file; for a local folder never a hub URL."""
-    text = " ".join(str(error).split()) or type(error).__name__
+    text = " ".join(str(error).split()).split(". ")[0] or type(error).__name__  # the first sentence says it
     local = is_local_source(path)
     missing = _MISSING_FILE.search(text)
     if local and not os.path.exists(os.path.expanduser(os.fspath(path))):
@@ -95,7 +95,7 @@ def describe_load_error(error: BaseException, path: str | os.PathLike) -> str:
     if local and ("huggingface.co" in text or "does not appear to have" in text):
         return f"it has no {missing.group(1)}" if missing else "files are missing from it"
     if not local and ("huggingface.co" in text or "does not appear to have" in text):
-        return f"there is no such local folder, and the hub could not serve it ({text.split('. ')[0].rstrip('.')})"
+        return f"there is no such local folder, and the hub could not serve it ({text.rstrip('.')})"
     if isinstance(error, json.JSONDecodeError):
         return f"one of its JSON files is not valid JSON ({text})"
     from safetensors import SafetensorError

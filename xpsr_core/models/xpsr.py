@@ -87,6 +87,26 @@ class XPSRSettings:
                                        f"(got {problem['input']!r})" for problem in error.errors())) from None
 
 
+def check_trainable_folder(folder: Path) -> dict:
+    """The metadata of an XPSR folder (``save_trainable`` layout), after checking that its parts are there."""
+    meta_file = Path(folder) / TRAINABLE_FILE
+    if not meta_file.is_file():
+        raise UserError(
+            f"{folder} is not an XPSR checkpoint folder: {TRAINABLE_FILE} is missing. Point at a folder written "
+            "by XPSRModel.save_trainable (a training checkpoint's 'xpsr' folder)."
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+        parts = {"controlnet", *meta.get("parts", ())} - {"dfc_heads"}  # the DFC heads are optional at inference
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise UserError(f"{meta_file} is not a valid XPSR settings file ({error}).") from None
+    for part in sorted(parts):
+        if not (Path(folder) / part).is_dir():
+            raise UserError(f"The XPSR folder {folder} has no {part}/ folder (its {TRAINABLE_FILE} needs one); "
+                            "point at a complete folder written by XPSRModel.save_trainable.")
+    return meta
+
+
 def dfc_heads_for(controlnet: XPSRControlNet, settings: XPSRSettings, latent_channels: int) -> Optional[DFCHeads]:
     """Fresh DFC heads for ``controlnet`` as ``settings`` ask (None when both DFC switches are off)."""
     if not (settings.dfc_pixel or settings.dfc_latent):
@@ -227,23 +247,14 @@ class XPSRModel(nn.Module):
         cls, folder: str | Path, unet, with_dfc: bool = True, dtype: Any = None, device: Any = "cpu"
     ) -> "XPSRModel":
         folder = Path(folder)
-        meta_file = folder / TRAINABLE_FILE
-        if not meta_file.is_file():
-            raise UserError(
-                f"{folder} is not an XPSR checkpoint folder: {TRAINABLE_FILE} is missing. Point at a folder written "
-                "by XPSRModel.save_trainable (a training checkpoint's 'xpsr' folder)."
-            )
+        meta = check_trainable_folder(folder)
         try:
-            meta = json.loads(meta_file.read_text())
             settings = XPSRSettings.from_dict(meta.get("settings", {}))
-        except (OSError, ValueError, TypeError) as error:
-            raise UserError(f"{meta_file} is not a valid XPSR settings file ({error}).") from None
+        except (ValueError, TypeError) as error:
+            raise UserError(f"{folder / TRAINABLE_FILE} is not a valid XPSR settings file ({error}).") from None
         dtype = dtype or unet.dtype
 
         def load(part: str, model_cls):
-            if not (folder / part).is_dir():
-                raise UserError(f"The XPSR folder {folder} has no {part}/ folder (its {TRAINABLE_FILE} needs one); "
-                                "point at a complete folder written by XPSRModel.save_trainable.")
             with loading_model(f"the XPSR {part}", folder / part,
                                "Replace it with a complete copy, or point at another checkpoint."):
                 return model_cls.from_pretrained(folder / part, torch_dtype=dtype).to(device)
