@@ -36,7 +36,7 @@ def images_by_stem(folder: Path) -> dict[str, Path]:
 
 def _require_folder(folder: Optional[Path], what: str) -> Path:
     if folder is None or not Path(folder).is_dir():
-        raise UserError(f"The {what} {folder} does not exist or is not a folder.")
+        raise UserError(f"The {what} {image_io.readable_name(str(folder))} does not exist or is not a folder.")
     return Path(folder)
 
 
@@ -46,7 +46,7 @@ def pairs_from_folders(lr_dir: Path, hr_dir: Path, limit: Optional[int] = None) 
     hr_by_stem = images_by_stem(hr_dir)
     lr_files = image_io.find_images(lr_dir)
     if not lr_files:
-        raise UserError(f"{lr_dir} holds no images.")
+        raise UserError(f"{image_io.readable_name(str(lr_dir))} holds no images.")
     pairs: list[Pair] = []
     for path in lr_files[:limit]:
         stem = str(path.relative_to(lr_dir).with_suffix(""))

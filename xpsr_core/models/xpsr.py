@@ -87,8 +87,8 @@ class XPSRSettings:
                                        f"(got {problem['input']!r})" for problem in error.errors())) from None
 
 
-def check_trainable_folder(folder: Path) -> dict:
-    """The metadata of an XPSR folder (``save_trainable`` layout), after checking that its parts are there."""
+def check_trainable_folder(folder: Path) -> XPSRSettings:
+    """The settings of an XPSR folder (``save_trainable`` layout), after checking them and that its parts are there."""
     meta_file = Path(folder) / TRAINABLE_FILE
     if not meta_file.is_file():
         raise UserError(
@@ -97,6 +97,7 @@ def check_trainable_folder(folder: Path) -> dict:
         )
     try:
         meta = json.loads(meta_file.read_text())
+        settings = XPSRSettings.from_dict(meta.get("settings", {}))
         parts = {"controlnet", *meta.get("parts", ())} - {"dfc_heads"}  # the DFC heads are optional at inference
     except (OSError, ValueError, TypeError, AttributeError) as error:
         raise UserError(f"{meta_file} is not a valid XPSR settings file ({error}).") from None
@@ -104,7 +105,7 @@ def check_trainable_folder(folder: Path) -> dict:
         if not (Path(folder) / part).is_dir():
             raise UserError(f"The XPSR folder {folder} has no {part}/ folder (its {TRAINABLE_FILE} needs one); "
                             "point at a complete folder written by XPSRModel.save_trainable.")
-    return meta
+    return settings
 
 
 def dfc_heads_for(controlnet: XPSRControlNet, settings: XPSRSettings, latent_channels: int) -> Optional[DFCHeads]:
@@ -247,11 +248,7 @@ class XPSRModel(nn.Module):
         cls, folder: str | Path, unet, with_dfc: bool = True, dtype: Any = None, device: Any = "cpu"
     ) -> "XPSRModel":
         folder = Path(folder)
-        meta = check_trainable_folder(folder)
-        try:
-            settings = XPSRSettings.from_dict(meta.get("settings", {}))
-        except (ValueError, TypeError) as error:
-            raise UserError(f"{folder / TRAINABLE_FILE} is not a valid XPSR settings file ({error}).") from None
+        settings = check_trainable_folder(folder)
         dtype = dtype or unet.dtype
 
         def load(part: str, model_cls):
