@@ -101,6 +101,7 @@ def run(config: EvaluateConfig) -> dict:
     from xpsr_core.dist import rank_device
     from xpsr_core.evaluation.compare import evaluate_methods, write_evaluation
     from xpsr_core.infer.config import check_model_paths
+    from xpsr_core.io.images import readable_name
     from xpsr_core.io.outputs import mark_finished, prepare_output_dir
     from xpsr_core.metrics import prepare_metrics
 
@@ -128,7 +129,7 @@ def run(config: EvaluateConfig) -> dict:
 
         evaluation = evaluate_methods(pairs, methods, metric_runs, scale=config.scale, out=out, xpsr=xpsr,
                                       device=device, grid_images=config.grid_images, on_pair=on_pair, on_step=on_step)
-    title = f"{Path(config.lr_dir or config.pairs_dir).name}: {len(pairs)} pairs, x{config.scale}"
+    title = f"{readable_name(Path(config.lr_dir or config.pairs_dir).name)}: {len(pairs)} pairs, x{config.scale}"
     report = write_evaluation(out, evaluation, metric_runs, title=title, crop_border=crop)
     report.update(stage=STAGE, out=str(out), seconds=round(time.perf_counter() - started, 3))
     _print_summary(console, report, evaluation)

@@ -106,7 +106,7 @@ def test_wrong_checkpoints_raise_user_errors(tmp_path):
 
     text = tmp_path / "text.pth"
     text.write_text("not a checkpoint")
-    with pytest.raises(UserError, match="could not be read"):
+    with pytest.raises(UserError, match="text.pth: the file is truncated or corrupt"):
         load_rrdbnet(text)
 
     compact = tmp_path / "compact.pth"  # SRVGGNetCompact-style names (realesr-general-x4v3)

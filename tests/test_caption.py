@@ -153,12 +153,12 @@ def test_out_of_memory_splits_the_batch(tiny_models, monkeypatch):
 
 
 def test_missing_or_malformed_model_folder(tmp_path):
-    with pytest.raises(UserError, match="Cannot load a captioner"):
+    with pytest.raises(UserError, match="The captioner folder .*nowhere does not exist"):
         Captioner(tmp_path / "nowhere")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    with pytest.raises(UserError, match="Cannot load a captioner"):
+    with pytest.raises(UserError, match="Could not load a captioner from .*broken"):
         Captioner(broken)
 
 

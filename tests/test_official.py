@@ -160,7 +160,7 @@ def _edit_tensors(folder, part, edit):
         (lambda f: shutil.rmtree(f / "controlnet"), ["no controlnet/ folder"]),
         (
             lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage"),
-            ["Could not read the weights"],
+            ["Could not load the weights", "diffusion_pytorch_model.safetensors", "truncated or corrupt"],
         ),
         (lambda f: (f / "unet" / "config.json").write_text("{"), ["not readable JSON"]),
     ],

@@ -72,7 +72,8 @@ class StageConfig(BaseModel):
         return merged, []
 
     def resolved(self) -> dict:
-        return self.model_dump(mode="json")
+        """The config as JSON values; paths of non-UTF-8 bytes readable (\\xNN), so it can be printed and saved."""
+        return _readable(self.model_dump(mode="json"))
 
     def output_settings(self) -> dict:
         runtime = {
@@ -85,6 +86,18 @@ class StageConfig(BaseModel):
     def output_hash(self) -> str:
         text = json.dumps(self.output_settings(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _readable(value: Any) -> Any:
+    from .io.images import readable_name
+
+    if isinstance(value, str):
+        return readable_name(value)
+    if isinstance(value, dict):
+        return {_readable(k): _readable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_readable(v) for v in value]
+    return value
 
 
 Config = TypeVar("Config", bound=StageConfig)

@@ -23,7 +23,6 @@ from typing import Literal, NamedTuple, Optional, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import crops as cropping
-from .errors import UserError
 from .io import images
 from .io.shards import TarShardWriter, index_path, sample_key, tar_path, write_stats
 from .seeding import numpy_rng
@@ -82,18 +81,8 @@ def list_inputs(sources: Sequence[ShardInput], skipped: Counter | None = None) -
     files = []
     for source in sources:
         root = Path(source.path)
-        if not root.is_dir():
-            raise UserError(f"Input folder {root} (dataset '{source.dataset}') does not exist or is not a folder.")
-        try:
-            entries, other = images.walk_inputs(root)
-        except OSError as error:
-            raise UserError(f"Cannot list the input folder {root} (dataset '{source.dataset}'): "
-                            f"{error.strerror or error}.") from None
+        entries, other = images.walk_folder(root, "input folder", f" (dataset '{source.dataset}')")
         entries = entries[: source.limit]
-        if not entries:
-            skipped_here = f"; skipped: {', '.join(f'{k}={v}' for k, v in sorted(other.items()))}" if other else ""
-            raise UserError(f"Input folder {root} (dataset '{source.dataset}') holds no images "
-                            f"(jpg, png, webp, tiff, bmp){skipped_here}.")
         if skipped is not None:
             skipped.update(other)
         files.extend(InputFile(source.dataset, root, e.relative, e.status, e.error) for e in entries)

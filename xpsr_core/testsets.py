@@ -100,19 +100,6 @@ def _listing(items: Iterable[str], limit: int = LISTED_PER_PROBLEM) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def _walk(root: Path, what: str) -> tuple[list[images.WalkEntry], Counter]:
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"The {what} {root} does not exist or is not a folder.")
-    try:
-        entries, skipped = images.walk_inputs(root)
-    except OSError as error:
-        raise UserError(f"Cannot list the {what} {root}: {error.strerror or error}.") from None
-    if not entries:
-        raise UserError(f"The {what} {root} holds no images (jpg, png, webp, tiff, bmp).")
-    return entries, skipped
-
-
 def _load(root: Path, entry: images.WalkEntry, max_pixels: int) -> images.DecodedImage:
     if entry.status is not None:  # the walk found it unusable (broken link, loop, not a file, unreadable folder)
         raise images.ImageRejected(entry.status, entry.error)
@@ -227,7 +214,7 @@ def read_source_images(
     listed = []
     skipped: Counter = Counter()
     for root in hr_dirs:
-        entries, other = _walk(root, "HR image folder")
+        entries, other = images.walk_folder(root, "HR image folder")
         listed.extend((Path(root), entry) for entry in entries)
         skipped.update(other)
     usable, failed = [], []
@@ -242,7 +229,7 @@ def read_source_images(
             usable.append(
                 SourceImage(root, entry.relative, width, height, decoded.source_mode, decoded.exif_transposed))
         except images.ImageRejected as rejected:
-            failed.append({"source": images.readable_name(entry.relative), "folder": str(root),
+            failed.append({"source": images.readable_name(entry.relative), "folder": images.readable_name(str(root)),
                            "status": rejected.status, "error": rejected.message})
         if progress is not None:
             progress("reading HR images", number, len(listed))
@@ -266,7 +253,7 @@ def _cut_synthetic_crops(sources: list[SourceImage], keys: list[tuple[int, str]]
             meta = {
                 "key": key,
                 "source": source.shown,
-                "source_folder": source.root.name,
+                "source_folder": images.readable_name(source.root.name),
                 "source_size": [source.width, source.height],
                 "source_mode": source.mode,
                 "exif_transposed": source.exif_transposed,
@@ -321,6 +308,8 @@ class _SyntheticShardBuilder:
         crops = _cut_synthetic_crops(self.sources, [(i, synthetic_key(i)) for i in items], hr_size=self.hr_size,
                                      hflip=self.hflip, seed=self.seed, max_pixels=self.max_pixels)
         meta_by_key = {key: meta for key, _, meta in crops}
+        # a source name's exact bytes (the readable one, \\xNN for non-UTF-8 bytes, is "source")
+        exact_by_key = {synthetic_key(i): os.fsencode(self.sources[i % len(self.sources)].relative) for i in items}
         rows = []
         with TarShardWriter(tar_path(self.out, shard)) as writer:
             results = self.degrade_crops([(key, hr) for key, hr, _ in crops], settings=self.settings, seed=self.seed,
@@ -331,6 +320,7 @@ class _SyntheticShardBuilder:
                         "degradation": result.params}
                 writer.write(result.key, _sample_fields(result.lr, result.hr, meta))
                 rows.append({"key": result.key, "status": OK, "error": "", "source": meta["source"],
+                             "source_bytes": exact_by_key[result.key],
                              **{f"deg.{name}": value for name, value in result.params.items()}})
                 written(writer.count)
         _write_index(self.out, shard, sorted(rows, key=lambda row: row["key"]))
@@ -502,8 +492,8 @@ def match_pairs(*, lr_dir: Path, hr_dir: Path, lr_size: int, scale: int, lr_suff
     whose HR is not ``scale`` x the LR (``size_mismatch``), LR images under ``lr_size`` (``too_small``), and LR
     names too long for a tar header (``name_too_long``).
     """
-    lr_entries, _ = _walk(lr_dir, "LR image folder")
-    hr_entries, _ = _walk(hr_dir, "HR image folder")
+    lr_entries, _ = images.walk_folder(lr_dir, "LR image folder")
+    hr_entries, _ = images.walk_folder(hr_dir, "HR image folder")
     problems: dict[str, list[str]] = {}
     candidates = _one_to_one(_group_by_name(lr_entries, hr_entries, lr_suffix, hr_suffix), problems)
     pairs = []
@@ -585,7 +575,9 @@ class _PairedShardBuilder:
                 lr_tile, hr_tile, meta = self._crop(pair)
                 writer.write(pair.key, _sample_fields(lr_tile, hr_tile, meta))
                 rows.append({"key": pair.key, "status": OK, "error": "", "name": meta["name"],
-                             "lr_source": meta["lr_source"], "hr_source": meta["hr_source"]})
+                             "lr_source": meta["lr_source"], "hr_source": meta["hr_source"],
+                             "lr_source_bytes": os.fsencode(pair.lr_relative),
+                             "hr_source_bytes": os.fsencode(pair.hr_relative)})
                 written(writer.count)
         _write_index(self.out, shard, rows)
         write_stats(self.out, shard, _shard_stats(shard, writer.count))

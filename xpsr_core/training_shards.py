@@ -58,7 +58,12 @@ def _read_captions(captions_dir: Path, shard: int) -> dict[str, dict]:
     path = index_path(captions_dir, shard)
     if not path.is_file():
         return {}
-    return {row["key"]: row for row in pq.read_table(path).to_pylist()}
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise UserError(f"Cannot read the caption manifest {path}: {' '.join(str(error).split())} "
+                        "Caption the pairs again (`xpsr caption --overwrite`).") from error
+    return {row["key"]: row for row in table.to_pylist()}
 
 
 def plan_join(settings: EmbedSettings, pairs_dir: Path, captions_dir: Path, n_shards: int) -> dict[int, list[str]]:

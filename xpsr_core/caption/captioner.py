@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -117,21 +118,21 @@ class Captioner:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from ..models.loading import is_local_source, loading_model
+
         self.model_id = str(model)
         self.settings = settings or GenerationSettings()
         self.device = device
         remote = {"trust_remote_code": True} if trust_remote_code else {}
-        try:
+        hint = ("It must be an image-text-to-text model folder in the Hugging Face layout (config.json, weights, "
+                "processor and tokenizer files with a chat template), e.g. llava-hf/llava-1.5-7b-hf; "
+                "`xpsr models tiny --out DIR` builds a tiny one.")
+        if is_local_source(model) and not Path(os.path.expanduser(str(model))).is_dir():
+            raise UserError(f"The captioner folder {model} does not exist. {hint}")
+        # TypeError: a processor or model class that rejects the folder's recorded arguments
+        with loading_model("a captioner", model, hint, also=(TypeError,)):
             self.processor = AutoProcessor.from_pretrained(model, **remote)
             self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype), **remote)
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise UserError(
-                f"Cannot load a captioner from {model}: "
-                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}. "
-                "It must be an image-text-to-text model folder in the Hugging Face layout (config.json, weights, "
-                "processor and tokenizer files with a chat template), e.g. llava-hf/llava-1.5-7b-hf; "
-                "`xpsr models tiny --out DIR` builds a tiny one."
-            ) from None
         tokenizer = getattr(self.processor, "tokenizer", None)
         has_template = getattr(self.processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
         if tokenizer is None or not has_template:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import ConfigDict, Field
 
 from ..config import DeviceName, device_field, runtime_field
-from ..errors import UserError
 from ..io.shards import index_path, read_shard, tar_path, write_stats
 from ..sharded import Status, shard_stats, write_index
 from .captioner import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION, GenerationSettings
@@ -77,11 +77,14 @@ class CaptionSettings(GenerationSettings):
         return CAPTION_KINDS + ((HR_KIND,) if hr else ())
 
 
-def manifest_schema(separate_quality: bool = False, hr: bool = False):
-    """The manifest's columns; ``separate_quality``/``hr`` add those of the quality_model/caption_hr options."""
+def manifest_schema(separate_quality: bool = False, hr: bool = False, folder: bool = False):
+    """The manifest's columns; ``separate_quality``/``hr`` add those of the quality_model/caption_hr options,
+    ``folder`` (a manifest of an image folder) the exact bytes of each file's relative path, ``source_bytes``."""
     import pyarrow as pa
 
     columns = [("key", pa.string()), ("shard", pa.int64()), ("dataset", pa.string()), ("source", pa.string())]
+    if folder:
+        columns.append(("source_bytes", pa.binary()))
     for kind in CAPTION_KINDS + ((HR_KIND,) if hr else ()):
         columns += [(f"{kind}_caption", pa.string()), (f"{kind}_clip_tokens", pa.int64()),
                     (f"{kind}_truncated", pa.bool_())]
@@ -251,27 +254,33 @@ def caption_shard(settings: CaptionSettings, in_dir: Path, out_dir: Path, shard:
 
 
 def caption_folder(settings: CaptionSettings, folder: Path, out_file: Path) -> dict:
-    """Caption every image below ``folder`` (keyed by sorted order) into one manifest file; returns its stats."""
+    """Caption every image below ``folder`` (keyed by sorted order) into one manifest file; returns its stats.
+
+    The input walk is the shard stage's (``walk_inputs``): unreadable paths get rows with their status, and a row's
+    ``source`` is readable (non-UTF-8 bytes as \\xNN) with ``source_bytes`` its exact relative path.
+    """
     from PIL import Image
 
     from ..io import images as image_io
 
-    if not folder.is_dir():
-        raise UserError(f"Image folder {folder} does not exist or is not a folder.")
-    files = image_io.find_images(folder)
-    if not files:
-        raise UserError(f"Image folder {folder} holds no images (jpg, png, webp, tiff, bmp).")
+    entries, _ = image_io.walk_folder(folder, "image folder")
     rows: list[dict] = []
-    for start in range(0, len(files), settings.batch_size):  # decode lazily: one batch in memory at a time
+    for start in range(0, len(entries), settings.batch_size):  # decode lazily: one batch in memory at a time
         items = []
-        for index, path in enumerate(files[start : start + settings.batch_size], start):
-            item = {"key": f"{index:010d}", "shard": None, "dataset": folder.name,
-                    "source": path.relative_to(folder).as_posix()}
+        for index, entry in enumerate(entries[start : start + settings.batch_size], start):
+            item = {"key": f"{index:010d}", "shard": None, "dataset": image_io.readable_name(folder.name),
+                    "source": image_io.readable_name(entry.relative)}
             try:
-                item["image"] = Image.fromarray(image_io.load_image(path, image_io.DEFAULT_MAX_PIXELS).pixels)
+                if entry.status is not None:
+                    raise image_io.ImageRejected(entry.status, entry.error)
+                pixels = image_io.load_image(folder / entry.relative, image_io.DEFAULT_MAX_PIXELS).pixels
+                item["image"] = Image.fromarray(pixels)
             except image_io.ImageRejected as rejected:
                 item.update(status=rejected.status, error=rejected.message)
             items.append(item)
-        rows.extend(caption_items(settings, items))  # no HR images here: caption_hr applies to pair shards
-    write_index(out_file, rows, manifest_schema(settings.separate_quality))
+        captioned = caption_items(settings, items)  # no HR images here: caption_hr applies to pair shards
+        for row, entry in zip(captioned, entries[start : start + settings.batch_size]):
+            row["source_bytes"] = os.fsencode(entry.relative)
+        rows.extend(captioned)
+    write_index(out_file, rows, manifest_schema(settings.separate_quality, folder=True))
     return manifest_stats(0, rows)

@@ -60,11 +60,10 @@ def read_rrdbnet_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"Real-ESRGAN checkpoint {path} does not exist; put RealESRGAN_x4plus.pth (or another RRDBNet "
                         "checkpoint) there or point the configuration at it.")
-    try:
+    from ..models.loading import loading_model
+
+    with loading_model("the Real-ESRGAN checkpoint", path, "Is it a complete .pth download?"):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"Real-ESRGAN checkpoint {path} could not be read as a torch file "
-                        f"({type(error).__name__}: {error}); is it a complete .pth download?") from error
     if isinstance(checkpoint, Mapping):
         for name in ("params_ema", "params"):
             if name in checkpoint:

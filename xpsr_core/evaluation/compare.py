@@ -111,7 +111,10 @@ def _run_method(method: MethodSpec, upscale, pairs: list[Pair], metric_runs, out
                 grid_outputs: dict, on_pair: Optional[PairCallback]) -> list[dict]:
     rows = []
     for index, pair in enumerate(pairs):
-        row = {"key": pair.key, "method": method.name, "status": "ok", "error": "", "seconds": None}
+        row = {"key": image_io.readable_name(pair.key), "method": method.name, "status": "ok", "error": "",
+               "seconds": None}
+        if pair.key_bytes is not None:  # a folder's file name, which may not be UTF-8: its exact bytes too
+            row["key_bytes"] = pair.key_bytes
         if pair.error is not None:
             row.update(status="error", error=pair.error)
         else:

@@ -7,6 +7,7 @@ its key and an ``error``, so it is reported rather than silently dropped.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,8 +21,9 @@ from ..io.shards import read_shard, require_finished, tar_path
 
 @dataclass
 class Pair:
-    key: str  # the shard key, or the LR file's relative path without extension
+    key: str  # the shard key, or the LR file's relative path without extension (non-UTF-8 bytes as surrogates)
     name: str  # the LR file's relative path (folders) or the key (shards)
+    key_bytes: Optional[bytes] = None  # folders: the key's exact bytes (tables show ``key`` readable, \xNN)
     lr: Optional[np.ndarray] = None  # H x W x 3 uint8
     hr: Optional[np.ndarray] = None  # (scale H) x (scale W) x 3 uint8
     error: Optional[str] = None
@@ -34,7 +36,7 @@ def images_by_stem(folder: Path) -> dict[str, Path]:
 
 def _require_folder(folder: Optional[Path], what: str) -> Path:
     if folder is None or not Path(folder).is_dir():
-        raise UserError(f"The {what} {folder} does not exist or is not a folder.")
+        raise UserError(f"The {what} {image_io.readable_name(str(folder))} does not exist or is not a folder.")
     return Path(folder)
 
 
@@ -44,13 +46,13 @@ def pairs_from_folders(lr_dir: Path, hr_dir: Path, limit: Optional[int] = None) 
     hr_by_stem = images_by_stem(hr_dir)
     lr_files = image_io.find_images(lr_dir)
     if not lr_files:
-        raise UserError(f"{lr_dir} holds no images.")
+        raise UserError(f"{image_io.readable_name(str(lr_dir))} holds no images.")
     pairs: list[Pair] = []
     for path in lr_files[:limit]:
         stem = str(path.relative_to(lr_dir).with_suffix(""))
-        pair = Pair(key=stem, name=path.relative_to(lr_dir).as_posix())
+        pair = Pair(key=stem, name=path.relative_to(lr_dir).as_posix(), key_bytes=os.fsencode(stem))
         if stem not in hr_by_stem:
-            pair.error = f"no HR image for {stem} in {hr_dir}"
+            pair.error = f"no HR image for {image_io.readable_name(stem)} in {image_io.readable_name(str(hr_dir))}"
         else:
             try:
                 pair.lr = image_io.load_image(path, image_io.DEFAULT_MAX_PIXELS).pixels
@@ -105,5 +107,6 @@ def match_images(folder: Path, pairs: list[Pair]) -> dict[str, Path | str]:
         unique = by_file_stem.get(Path(pair.name).stem, [])
         if len(unique) == 1:  # a flat folder of results named like the LR files
             candidates.append(unique[0])
-        found[pair.key] = next((c for c in candidates if c is not None), f"no image for {pair.key} in {folder}")
+        missing = f"no image for {image_io.readable_name(pair.key)} in {image_io.readable_name(str(folder))}"
+        found[pair.key] = next((c for c in candidates if c is not None), missing)
     return found

@@ -88,9 +88,9 @@ def _decoded_entry(path: Path, name: str, stem: str) -> dict:
 
     item = {"path": path, "name": image_io.readable_name(name), "stem": stem}
     try:
-        item["image"] = Image.fromarray(image_io.load_image(path, image_io.DEFAULT_MAX_PIXELS).pixels)
+        item["image"] = Image.fromarray(image_io.load_sr_input(path).pixels)
     except image_io.ImageRejected as rejected:
-        item.update(status=rejected.status, error=rejected.message)
+        item.update(status=rejected.status, error=f"{rejected.status}: {rejected.message}")
     return item
 
 

@@ -165,6 +165,11 @@ def check_model_paths(config: SRModelConfig) -> None:
     if config.pipeline:
         if not Path(config.pipeline).is_dir():
             raise UserError(f"The pipeline folder {config.pipeline} does not exist.")
+        from ..models.xpsr import check_trainable_folder
+        from .pipeline import XPSR_SUBFOLDER
+
+        check_base_model(config.pipeline)  # every SD component, then the XPSR parts, before any captioning
+        check_trainable_folder(Path(config.pipeline) / XPSR_SUBFOLDER)
         return
     check_base_model(config.base_model)
     if config.xpsr and not Path(os.path.expanduser(config.xpsr)).exists():

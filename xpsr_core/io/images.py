@@ -25,6 +25,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+# an LR image to super-resolve needs this many pixels on its shorter side: below it there is no picture to
+# enlarge (a 1x1 pixel, a tracking dot) and x4 gives less than one 32 px output tile of the VAE's 8 px latent grid
+MIN_SR_SIDE = 8
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 
 # statuses recorded in shard indexes
@@ -123,6 +126,24 @@ def walk_inputs(root: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> tuple
     return entries, skipped
 
 
+def walk_folder(root: Path, what: str, detail: str = "") -> tuple[list[WalkEntry], Counter]:
+    """``walk_inputs`` of a folder the user named as the ``what`` (e.g. "HR folder"; ``detail`` follows its path):
+    a ``UserError`` when it is missing, cannot be listed or holds no images."""
+    from ..errors import UserError
+
+    named = f"the {what} {readable_name(str(root))}{detail}"
+    if not Path(root).is_dir():
+        raise UserError(f"{named[0].upper()}{named[1:]} does not exist or is not a folder.")
+    try:
+        entries, skipped = walk_inputs(root)
+    except OSError as error:
+        raise UserError(f"Cannot list {named}: {error.strerror or error}.") from None
+    if not entries:
+        others = f"; skipped: {', '.join(f'{k}={v}' for k, v in sorted(skipped.items()))}" if skipped else ""
+        raise UserError(f"{named[0].upper()}{named[1:]} holds no images (jpg, png, webp, tiff, bmp){others}.")
+    return entries, skipped
+
+
 def _kind(entry) -> tuple[str, tuple[str, str] | None]:
     """(file | dir | linked_dir | not_a_file, (status, error) when the path is unusable)."""
     try:
@@ -216,8 +237,18 @@ def _orientation(image: Image.Image) -> int | None:
         return None
 
 
-def load_image(path: Path, max_pixels: int) -> DecodedImage:
-    return decode_image(read_file_bytes(path), max_pixels)
+def load_image(path: Path, max_pixels: int, min_side: int = 1) -> DecodedImage:
+    """Read and decode one file; an image whose shorter side is under ``min_side`` px is rejected as too small."""
+    decoded = decode_image(read_file_bytes(path), max_pixels)
+    height, width = decoded.pixels.shape[:2]
+    if min(width, height) < min_side:
+        raise ImageRejected(TOO_SMALL, f"{width}x{height} is under the minimum {min_side} px on a side")
+    return decoded
+
+
+def load_sr_input(path: Path) -> DecodedImage:
+    """An LR image to super-resolve: decoded like every input, and at least ``MIN_SR_SIDE`` px on a side."""
+    return load_image(path, DEFAULT_MAX_PIXELS, min_side=MIN_SR_SIDE)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -39,6 +39,7 @@ import torch
 
 from ..errors import UserError
 from ..io.atomic import share_per_umask
+from .loading import loading_model
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 AUTHORS_DIFFUSERS_VERSION = "0.21.4"
@@ -84,17 +85,12 @@ def _weights_file(folder: Path) -> Path:
 
 def load_tensors(path: Path) -> dict:
     """A ``save_pretrained`` weights file (safetensors or a torch pickle) as a CPU state dict."""
-    try:
+    with loading_model("the weights", path, "Copy the authors' checkpoint again: the file is incomplete."):
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt or truncated files raise many types
-        raise UserError(
-            f"Could not read the weights in {path}: "
-            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}."
-        ) from None
 
 
 def _read_config(folder: Path) -> dict:

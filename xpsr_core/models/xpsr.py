@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..io.atomic import share_per_umask
 from .controlnet import XPSRControlNet
 from .dfc import DFC_WEIGHT, DFCHeads, DFCLoss
-from .loading import BaseSD, channels_last_on_cpu, load_base_sd
+from .loading import BaseSD, channels_last_on_cpu, load_base_sd, loading_model
 from .unet import XPSRConditionalAttention, xpsr_unet_forward
 
 TRAINABLE_FILE = "xpsr.json"
@@ -86,6 +86,27 @@ class XPSRSettings:
         except ValidationError as error:
             raise ValueError("; ".join(f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']} "
                                        f"(got {problem['input']!r})" for problem in error.errors())) from None
+
+
+def check_trainable_folder(folder: Path) -> XPSRSettings:
+    """The settings of an XPSR folder (``save_trainable`` layout), after checking them and that its parts are there."""
+    meta_file = Path(folder) / TRAINABLE_FILE
+    if not meta_file.is_file():
+        raise UserError(
+            f"{folder} is not an XPSR checkpoint folder: {TRAINABLE_FILE} is missing. Point at a folder written "
+            "by XPSRModel.save_trainable (a training checkpoint's 'xpsr' folder)."
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+        settings = XPSRSettings.from_dict(meta.get("settings", {}))
+        parts = {"controlnet", *meta.get("parts", ())} - {"dfc_heads"}  # the DFC heads are optional at inference
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise UserError(f"{meta_file} is not a valid XPSR settings file ({error}).") from None
+    for part in sorted(parts):
+        if not (Path(folder) / part).is_dir():
+            raise UserError(f"The XPSR folder {folder} has no {part}/ folder (its {TRAINABLE_FILE} needs one); "
+                            "point at a complete folder written by XPSRModel.save_trainable.")
+    return settings
 
 
 def dfc_heads_for(controlnet: XPSRControlNet, settings: XPSRSettings, latent_channels: int) -> Optional[DFCHeads]:
@@ -229,25 +250,13 @@ class XPSRModel(nn.Module):
         cls, folder: str | Path, unet, with_dfc: bool = True, dtype: Any = None, device: Any = "cpu"
     ) -> "XPSRModel":
         folder = Path(folder)
-        meta_file = folder / TRAINABLE_FILE
-        if not meta_file.is_file():
-            raise UserError(
-                f"{folder} is not an XPSR checkpoint folder: {TRAINABLE_FILE} is missing. Point at a folder written "
-                "by XPSRModel.save_trainable (a training checkpoint's 'xpsr' folder)."
-            )
-        try:
-            meta = json.loads(meta_file.read_text())
-            settings = XPSRSettings.from_dict(meta.get("settings", {}))
-        except (OSError, ValueError, TypeError) as error:
-            raise UserError(f"{meta_file} is not a valid XPSR settings file ({error}).") from None
+        settings = check_trainable_folder(folder)
         dtype = dtype or unet.dtype
 
         def load(part: str, model_cls):
-            try:
+            with loading_model(f"the XPSR {part}", folder / part,
+                               "Replace it with a complete copy, or point at another checkpoint."):
                 return model_cls.from_pretrained(folder / part, torch_dtype=dtype).to(device)
-            except (OSError, ValueError, KeyError, RuntimeError) as error:
-                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise UserError(f"Could not load the XPSR {part} from {folder / part}: {first}.") from None
 
         controlnet = load("controlnet", XPSRControlNet)
         conditional = (
