@@ -28,13 +28,13 @@ class LoggedProgress(Progress):
 
     def __init__(self, *columns, describe: Callable[[], str] | None = None, defer_report: bool = False, **kwargs):
         """``defer_report``: the plain lines start at ``start_report()`` (after forking workers, not before)."""
-        from xpsr_core.dist import rank_and_world
+        from xpsr_core.dist import process_rank_and_world
 
         self.plain = not console.is_terminal
         super().__init__(*columns, disable=self.plain, **kwargs)
         self._describe = describe
         self._reporter = None
-        self._report = self.plain and rank_and_world()[0] == 0
+        self._report = self.plain and process_rank_and_world()[0] == 0  # each array task logs its own
         self._defer = defer_report
 
     def plain_lines(self) -> str:

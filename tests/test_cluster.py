@@ -224,3 +224,17 @@ def test_training_refuses_an_srun_step_without_a_launcher(tmp_path):
     result = run_xpsr("train", "--max-train-steps", "1", cwd=tmp_path,
                       env={"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"})
     assert_one_line_error(result, "srun step of 2 tasks without torchrun", "--nnodes")
+
+
+def test_each_task_of_an_array_of_training_runs_prepares_its_own_folder(tiny_models, train_shards, tmp_path,
+                                                                        monkeypatch):
+    """An array task after the first is its own training run: it must not wait for array task 0 to prepare it."""
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    assert rank_and_world() == (1, 2)
+    config = make_config(tiny_models, train_shards, tmp_path / "run-1", max_train_steps=1)
+    started = time.monotonic()
+    train_stage.prepare_run_dir(config)
+    assert time.monotonic() - started < 30
+    assert json.loads((tmp_path / "run-1" / "config.json").read_text())["config_hash"] == config.output_hash()

@@ -272,12 +272,15 @@ def mark_finished(folder: Path) -> None:
 
 def prepare_output_dir(
     folder: Path, stage: str, config: StageConfig, overwrite: bool = False, wait_seconds: float = 600,
-    claims: Sequence[str] = (),
+    claims: Sequence[str] = (), ranks: tuple[int, int] | None = None,
 ) -> Path:
     """Make ``folder`` ready for ``stage`` under ``config``; refuse to mix outputs of different configs or code,
     or to take a folder holding files xpsr did not write (except for stages of ``SHARES_FOLDER``).
 
     ``claims``: the names (``NAME/``: folders) the stage will write there without ``io.atomic`` (see ``claim``).
+    ``ranks``: (rank, world) of the processes that fill this folder together; by default the shard split's
+    (``dist.rank_and_world``, SLURM array tasks included). Training passes its own job's ranks: each task of an
+    array of training runs prepares its own folder.
 
     Under a multi-process launcher only rank 0 checks, clears and records the folder; the other
     ranks wait until the record shows this config, so no rank deletes another's fresh work.
@@ -287,7 +290,7 @@ def prepare_output_dir(
 
     folder = ensure_writable_dir(folder)
     fingerprint = stage_fingerprint(stage)
-    rank, world = rank_and_world()
+    rank, world = ranks or rank_and_world()
     if rank > 0 and world > 1:
         return _wait_for_rank_zero(folder, config, fingerprint, rank, wait_seconds)
     record = read_record(folder)
