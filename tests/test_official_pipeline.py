@@ -116,7 +116,7 @@ def test_recipe_overlay_keeps_the_run_and_takes_the_recipe():
         params["train"]["mixed_precision"] == "no"
         and params["train"]["max_train_steps"] == default["train"]["max_train_steps"]
     )
-    assert params["caption"]["dtype"] == "float32" and params["caption"]["device"] == "cpu"
+    assert params["caption"]["dtype"] == "float32" and params["caption"]["device"] == "auto"
     # the recipe is the authors'
     for section, names in RECIPE_KEYS.items():
         for key in names:

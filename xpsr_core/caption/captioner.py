@@ -118,7 +118,7 @@ class Captioner:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from ..models.loading import is_local_source, loading_model
+        from ..io.model_files import is_local_source, loading_model
 
         self.model_id = str(model)
         self.settings = settings or GenerationSettings()

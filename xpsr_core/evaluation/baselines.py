@@ -60,7 +60,7 @@ def read_rrdbnet_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"Real-ESRGAN checkpoint {path} does not exist; put RealESRGAN_x4plus.pth (or another RRDBNet "
                         "checkpoint) there or point the configuration at it.")
-    from ..models.loading import loading_model
+    from ..io.model_files import loading_model
 
     with loading_model("the Real-ESRGAN checkpoint", path, "Is it a complete .pth download?"):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

@@ -39,7 +39,7 @@ import torch
 
 from ..errors import UserError
 from ..io.atomic import share_per_umask
-from .loading import loading_model
+from ..io.model_files import loading_model
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 AUTHORS_DIFFUSERS_VERSION = "0.21.4"

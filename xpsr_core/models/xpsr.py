@@ -27,9 +27,10 @@ from torch import nn
 
 from ..errors import UserError
 from ..io.atomic import share_per_umask
+from ..io.model_files import loading_model
 from .controlnet import XPSRControlNet
 from .dfc import DFC_WEIGHT, DFCHeads, DFCLoss
-from .loading import BaseSD, channels_last_on_cpu, load_base_sd, loading_model
+from .loading import BaseSD, channels_last_on_cpu, load_base_sd
 from .unet import XPSRConditionalAttention, xpsr_unet_forward
 
 TRAINABLE_FILE = "xpsr.json"
