@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 from pydantic import Field, field_validator
 
@@ -22,7 +23,9 @@ DEMO_IMAGES = (
 
 class DemoDataConfig(StageConfig):
     out: Path = runtime_field(Path("data/raw/demo"), "Folder for the training photographs.")
-    val_out: Path = runtime_field(Path("data/raw/demo-val"), "Folder for the held-out validation photographs.")
+    val_out: Optional[Path] = runtime_field(
+        None, "Folder for the held-out validation photographs (default: OUT-val beside --out)."
+    )
     images: list[str] = Field(default=list(DEMO_IMAGES), min_length=1, description="scikit-image sample names.")
     val_images: list[str] = Field(
         default=["coffee", "chelsea"], description="Held out of training, written to val_out."
@@ -56,13 +59,20 @@ def load_sample(name: str):
     return np.ascontiguousarray(pixels[..., :3].astype(np.uint8))
 
 
+def validation_folder(config: DemoDataConfig) -> Path:
+    """Where the held-out photographs go: ``val_out``, else a sibling of ``out`` (data/raw/demo -> data/raw/demo-val),
+    so that ``--out`` alone keeps everything the command writes beside the folder the user named."""
+    out = Path(config.out)
+    return config.val_out if config.val_out is not None else out.with_name(out.name + "-val")
+
+
 def run(config: DemoDataConfig) -> dict:
     started = time.perf_counter()
     held_out = set(config.val_images)
     counts = {}
     for folder, names in (
         (config.out, [n for n in config.images if n not in held_out]),
-        (config.val_out, config.val_images),
+        (validation_folder(config), config.val_images),
     ):
         if not names:
             continue

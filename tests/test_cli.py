@@ -150,3 +150,12 @@ def test_every_params_file_resolves_for_every_stage():
     paper = load_params(root / "params-paper.yaml")
     assert paper["train"]["learning_rate"] == 5e-5 and paper["train"]["weight_decay"] == 0.01
     assert paper["shard"]["crop_size"] == 512 and paper["train"]["dfc_weight"] == 0.05
+
+
+def test_demo_data_out_alone_keeps_the_held_out_photographs_beside_it(tmp_path):
+    result = invoke("demo-data", "--out", "mine/photos", "--set", "images=[astronaut,coffee]",
+                    "--set", "val_images=[coffee]")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"], "nothing written outside the folder named"
+    assert [p.name for p in (tmp_path / "mine" / "photos").glob("*.png")] == ["astronaut.png"]
+    assert [p.name for p in (tmp_path / "mine" / "photos-val").glob("*.png")] == ["coffee.png"]
