@@ -70,7 +70,7 @@ def _launcher_rank(env: Mapping[str, str]) -> tuple[int, int] | None:
     step = slurm_step_tasks(env)
     if step is not None and step[1] > 1:
         task, tasks = step
-        if "GROUP_WORLD_SIZE" in env:  # torchrun: one agent per SLURM task, all in one rendezvous
+        if "GROUP_WORLD_SIZE" in env:  # torchrun: one launcher per SLURM task, all in one rendezvous
             groups = _int_var(env, "GROUP_WORLD_SIZE")
             if groups != tasks:
                 raise UserError(

@@ -33,6 +33,7 @@ from typing import Sequence
 from ..config import StageConfig
 from ..errors import UserError
 from .atomic import TMP_MARK, atomic_write_json, remove_temporaries
+from .images import readable_name
 
 CONFIG_FILE = "config.json"
 LEDGER_FILE = "ledger.jsonl"
@@ -187,7 +188,7 @@ def _legacy_sr_files(folder: Path, files: list[str]) -> set[str]:
         except (OSError, ValueError, AttributeError):
             continue
         png = relative[: -len(".json")] + ".png"
-        if output == _readable(png) and png in present:
+        if output == readable_name(png) and png in present:
             owned |= {relative, png}
     return owned
 
@@ -210,7 +211,7 @@ class Ownership:
         self.foreign = [f for f in files if f not in self.owned_set]
 
     def describe_foreign(self) -> str:
-        shown = ", ".join(_readable(f) for f in self.foreign[:SHOWN_FOREIGN])
+        shown = ", ".join(readable_name(f) for f in self.foreign[:SHOWN_FOREIGN])
         more = len(self.foreign) - SHOWN_FOREIGN
         return shown + (f" and {more} more" if more > 0 else "")
 
@@ -218,10 +219,6 @@ class Ownership:
 def _is_scratch(relative: str) -> bool:
     name = relative.rpartition("/")[2]
     return TMP_MARK in name or name.startswith(WRITE_PROBE)
-
-
-def _readable(relative: str) -> str:
-    return os.fsencode(relative).decode("utf-8", "backslashreplace")
 
 
 def remove_owned(folder: Path, owned: list[str]) -> int:
