@@ -80,7 +80,7 @@ def test_the_sr_captioner_answers_the_configured_instructions(monkeypatch):
     from PIL import Image
 
     import xpsr_core.caption
-    from xpsr_core.caption.captioner import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION
+    from xpsr_core.caption.settings import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION
     from xpsr_core.infer.config import SRModelConfig
     from xpsr_core.infer.inputs import caption_images
 
@@ -109,7 +109,7 @@ def test_the_sr_captioner_answers_the_configured_instructions(monkeypatch):
 @pytest.mark.parametrize("name", PARAMS_FILES)
 def test_params_files_state_shared_values_once(name):
     from stages import evaluate, sr
-    from xpsr_core.caption.captioner import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION
+    from xpsr_core.caption.settings import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION
     from xpsr_core.config import load_params, resolve_config
 
     params = load_params(ROOT / name)

@@ -9,46 +9,12 @@ left-padded, so a batch of B images is one generate() call over 2B prompts.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from ..errors import UserError
-
-# The paper's two instructions (section 3.3).
-CONTENT_INSTRUCTION = "Please provide a descriptive summary of the content of this image"
-QUALITY_INSTRUCTION = (
-    "Please describe the quality of this image and evaluate it based on factors such as clarity, color, noise, "
-    "and lighting"
-)
-
-
-class GenerationSettings(BaseModel):
-    """How captions are decoded: the arguments of generate() (frozen, so loaded captioners can be cached by them)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    max_new_tokens: int = Field(128, ge=1, le=4096, description="Most tokens generated per caption.")
-    do_sample: bool = Field(False, description="Sample the tokens (the caption stage seeds each caption by its key "
-                            "and kind); off: greedy decoding, so reruns are identical.")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature when sampling.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: draw from the smallest set of tokens whose "
-                         "probabilities reach top_p (1: all tokens).")
-    num_beams: int = Field(1, ge=1, description="Beam search width (1: no beam search).")
-    repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already generated (1: none; above 1 "
-                                      "discourages repeats).")
-
-    def generate_kwargs(self) -> dict:
-        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams,
-                  "repetition_penalty": self.repetition_penalty}
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        return kwargs
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(), sort_keys=True)
+from .settings import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION, GenerationSettings  # noqa: F401 (re-exported)
 
 
 class SeededSampler:

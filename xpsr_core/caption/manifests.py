@@ -22,59 +22,14 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Literal, Optional
 
-from pydantic import ConfigDict, Field
-
-from ..config import DeviceName, device_field, runtime_field
 from ..io.shards import index_path, read_shard, tar_path, write_stats
 from ..sharded import Status, shard_stats, write_index
-from .captioner import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION, GenerationSettings
+from .settings import CAPTION_KINDS, HR_KIND, CaptionSettings, GenerationSettings
 
 SEED_STREAM = "caption"  # a sampled caption's seed comes from (seed, this, key/kind); the quality model's: this-quality
-CAPTION_KINDS = ("content", "quality")
-HR_KIND = "hr_quality"  # the quality caption of the HR image (caption_hr)
 CAPTIONER_COLUMNS = ("content_captioner", "content_captioner_revision", "quality_captioner",
                      "quality_captioner_revision")
-
-
-class CaptionSettings(GenerationSettings):
-    """The captioners, their instructions and generation settings (the fields of :class:`GenerationSettings`,
-    flat beside these), and the tokenizer that counts caption tokens."""
-
-    # fields may be assigned, as on every stage config; generation() is what caches are keyed by
-    model_config = ConfigDict(extra="forbid", frozen=False)
-    model: str = Field("models/tiny/captioner", description="Captioner folder or hub id (llava-hf layout or any "
-                       "image-text-to-text model with a chat template).")
-    quality_model: Optional[str] = Field(
-        None, description="A second captioner for the quality captions (e.g. a Q-Instruct LLaVA-1.5 fine-tune, as the "
-        "authors train with); null: `model` writes both.")
-    quality_trust_remote_code: bool = runtime_field(
-        False, "Let the quality model's folder run its own Python code (passed to its from_pretrained only).")
-    caption_hr: bool = Field(
-        False, description="Also caption each pair's HR image with the quality instruction (hr_quality_* columns) for "
-        "training with the HR image as the condition (train.hr_condition_probability). Pair shards only.")
-    base_model: str = Field("models/tiny/sd15",
-                            description="Base SD folder whose CLIP tokenizer counts caption tokens.")
-    content_instruction: str = Field(CONTENT_INSTRUCTION, description="The instruction of the content captions.")
-    quality_instruction: str = Field(QUALITY_INSTRUCTION, description="The instruction of the quality captions.")
-    batch_size: int = Field(8, ge=1, le=1024, description="Images per generate() call (two prompts each).")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    seed: int = 0
-    device: DeviceName = device_field(" Under torchrun each rank uses its LOCAL_RANK GPU.")
-
-    def generation(self) -> GenerationSettings:
-        """The generation fields alone: what a captioner is cached by and what every row records."""
-        # validated already, as fields of this model
-        return GenerationSettings.model_construct(**self.model_dump(include=set(GenerationSettings.model_fields)))
-
-    @property
-    def separate_quality(self) -> bool:
-        return self.quality_model is not None
-
-    def kinds(self, hr: bool) -> tuple[str, ...]:
-        """The captions of a row: content and quality of the LR image, plus the HR image's quality with ``hr``."""
-        return CAPTION_KINDS + ((HR_KIND,) if hr else ())
 
 
 def manifest_schema(separate_quality: bool = False, hr: bool = False, folder: bool = False):

@@ -5,22 +5,16 @@
     hr_target, lr = degrade_batch(hr, params, settings)      # hr: [B, 3, 512, 512] in [0, 1]
     records = [p.to_record() for p in params]               # the sampled scalars, per sample
 
-basicsr is imported only through ``compat`` (it needs a torchvision shim first).
+The names load on first use: ``xpsr_core.degrade.settings`` imports no torch. basicsr is imported
+only through ``compat`` (it needs a torchvision shim first).
 """
 
-from .pipeline import degrade_batch, filter2d, gaussian_kernel_1d, resize, usm_sharpen
-from .sampling import DegradationParams, KernelParams, StageParams, sample_degradation
-from .settings import DegradationSettings
+from .. import lazy_exports
 
-__all__ = [
-    "DegradationParams",
-    "DegradationSettings",
-    "KernelParams",
-    "StageParams",
-    "degrade_batch",
-    "filter2d",
-    "gaussian_kernel_1d",
-    "resize",
-    "sample_degradation",
-    "usm_sharpen",
-]
+_EXPORTS = {
+    **dict.fromkeys(("degrade_batch", "filter2d", "gaussian_kernel_1d", "resize", "usm_sharpen"), ".pipeline"),
+    **dict.fromkeys(("DegradationParams", "KernelParams", "StageParams", "sample_degradation"), ".sampling"),
+    "DegradationSettings": ".settings",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,15 +1,19 @@
-"""Inference: the XPSR pipeline, tiled processing, colour correction and sample grids."""
+"""Inference: the XPSR pipeline, tiled processing, colour correction and sample grids.
 
-from .color import COLOR_FIXES, adain_color_fix, adain_color_fix_uint8, color_fix, wavelet_color_fix
-from .grid import make_grid, stack_rows
-from .pipeline import SCHEDULERS, SRResult, SRSettings, XPSRPipeline, make_scheduler, validation_grid
-from .presets import PRESETS, preset_settings, preset_values
-from .resize import RESIZES, prepare_condition, resize_output
-from .tiling import gaussian_weights, tile_boxes, tile_starts, tiled_apply, weight_map
+The names load on first use (most import torch); ``xpsr_core.infer.settings`` (:class:`SRSettings` and the
+scheduler, colour-fix and resize names) and ``xpsr_core.infer.config`` import no torch.
+"""
 
-__all__ = [
-    "COLOR_FIXES", "PRESETS", "RESIZES", "SCHEDULERS", "SRResult", "SRSettings", "XPSRPipeline", "adain_color_fix",
-    "adain_color_fix_uint8", "color_fix", "gaussian_weights", "make_grid", "make_scheduler", "prepare_condition",
-    "preset_settings", "preset_values", "resize_output", "stack_rows", "tile_boxes", "tile_starts", "tiled_apply",
-    "validation_grid", "weight_map", "wavelet_color_fix",
-]
+from .. import lazy_exports
+
+_EXPORTS = {
+    **dict.fromkeys(("adain_color_fix", "adain_color_fix_uint8", "color_fix", "wavelet_color_fix"), ".color"),
+    **dict.fromkeys(("make_grid", "stack_rows"), ".grid"),
+    **dict.fromkeys(("SRResult", "XPSRPipeline", "make_scheduler", "validation_grid"), ".pipeline"),
+    **dict.fromkeys(("COLOR_FIXES", "RESIZES", "SCHEDULERS", "SRSettings"), ".settings"),
+    **dict.fromkeys(("PRESETS", "preset_settings", "preset_values"), ".presets"),
+    **dict.fromkeys(("prepare_condition", "resize_output"), ".resize"),
+    **dict.fromkeys(("gaussian_weights", "tile_boxes", "tile_starts", "tiled_apply", "weight_map"), ".tiling"),
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

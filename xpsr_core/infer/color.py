@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-COLOR_FIXES = ("adain", "wavelet", "adain-official", "none")
+from .settings import COLOR_FIXES
+
 UINT8_COLOR_FIXES = ("adain-official",)  # applied to the 8-bit output, after quantisation
 
 

@@ -19,10 +19,10 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, create_model, model_validator
 
-from ..caption.captioner import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION
+from ..caption.settings import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION
 from ..config import COMMAND_LINE, DeviceName, StageConfig, device_field, runtime_field
 from ..errors import UserError
-from .pipeline import SRSettings
+from .settings import SRSettings
 
 SEED_STAGE = "sr"  # the stage name in every image's derived seed (sr and evaluate draw alike)
 

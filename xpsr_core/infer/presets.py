@@ -67,7 +67,7 @@ def preset_values(name: str) -> dict[str, Any]:
     from dataclasses import asdict
 
     from ..errors import UserError
-    from .pipeline import SRSettings
+    from .settings import SRSettings
 
     if name not in _CHANGES:
         raise UserError(f"Unknown preset {name!r}; choose from {', '.join(PRESETS)}.")
@@ -76,14 +76,14 @@ def preset_values(name: str) -> dict[str, Any]:
 
 def preset_settings(name: str, **overrides):
     """:class:`SRSettings` of preset ``name`` with ``overrides`` on top (validated as SRSettings are)."""
-    from .pipeline import SRSettings
+    from .settings import SRSettings
 
     return SRSettings(**{**preset_values(name), **overrides})
 
 
 def saved_defaults(folder: str | Path) -> dict[str, Any]:
     """The SRSettings recorded in a saved pipeline folder (``{}`` when it records none or is not one)."""
-    from .pipeline import PIPELINE_FILE, SRSettings
+    from .settings import PIPELINE_FILE, SRSettings
 
     path = Path(folder) / PIPELINE_FILE
     if not path.is_file():

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-RESIZES = ("torch-bicubic", "pil-bicubic")
+from .settings import RESIZES
 
 
 @dataclass

@@ -1,34 +1,20 @@
 """XPSR models: ControlNet with Semantic-Fusion Attention, Conditional Attention, DFC heads.
 
-Importing this package imports torch and diffusers; keep it out of CLI module level.
+The names load on first use (most import torch and diffusers); ``xpsr_core.models.settings``
+(:class:`XPSRSettings`) imports neither.
 """
 
-from .controlnet import XPSRControlNet, XPSRControlNetOutput
-from .dfc import DFC_WEIGHT, DFCHeads, DFCLoss
-from .loading import COMPONENTS, BaseSD, load_base_sd
-from .sfa import LOW_LEVEL_KEY, SFA_MODES, FusionAttention, SemanticFusionTransformer, TokenCrossAttention
-from .unet import XPSRConditionalAttention, decoder_layout, xpsr_unet_forward
-from .xpsr import XPSRModel, XPSROutput, XPSRSettings, training_loss
+from .. import lazy_exports
 
-__all__ = [
-    "BaseSD",
-    "COMPONENTS",
-    "DFCHeads",
-    "DFCLoss",
-    "DFC_WEIGHT",
-    "FusionAttention",
-    "LOW_LEVEL_KEY",
-    "SFA_MODES",
-    "SemanticFusionTransformer",
-    "TokenCrossAttention",
-    "XPSRConditionalAttention",
-    "XPSRControlNet",
-    "XPSRControlNetOutput",
-    "XPSRModel",
-    "XPSROutput",
-    "XPSRSettings",
-    "decoder_layout",
-    "load_base_sd",
-    "training_loss",
-    "xpsr_unet_forward",
-]
+_EXPORTS = {
+    **dict.fromkeys(("XPSRControlNet", "XPSRControlNetOutput"), ".controlnet"),
+    **dict.fromkeys(("DFC_WEIGHT", "DFCHeads", "DFCLoss"), ".dfc"),
+    **dict.fromkeys(("COMPONENTS", "BaseSD", "load_base_sd"), ".loading"),
+    **dict.fromkeys(("LOW_LEVEL_KEY", "SFA_MODES", "FusionAttention", "SemanticFusionTransformer",
+                     "TokenCrossAttention"), ".sfa"),
+    **dict.fromkeys(("XPSRConditionalAttention", "decoder_layout", "xpsr_unet_forward"), ".unet"),
+    **dict.fromkeys(("XPSRModel", "XPSROutput", "training_loss"), ".xpsr"),
+    "XPSRSettings": ".settings",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

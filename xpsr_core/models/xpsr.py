@@ -17,12 +17,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationError
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 
 from ..errors import UserError
@@ -31,62 +29,11 @@ from ..io.model_files import loading_model
 from .controlnet import XPSRControlNet
 from .dfc import DFC_WEIGHT, DFCHeads, DFCLoss
 from .loading import BaseSD, channels_last_on_cpu, load_base_sd
+from .settings import XPSRSettings
 from .unet import XPSRConditionalAttention, xpsr_unet_forward
 
 TRAINABLE_FILE = "xpsr.json"
 PARTS = ("controlnet", "conditional_attention", "dfc_heads")
-
-
-@pydantic_dataclass
-class XPSRSettings:
-    """Architecture switches: the paper's ablations, and the authors' released architecture.
-
-    ``XPSRSettings.official()`` is the architecture of the authors' checkpoint. A pydantic dataclass: values are
-    validated on construction, and ``dataclasses.asdict``/``replace`` work as on any dataclass.
-    """
-
-    sfa_mode: Literal["parallel", "serial", "high", "low"] = Field(
-        "parallel", description="parallel: the SFA (CA_h and CA_l side by side, fused by CA_f); serial: CA_l after "
-        "CA_h; high / low: CA_h or CA_l alone (the paper's ablations).")
-    conditional_attention: bool = Field(True, description="Conditional Attention in the UNet decoder (off: the "
-                                        "ControlNet residuals are only added).")
-    dfc_pixel: bool = Field(True, description="DFC heads mapping the conditioning encoder's levels to RGB, against "
-                            "the HR image.")
-    dfc_latent: bool = Field(True, description="DFC heads mapping ControlNet features to latents, against the HR "
-                             "latent.")
-    conditioning_embedding_out_channels: tuple[int, ...] = Field(
-        (16, 32, 96, 256), description="Channels of the ControlNet's conditioning embedding, per level.")
-    fusion_heads: Optional[int] = Field(None, ge=1, description="Attention heads of CA_f (null: those of the "
-                                        "transformer it wraps).")
-    fusion: Literal["attention", "transformer"] = Field(
-        "attention", description="CA_f: attention (the paper) or a full transformer (the authors' code).")
-    conditional_attention_type: Literal["attention", "transformer"] = Field(
-        "attention", description="Conditional Attention layers: attention (the paper) or full transformers (the "
-        "authors' pixel attentions).")
-    dfc_latent_heads: Literal["pyramid", "residuals"] = Field(
-        "pyramid", description="3 heads on the down-block outputs, or 13 on the post-zero-conv residuals (the "
-        "authors').")
-    dfc_target_resize: Literal["area", "bilinear"] = Field(
-        "area", description="How the DFC targets are resized to each level: area averaging, or bilinear (the "
-        "authors').")
-    init: Literal["zero", "official"] = Field(
-        "zero", description="zero: step 0 equals plain ControlNet + SD; official: the authors' initialisation.")
-
-    @classmethod
-    def official(cls, **overrides) -> "XPSRSettings":
-        values = dict(fusion="transformer", conditional_attention_type="transformer", dfc_latent_heads="residuals",
-                      dfc_target_resize="bilinear", init="official")
-        values.update(overrides)
-        return cls(**values)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "XPSRSettings":
-        """Settings from a saved dict (keys of other versions are left out); a ValueError names each bad value."""
-        try:
-            return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-        except ValidationError as error:
-            raise ValueError("; ".join(f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']} "
-                                       f"(got {problem['input']!r})" for problem in error.errors())) from None
 
 
 def check_trainable_folder(folder: Path) -> XPSRSettings:

@@ -1,8 +1,8 @@
 """Every knob of XPSR training (flat, so `dvc exp run -S train.max_train_steps=...` reaches it).
 
-The architecture switches are the fields of :class:`~xpsr_core.models.xpsr.XPSRSettings`, taken from there
-(:data:`ModelOptions`) with their types, constraints and descriptions. Importing this module imports the models
-package (torch, diffusers).
+The architecture switches are the fields of :class:`~xpsr_core.models.settings.XPSRSettings`, taken from there
+(:data:`ModelOptions`) with their types, constraints and descriptions. No torch here: a bad value fails before
+any model library loads.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pydantic import ConfigDict, Field, create_model, field_validator
 
 from ..config import StageConfig, runtime_field
 from ..encoding import NEGATIVE_PROMPT
-from ..models.xpsr import XPSRSettings
+from ..models.settings import XPSRSettings
 
 # not training options: a fresh model takes XPSRSettings' defaults for the conditioning embedding's channels and
 # CA_f's heads, a fine-tuned folder keeps its own

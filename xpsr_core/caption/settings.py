@@ -1,0 +1,87 @@
+"""What captioning is asked and how: the paper's two instructions, the decoding (:class:`GenerationSettings`) and
+the caption stage's settings (:class:`CaptionSettings`). No torch or transformers here (:mod:`.captioner` runs
+the models), so both the captioner and the SR settings take the instructions from this module.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import DeviceName, device_field, runtime_field
+
+CAPTION_KINDS = ("content", "quality")
+HR_KIND = "hr_quality"  # the quality caption of the HR image (caption_hr)
+
+# The paper's two instructions (section 3.3).
+CONTENT_INSTRUCTION = "Please provide a descriptive summary of the content of this image"
+QUALITY_INSTRUCTION = (
+    "Please describe the quality of this image and evaluate it based on factors such as clarity, color, noise, "
+    "and lighting"
+)
+
+
+class GenerationSettings(BaseModel):
+    """How captions are decoded: the arguments of generate() (frozen, so loaded captioners can be cached by them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_new_tokens: int = Field(128, ge=1, le=4096, description="Most tokens generated per caption.")
+    do_sample: bool = Field(False, description="Sample the tokens (the caption stage seeds each caption by its key "
+                            "and kind); off: greedy decoding, so reruns are identical.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature when sampling.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: draw from the smallest set of tokens whose "
+                         "probabilities reach top_p (1: all tokens).")
+    num_beams: int = Field(1, ge=1, description="Beam search width (1: no beam search).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already generated (1: none; above 1 "
+                                      "discourages repeats).")
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams,
+                  "repetition_penalty": self.repetition_penalty}
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(), sort_keys=True)
+
+
+class CaptionSettings(GenerationSettings):
+    """The captioners, their instructions and generation settings (the fields of :class:`GenerationSettings`,
+    flat beside these), and the tokenizer that counts caption tokens."""
+
+    # fields may be assigned, as on every stage config; generation() is what caches are keyed by
+    model_config = ConfigDict(extra="forbid", frozen=False)
+    model: str = Field("models/tiny/captioner", description="Captioner folder or hub id (llava-hf layout or any "
+                       "image-text-to-text model with a chat template).")
+    quality_model: Optional[str] = Field(
+        None, description="A second captioner for the quality captions (e.g. a Q-Instruct LLaVA-1.5 fine-tune, as the "
+        "authors train with); null: `model` writes both.")
+    quality_trust_remote_code: bool = runtime_field(
+        False, "Let the quality model's folder run its own Python code (passed to its from_pretrained only).")
+    caption_hr: bool = Field(
+        False, description="Also caption each pair's HR image with the quality instruction (hr_quality_* columns) for "
+        "training with the HR image as the condition (train.hr_condition_probability). Pair shards only.")
+    base_model: str = Field("models/tiny/sd15",
+                            description="Base SD folder whose CLIP tokenizer counts caption tokens.")
+    content_instruction: str = Field(CONTENT_INSTRUCTION, description="The instruction of the content captions.")
+    quality_instruction: str = Field(QUALITY_INSTRUCTION, description="The instruction of the quality captions.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Images per generate() call (two prompts each).")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    seed: int = 0
+    device: DeviceName = device_field(" Under torchrun each rank uses its LOCAL_RANK GPU.")
+
+    def generation(self) -> GenerationSettings:
+        """The generation fields alone: what a captioner is cached by and what every row records."""
+        # validated already, as fields of this model
+        return GenerationSettings.model_construct(**self.model_dump(include=set(GenerationSettings.model_fields)))
+
+    @property
+    def separate_quality(self) -> bool:
+        return self.quality_model is not None
+
+    def kinds(self, hr: bool) -> tuple[str, ...]:
+        """The captions of a row: content and quality of the LR image, plus the HR image's quality with ``hr``."""
+        return CAPTION_KINDS + ((HR_KIND,) if hr else ())
