@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from xpsr_core.caption.manifests import CaptionSettings, caption_folder, caption_shard, caption_totals
+from xpsr_core.caption.manifests import caption_folder, caption_shard, caption_totals
+from xpsr_core.caption.settings import CaptionSettings
 from xpsr_core.config import StageConfig, runtime_field
 from xpsr_core.errors import UserError
 
@@ -24,6 +25,8 @@ NOTES = {"captions_per_s": "{:.2f} captions/s", "truncated_share": "share of cap
 
 
 class CaptionConfig(StageConfig, CaptionSettings):
+    renamed_fields = {"model": "captioner"}
+
     input_dir: Path = runtime_field(Path("data/shards/pairs"), "Pair shards from `xpsr degrade`.")
     images: Optional[Path] = runtime_field(None, "A folder of images to caption instead of pair shards.")
     out: Path = runtime_field(Path("manifests/captions"), "Manifest folder (shards) or .parquet file (folder input).")

@@ -16,7 +16,9 @@ STAGE = "embed"
 
 
 class EmbedConfig(StageConfig, EmbedSettings):
-    pairs_dir: Path = runtime_field(Path("data/shards/pairs"), "Pair shards from `xpsr degrade`.")
+    renamed_fields = {"pairs_dir": "input_dir"}
+
+    input_dir: Path = runtime_field(Path("data/shards/pairs"), "Pair shards from `xpsr degrade`.")
     captions_dir: Path = runtime_field(Path("manifests/captions"), "Caption manifests from `xpsr caption`.")
     out: Path = runtime_field(Path("data/shards/train"), "Folder for the training shards.")
     overwrite: bool = runtime_field(False, "Replace outputs made with a different config.")
@@ -28,11 +30,11 @@ def run(config: EmbedConfig) -> dict:
     from xpsr_core.io.shards import require_finished
     from xpsr_core.sharded import ShardedStage
 
-    sizes = require_finished(config.pairs_dir, "pair-shard", "Run `xpsr degrade` to completion first.")
+    sizes = require_finished(config.input_dir, "pair-shard", "Run `xpsr degrade` to completion first.")
     require_finished(config.captions_dir, "caption-manifest", "Run `xpsr caption` to completion first.")
-    plan = plan_join(config, config.pairs_dir, config.captions_dir, len(sizes))
+    plan = plan_join(config, config.input_dir, config.captions_dir, len(sizes))
     out = prepare_output_dir(config.out, STAGE, config, overwrite=config.overwrite)
     if not (out / "empty.npy").exists():
         write_prompt_embeddings(config, out)
-    work = functools.partial(embed_shard, config, config.pairs_dir, config.captions_dir, out, plan=plan)
+    work = functools.partial(embed_shard, config, config.input_dir, config.captions_dir, out, plan=plan)
     return run_stage(ShardedStage(name=STAGE, out=out, n_shards=len(sizes), work=work, unit="samples"))

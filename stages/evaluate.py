@@ -18,31 +18,23 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from pydantic import Field
-
 from xpsr_core.config import runtime_field
 from xpsr_core.errors import UserError
-from xpsr_core.evaluation.compare import DEFAULT_METRICS
-from xpsr_core.evaluation.methods import DEFAULT_METHODS, MethodSpec
+from xpsr_core.evaluation.methods import MethodSpec
+from xpsr_core.evaluation.settings import EvaluationSettings
 from xpsr_core.infer.config import SRModelConfig
 
 STAGE = "evaluate"
 
 
-class EvaluateConfig(SRModelConfig):
-    pairs_dir: Optional[Path] = runtime_field(Path("data/shards/val_pairs"), "Pair shards (lr.png / hr.png per key).")
+class EvaluateConfig(SRModelConfig, EvaluationSettings):
+    renamed_fields = {"pairs_dir": "input_dir"}
+
+    input_dir: Optional[Path] = runtime_field(Path("data/shards/val_pairs"), "Pair shards (lr.png / hr.png per key: "
+                                              "xpsr testset, xpsr degrade).")
     lr_dir: Optional[Path] = runtime_field(None, "Folder of LR images (with hr_dir, instead of pair shards).")
     hr_dir: Optional[Path] = runtime_field(None, "Folder of HR images matched to lr_dir by relative path.")
     out: Path = runtime_field(Path("metrics/eval"), "Folder for the report, per-image values, grids and SR images.")
-    methods: list[MethodSpec] = Field(default_factory=lambda: list(DEFAULT_METHODS),
-                                      description="The compared methods (xpsr, bicubic, realesrgan, folder).")
-    ablations: bool = Field(False, description="Add the inference-time ablations of the first xpsr method.")
-    limit: Optional[int] = Field(None, ge=1, description="Evaluate at most this many pairs (in key order).")
-    crop_border: Optional[int] = Field(None, ge=0, description="Border cropped before PSNR/SSIM (default: the scale; "
-                                                               "the authors' protocol: 0).")
-    metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS), description="Metrics to compute.")
-    metric_weights_dir: Optional[Path] = Field(Path("models/metrics"), description="The one folder of metric weights.")
-    grid_images: int = Field(4, ge=0, description="Pairs shown in grids/.")
     overwrite: bool = runtime_field(False, "Replace outputs made with a different config.")
 
 
@@ -69,7 +61,7 @@ def _pairs(config: EvaluateConfig):
             raise UserError("Folder evaluation needs both --lr-dir and --hr-dir.")
         pairs = pairs_from_folders(config.lr_dir, config.hr_dir, config.limit)
     else:
-        pairs = pairs_from_shards(config.pairs_dir, config.limit)
+        pairs = pairs_from_shards(config.input_dir, config.limit)
     if not pairs:
         raise UserError("No LR/HR pairs to evaluate.")
     check_scale(pairs, config.scale)
@@ -129,7 +121,7 @@ def run(config: EvaluateConfig) -> dict:
 
         evaluation = evaluate_methods(pairs, methods, metric_runs, scale=config.scale, out=out, xpsr=xpsr,
                                       device=device, grid_images=config.grid_images, on_pair=on_pair, on_step=on_step)
-    title = f"{readable_name(Path(config.lr_dir or config.pairs_dir).name)}: {len(pairs)} pairs, x{config.scale}"
+    title = f"{readable_name(Path(config.lr_dir or config.input_dir).name)}: {len(pairs)} pairs, x{config.scale}"
     report = write_evaluation(out, evaluation, metric_runs, title=title, crop_border=crop)
     report.update(stage=STAGE, out=str(out), seconds=round(time.perf_counter() - started, 3))
     _print_summary(console, report, evaluation)

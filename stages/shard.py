@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from xpsr_core.config import StageConfig, runtime_field
 from xpsr_core.hr_shards import HRShardSettings, ShardInput, build_shard, list_inputs
@@ -27,6 +27,14 @@ class ShardConfig(StageConfig, HRShardSettings):
     max_failure_ratio: float = runtime_field(0.5, "Fail the run when more than this share of inputs fail.", ge=0, le=1)
     workers: int = runtime_field(1, "Worker processes.", ge=1, le=256)
     overwrite: bool = runtime_field(False, "Replace outputs made with a different config.")
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _parse_input_texts(cls, value):
+        """An input may be given as its text (``NAME=PATH`` or ``PATH``), as on the command line."""
+        if isinstance(value, (list, tuple)):
+            return [parse_input_spec(item) if isinstance(item, str) else item for item in value]
+        return value
 
     @model_validator(mode="after")
     def _unique_datasets(self) -> "ShardConfig":

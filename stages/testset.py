@@ -35,7 +35,7 @@ class SyntheticTestsetConfig(StageConfig, PairShardSettings):
     small_images: Literal["pad", "skip"] = Field(
         "pad", description="Reflect-pad images under hr_size (as basicsr's RealESRGANDataset does), or skip them.")
     min_size: int = Field(32, ge=2, description="Images whose shorter side is under this are too small even to pad.")
-    samples_per_shard: int = Field(250, ge=1, le=100_000)
+    samples_per_shard: int = Field(250, ge=1, le=100_000, description="Pairs per pair shard.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description=MAX_PIXELS_TEXT)
     overwrite: bool = runtime_field(False, "Replace outputs made with a different config.")
 
@@ -55,7 +55,7 @@ class PairedTestsetConfig(StageConfig):
     skip_bad_pairs: bool = Field(
         False, description="Skip pairs with wrong sizes, an LR under lr_size, or undecodable or ambiguous files "
         "(counted) instead of refusing the set.")
-    samples_per_shard: int = Field(250, ge=1, le=100_000)
+    samples_per_shard: int = Field(250, ge=1, le=100_000, description="Pairs per pair shard.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description=MAX_PIXELS_TEXT)
     overwrite: bool = runtime_field(False, "Replace outputs made with a different config.")
 

@@ -110,7 +110,7 @@ def run(config: TrainConfig) -> dict:
     from xpsr_core.train.loop import LOG_FILE, train
 
     refuse_srun_without_launcher()
-    require_finished(Path(config.train_dir), "training-shard", "Run `xpsr embed` first.")
+    require_finished(Path(config.input_dir), "training-shard", "Run `xpsr embed` first.")
     started = time.time()
     report = train(config, prepare_run_dir)
     rank, world = process_rank_and_world()

@@ -17,21 +17,50 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Mapping, Optional, Sequence, TypeVar
+from typing import Annotated, Any, ClassVar, Iterable, Mapping, Optional, Sequence, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
 
 DEFAULT_PARAMS = Path("params.yaml")
 COMMAND_LINE = "command line"  # the name of the top layer: CLI options and --set
 RUNTIME = {"runtime": True}
+RECIPE = {"recipe": True}
+
+# Every setting is one field with a description and, beside plain output-shaping, up to two marks of its role:
+# runtime (how a stage runs, never what it writes: outside the config hash) and recipe (what a run does, as
+# opposed to where and how big it runs: carried by ``xpsr_core.recipes.overlay_recipe``).
 
 
-def runtime_field(default: Any, description: str, **kwargs: Any) -> Any:
-    """A setting that changes how a stage runs but never what it writes."""
-    return Field(default, description=description, json_schema_extra=RUNTIME, **kwargs)
+def _marks(runtime: bool, recipe: bool) -> Optional[dict]:
+    return {**(RUNTIME if runtime else {}), **(RECIPE if recipe else {})} or None
+
+
+def runtime_field(default: Any, description: str, *, recipe: bool = False, **kwargs: Any) -> Any:
+    """A setting that changes how a stage runs but never what it writes (``recipe``: also part of the recipe)."""
+    return Field(default, description=description, json_schema_extra=_marks(True, recipe), **kwargs)
+
+
+def recipe_field(default: Any, description: str, *, runtime: bool = False, **kwargs: Any) -> Any:
+    """A setting of the recipe (what a run does: captions, architecture, objective, optimiser, sampling), which
+    ``overlay_recipe`` carries from one params file onto another."""
+    return Field(default, description=description, json_schema_extra=_marks(runtime, recipe=True), **kwargs)
+
+
+def has_mark(info: Any, mark: str) -> bool:
+    """Whether a pydantic field (``FieldInfo``) carries ``mark`` ("runtime" or "recipe")."""
+    extra = getattr(info, "json_schema_extra", None)
+    return isinstance(extra, dict) and bool(extra.get(mark))
+
+
+def recipe_fields(*classes: type[BaseModel]) -> tuple[str, ...]:
+    """The recipe fields of ``classes`` (pydantic models), in field order, each once."""
+    names: dict[str, None] = {}
+    for cls in classes:
+        names.update((name, None) for name, info in cls.model_fields.items() if has_mark(info, "recipe"))
+    return tuple(names)
 
 
 DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"
@@ -61,6 +90,17 @@ def closest(name: str, known: Iterable[str]) -> str:
 
 class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # old key -> new key of fields that were renamed: a params file or --set naming the old key fails naming the new
+    renamed_fields: ClassVar[Mapping[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for old, new in cls.renamed_fields.items():
+                if old in data:
+                    raise ValueError(f"'{old}' is now called '{new}': rename the key (--set {new}=...)")
+        return data
 
     @classmethod
     def merge_layers(cls, layers: Sequence[tuple[str, Mapping]]) -> tuple[dict, list[str]]:
@@ -76,11 +116,7 @@ class StageConfig(BaseModel):
         return _readable(self.model_dump(mode="json"))
 
     def output_settings(self) -> dict:
-        runtime = {
-            name
-            for name, field in type(self).model_fields.items()
-            if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("runtime")
-        }
+        runtime = {name for name, field in type(self).model_fields.items() if has_mark(field, "runtime")}
         return {k: v for k, v in self.resolved().items() if k not in runtime}
 
     def output_hash(self) -> str:

@@ -48,16 +48,18 @@ class HRShardSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     crop_size: int = Field(512, ge=16, le=8192, description="HR crop size (512 in the paper).")
-    crop_mode: Literal["random", "grid"] = "random"
+    crop_mode: Literal["random", "grid"] = Field("random", description="random crops, or a grid of crops covering "
+                                                 "each image.")
     crops_per_image: int = Field(1, ge=1, le=1000, description="Random crops per image (random mode).")
     small_images: Literal["pad", "skip"] = Field("pad",
                                                  description="Reflect-pad images under the crop size, or skip them.")
     min_size: int = Field(32, ge=1, description="Images whose shorter side is under this are too small even to pad.")
     hflip: bool = Field(True, description="Random horizontal flip per crop.")
-    images_per_shard: int = Field(256, ge=1, le=10_000)
+    images_per_shard: int = Field(256, ge=1, le=10_000, description="Input files per shard (a file's shard never "
+                                  "depends on decoding results).")
     max_pixels: int = Field(images.DEFAULT_MAX_PIXELS, ge=1,
                             description="Decompression-bomb guard on the header's width x height.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the crops' positions and flips, drawn per dataset and file.")
 
     def shard_count(self, n_files: int) -> int:
         return math.ceil(n_files / self.images_per_shard)

@@ -16,8 +16,9 @@ first one's recipe at the second one's scale, e.g. the authors' recipe on the ti
                             overrides={"caption": {"quality_model": "models/tiny/captioner"}})
     yaml.safe_dump(params, open("params.yaml", "w"), sort_keys=False)
 
-:data:`RECIPE_KEYS` is the one list of what counts as recipe, per params section. Sections it does
-not name (``demo_data``, ``models``, ``shard``, ``degrade``, ``embed``, ``import_official``) are run
+:data:`RECIPE_KEYS` says what counts as recipe, per params section: the fields marked recipe where they are
+defined (``xpsr_core.config.recipe_field``). Sections it does not name (``demo_data``, ``models``, ``shard``,
+``degrade``, ``embed``, ``import_official``) are run
 settings only and stay as the target file has them.
 """
 
@@ -26,39 +27,31 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping, Optional
 
-from .config import deep_merge
-from .infer.config import SAMPLING_FIELDS
+from .config import deep_merge, recipe_fields
 
-# the inference recipe beside the preset: the captioner's instructions and every sampling value (a
-# preset sets all of them), the seed included
-_INFERENCE_KEYS = ("content_instruction", "quality_instruction") + SAMPLING_FIELDS
 
-RECIPE_KEYS: dict[str, tuple[str, ...]] = {
-    # which captioners answer which instructions with which decoding, and whether the HR images are
-    # captioned too. `model` (the content captioner's folder), base_model, max_new_tokens, batch
-    # size, dtype and device are the run's. quality_model names a folder, but whether there is a
-    # separate quality captioner at all is the recipe: point it at a local folder with `overrides`.
-    "caption": (
-        "quality_model", "quality_trust_remote_code", "caption_hr", "content_instruction", "quality_instruction",
-        "do_sample", "temperature", "top_p", "num_beams", "repetition_penalty",
-    ),
-    # architecture, initialisation, conditioning, objective and optimiser. Kept from the run:
-    # paths, batch size, gradient accumulation, step counts, mixed precision, gradient
-    # checkpointing, data loading, checkpoint/validation/log cadence, device, seed, and
-    # learning_rate, which is tuned to the run's batch size and length (the tiny default trains
-    # 100 steps at batch 2; the authors' 5e-5 is for 300k steps at batch 32).
-    "train": (
-        "sfa_mode", "conditional_attention", "fusion", "conditional_attention_type", "dfc_pixel", "dfc_latent",
-        "dfc_latent_heads", "dfc_target_resize", "dfc_weight", "init", "use_high_prompt", "hr_condition_probability",
-        "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler", "warmup_steps", "max_grad_norm",
-        "online_encoding",
-    ),
-    # the named preset, the captioner's instructions and every sampling value (explicit values
-    # override a preset). The model folders (base_model, xpsr, pipeline, captioner), captions
-    # source, caption lengths, outputs, metrics, dtype and device are the run's.
-    "sr": ("preset",) + _INFERENCE_KEYS,
-    "evaluate": ("preset", "crop_border") + _INFERENCE_KEYS,  # crop_border: the metric protocol
-}
+def _recipe_keys() -> dict[str, tuple[str, ...]]:
+    """Per params section, the fields marked recipe (``xpsr_core.config.recipe_field``) of its settings classes.
+
+    caption: which captioners answer which instructions with which decoding, and whether the HR images are
+    captioned too (the content captioner's folder, base_model, max_new_tokens, batch size, dtype and device are
+    the run's; quality_model names a folder, but whether there is a separate quality captioner at all is the
+    recipe: point it at a local folder with ``overrides``). train: architecture, initialisation, conditioning,
+    objective and optimiser (learning_rate is the run's: it is tuned to the run's batch size and length; the
+    tiny default trains 100 steps at batch 2, the authors' 5e-5 is for 300k steps at batch 32). sr: the named
+    preset, the captioner's instructions and every sampling value, the seed included (explicit values override
+    a preset). evaluate: the same and the metric protocol (crop_border).
+    """
+    from .caption.settings import CaptionSettings
+    from .evaluation.settings import EvaluationSettings
+    from .infer.config import SRModelConfig
+    from .train.settings import TrainConfig
+
+    return {"caption": recipe_fields(CaptionSettings), "train": recipe_fields(TrainConfig),
+            "sr": recipe_fields(SRModelConfig), "evaluate": recipe_fields(SRModelConfig, EvaluationSettings)}
+
+
+RECIPE_KEYS: dict[str, tuple[str, ...]] = _recipe_keys()
 
 
 def overlay_recipe(target: Mapping[str, Any], recipe: Mapping[str, Any],

@@ -39,9 +39,9 @@ class EmbedSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base_model: str = Field("models/tiny/sd15", description="Base SD folder or hub id (text encoder, tokenizer, VAE).")
     encode_latents: bool = Field(True, description="Pre-encode the HR image's VAE posterior moments.")
-    negative_prompt: str = NEGATIVE_PROMPT
+    negative_prompt: str = Field(NEGATIVE_PROMPT, description="Encoded once, for the guidance's negative branch.")
     drop_missing: bool = Field(False, description="Drop keys without an image or an ok caption instead of failing.")
-    batch_size: int = Field(16, ge=1, le=4096)
+    batch_size: int = Field(16, ge=1, le=4096, description="Samples encoded together.")
     device: DeviceName = device_field()
 
 

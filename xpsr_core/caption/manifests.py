@@ -1,6 +1,6 @@
 """Caption manifests: the content and quality captions of images as Parquet rows, per pair shard or per folder.
 
-    settings = CaptionSettings(model="models/tiny/captioner", base_model="models/tiny/sd15")
+    settings = CaptionSettings(captioner="models/tiny/captioner", base_model="models/tiny/sd15")
     caption_shard(settings, pairs_dir, manifests_dir, shard)        # one manifest {shard:05d}.parquet
     caption_folder(settings, Path("photos"), Path("captions.parquet"))  # one manifest for a folder
 
@@ -76,7 +76,7 @@ def caption_items(settings: CaptionSettings, items: list[dict], hr: bool = False
     device = rank_device(settings.device)
     count, limit = _token_counter(settings.base_model)
     # no remote code for the content model
-    captioner = load_captioner(settings.model, settings.dtype, device, settings.generation(), False)
+    captioner = load_captioner(settings.captioner, settings.dtype, device, settings.generation(), False)
     quality_captioner = captioner
     if settings.separate_quality:
         quality_captioner = load_captioner(settings.quality_model, settings.dtype, device, settings.generation(),
@@ -110,11 +110,11 @@ def _provenance(settings: CaptionSettings, revision: str, quality_revision: str,
     """The columns every row shares: instructions, models and their revisions, generation settings."""
     common = {
         "content_instruction": settings.content_instruction, "quality_instruction": settings.quality_instruction,
-        "captioner": settings.model, "captioner_revision": revision,
+        "captioner": settings.captioner, "captioner_revision": revision,
         "generation": settings.generation().to_json(), "clip_token_limit": limit,
     }
     if settings.separate_quality:
-        common.update(content_captioner=settings.model, content_captioner_revision=revision,
+        common.update(content_captioner=settings.captioner, content_captioner_revision=revision,
                       quality_captioner=settings.quality_model, quality_captioner_revision=quality_revision)
     return common
 

@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import DeviceName, device_field, runtime_field
+from ..config import DeviceName, device_field, recipe_field, runtime_field
 
 CAPTION_KINDS = ("content", "quality")
 HR_KIND = "hr_quality"  # the quality caption of the HR image (caption_hr)
@@ -28,14 +28,14 @@ class GenerationSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Most tokens generated per caption.")
-    do_sample: bool = Field(False, description="Sample the tokens (the caption stage seeds each caption by its key "
-                            "and kind); off: greedy decoding, so reruns are identical.")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature when sampling.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: draw from the smallest set of tokens whose "
-                         "probabilities reach top_p (1: all tokens).")
-    num_beams: int = Field(1, ge=1, description="Beam search width (1: no beam search).")
-    repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already generated (1: none; above 1 "
-                                      "discourages repeats).")
+    do_sample: bool = recipe_field(False, description="Sample the tokens (the caption stage seeds each caption by its "
+                                   "key and kind); off: greedy decoding, so reruns are identical.")
+    temperature: float = recipe_field(1.0, gt=0, description="Softmax temperature when sampling.")
+    top_p: float = recipe_field(1.0, gt=0, le=1, description="Nucleus sampling: draw from the smallest set of tokens "
+                                "whose probabilities reach top_p (1: all tokens).")
+    num_beams: int = recipe_field(1, ge=1, description="Beam search width (1: no beam search).")
+    repetition_penalty: float = recipe_field(1.0, gt=0, description="Penalty on tokens already generated (1: none; "
+                                             "above 1 discourages repeats).")
 
     def generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams,
@@ -54,23 +54,25 @@ class CaptionSettings(GenerationSettings):
 
     # fields may be assigned, as on every stage config; generation() is what caches are keyed by
     model_config = ConfigDict(extra="forbid", frozen=False)
-    model: str = Field("models/tiny/captioner", description="Captioner folder or hub id (llava-hf layout or any "
-                       "image-text-to-text model with a chat template).")
-    quality_model: Optional[str] = Field(
+    captioner: str = Field("models/tiny/captioner", description="Captioner folder or hub id (llava-hf layout or "
+                           "any image-text-to-text model with a chat template).")
+    quality_model: Optional[str] = recipe_field(
         None, description="A second captioner for the quality captions (e.g. a Q-Instruct LLaVA-1.5 fine-tune, as the "
-        "authors train with); null: `model` writes both.")
+        "authors train with); null: `captioner` writes both.")
     quality_trust_remote_code: bool = runtime_field(
-        False, "Let the quality model's folder run its own Python code (passed to its from_pretrained only).")
-    caption_hr: bool = Field(
+        False, "Let the quality model's folder run its own Python code (passed to its from_pretrained only).",
+        recipe=True)
+    caption_hr: bool = recipe_field(
         False, description="Also caption each pair's HR image with the quality instruction (hr_quality_* columns) for "
         "training with the HR image as the condition (train.hr_condition_probability). Pair shards only.")
     base_model: str = Field("models/tiny/sd15",
                             description="Base SD folder whose CLIP tokenizer counts caption tokens.")
-    content_instruction: str = Field(CONTENT_INSTRUCTION, description="The instruction of the content captions.")
-    quality_instruction: str = Field(QUALITY_INSTRUCTION, description="The instruction of the quality captions.")
+    content_instruction: str = recipe_field(CONTENT_INSTRUCTION, description="The instruction of the content captions.")
+    quality_instruction: str = recipe_field(QUALITY_INSTRUCTION, description="The instruction of the quality captions.")
     batch_size: int = Field(8, ge=1, le=1024, description="Images per generate() call (two prompts each).")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    seed: int = 0
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="The captioners' weights and "
+                                                             "activations (half precision on a GPU).")
+    seed: int = Field(0, description="Seed of sampled captions (do_sample), drawn per image key and caption kind.")
     device: DeviceName = device_field(" Under torchrun each rank uses its LOCAL_RANK GPU.")
 
     def generation(self) -> GenerationSettings:

@@ -32,9 +32,10 @@ class PairShardSettings(BaseModel):
     """The degradation and how a shard runs it."""
 
     model_config = ConfigDict(extra="forbid")
-    degradation: DegradationSettings = Field(default_factory=DegradationSettings)
+    degradation: DegradationSettings = Field(default_factory=DegradationSettings, description="Every probability "
+                                             "and range of the two degradation stages (--set degradation.NAME=...).")
     usm_hr: bool = Field(True, description="USM-sharpen the HR target, as the reference data scripts do.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of each sample's degradation parameters, drawn per sample key.")
     batch_size: int = runtime_field(16, "Samples degraded together.", ge=1, le=4096)
     device: DeviceName = device_field()
 

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, create_model, model_validator
 
 from ..caption.settings import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION
-from ..config import COMMAND_LINE, DeviceName, StageConfig, device_field, runtime_field
+from ..config import COMMAND_LINE, DeviceName, StageConfig, device_field, recipe_field, runtime_field
 from ..errors import UserError
 from .settings import SRSettings
 
@@ -33,7 +33,7 @@ CAPTION_TEXTS = {"content_caption": "--content", "quality_caption": "--quality"}
 class SRModelBase(StageConfig):
     """The model, caption and runtime fields of :class:`SRModelConfig` (which adds the sampling fields)."""
 
-    preset: Optional[Literal["default", "paper", "official"]] = Field(
+    preset: Optional[Literal["default", "paper", "official"]] = recipe_field(
         None, description="Named inference recipe (xpsr_core.infer.presets); explicit values override it.")
 
     base_model: str = Field("models/tiny/sd15", description="Frozen SD-1.5 folder or hub id.")
@@ -44,9 +44,10 @@ class SRModelBase(StageConfig):
     captions: Literal["captioner", "manifest", "given"] = Field(
         "captioner", description="Where the captions come from.")
     captioner: str = Field("models/tiny/captioner", description="Captioner folder or hub id (llava-hf layout).")
-    content_instruction: str = Field(CONTENT_INSTRUCTION, description="The captioner's instruction for c_h.")
-    quality_instruction: str = Field(QUALITY_INSTRUCTION, description="The captioner's instruction for c_l.")
-    caption_max_new_tokens: int = Field(128, ge=1, le=4096)
+    content_instruction: str = recipe_field(CONTENT_INSTRUCTION, description="The captioner's instruction for c_h.")
+    quality_instruction: str = recipe_field(QUALITY_INSTRUCTION, description="The captioner's instruction for c_l.")
+    caption_max_new_tokens: int = Field(128, ge=1, le=4096, description="Most tokens the captioner generates per "
+                                        "caption.")
     caption_batch_size: int = runtime_field(4, "Images per captioner generate() call.", ge=1)
     manifest: Optional[Path] = Field(None, description="Caption manifest: a .parquet file or a folder of them.")
     content_caption: str = Field("", description="High-level caption c_h for every image (captions=given).")

@@ -1,16 +1,16 @@
-"""The settings of one SR run (:class:`SRSettings`) and the names its fields accept: schedulers, colour
-corrections, resize chains. No torch here, so a bad value fails before any model library loads;
-:mod:`.pipeline`, :mod:`.color` and :mod:`.resize` run what these names name.
+"""The settings of one SR run (:class:`SRSettings`; every one is recipe: a preset sets them all) and the names
+its fields accept: schedulers, colour corrections, resize chains. No torch here, so a bad value fails before any
+model library loads; :mod:`.pipeline`, :mod:`.color` and :mod:`.resize` run what these names name.
 """
 
 from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as settings_dataclass
 
-from ..config import runtime_field
+from ..config import recipe_field, runtime_field
 from ..encoding import NEGATIVE_PROMPT
 
 PIPELINE_FILE = "xpsr_pipeline.json"  # a saved pipeline folder's record: its XPSR subfolder and sampling defaults
@@ -42,48 +42,51 @@ class SRSettings:
     evaluate`` take these fields as their own (:class:`~.config.SRModelConfig`).
     """
 
-    scale: int = Field(4, ge=1, le=16, description="Output size over LR size.")
-    steps: int = Field(20, ge=1, le=1000, description="Sampling steps.")
-    scheduler: SchedulerName = Field("ddpm", description="Sampling scheduler, configured from the base model's.")
-    guidance_scale: float = Field(
+    scale: int = recipe_field(4, ge=1, le=16, description="Output size over LR size.")
+    steps: int = recipe_field(20, ge=1, le=1000, description="Sampling steps.")
+    scheduler: SchedulerName = recipe_field("ddpm", description="Sampling scheduler, configured from the base model's.")
+    guidance_scale: float = recipe_field(
         5.5, ge=0, description="Classifier-free guidance scale (at most 1: the positive branch alone).")
-    negative_prompt: str = Field(NEGATIVE_PROMPT, description="Replaces c_h in the negative guidance branch.")
-    cfg_batched: bool = runtime_field(True, "Run both guidance branches as one batch (same result, faster).")
-    controlnet_negative: bool = Field(
+    negative_prompt: str = recipe_field(NEGATIVE_PROMPT, description="Replaces c_h in the negative guidance branch.")
+    cfg_batched: bool = runtime_field(
+        True, "Run both guidance branches as one batch (same result, faster).", recipe=True)
+    controlnet_negative: bool = recipe_field(
         True, description="The ControlNet also sees the negative prompt in the negative branch.")
-    conditioning_scale: float = Field(1.0, ge=0, description="Weight of the ControlNet residuals.")
-    color_fix: ColorFixName = Field("adain", description="Colour correction of the output towards the upsampled LR.")
-    tile_size: Optional[int] = Field(
+    conditioning_scale: float = recipe_field(1.0, ge=0, description="Weight of the ControlNet residuals.")
+    color_fix: ColorFixName = recipe_field(
+        "adain", description="Colour correction of the output towards the upsampled LR.")
+    tile_size: Optional[int] = recipe_field(
         None, ge=64, description="Latent tile in output pixels (default: the UNet's native size).")
-    tile_overlap: Optional[int] = Field(
+    tile_overlap: Optional[int] = recipe_field(
         None, ge=0, description="Latent tile overlap in pixels (default: tile_size / 4).")
-    vae_tile_size: Optional[int] = Field(
+    vae_tile_size: Optional[int] = recipe_field(
         None, ge=64, description="VAE tile in pixels (default: the VAE's native size).")
-    vae_tile_overlap: Optional[int] = Field(
+    vae_tile_overlap: Optional[int] = recipe_field(
         None, ge=0, description="VAE tile overlap in pixels (default: vae_tile_size / 4).")
-    seed: Optional[int] = Field(0, description="None: unseeded generators (torch's default seed 67280421310721).")
+    seed: Optional[int] = recipe_field(
+        0, description="None: unseeded generators (torch's default seed 67280421310721).")
     # the authors' recipe (their test script); each default keeps the paper's behaviour
-    added_prompt: str = Field(
+    added_prompt: str = recipe_field(
         "", description="Appended to every content caption as '<c_h.lstrip()> <added_prompt>' (official: the "
                         "authors' quality words).")
-    negative_quality_prompt: Optional[str] = Field(
+    negative_quality_prompt: Optional[str] = recipe_field(
         None, description="c_l of the negative guidance branch (None: the image's c_l).")
-    start_latent: Literal["mean", "sample"] = Field(
+    start_latent: Literal["mean", "sample"] = recipe_field(
         "mean", description="Start from the LR latent's posterior mean or a sample.")
-    added_noise_level: Optional[int] = Field(
+    added_noise_level: Optional[int] = recipe_field(
         None, ge=0, description="Noise the start latent once more, to this timestep (official: 800).")
-    resize: ResizeName = Field("torch-bicubic", description="LR -> condition resize chain (see .resize).")
-    process_size: Optional[int] = Field(
+    resize: ResizeName = recipe_field("torch-bicubic", description="LR -> condition resize chain (see .resize).")
+    process_size: Optional[int] = recipe_field(
         None, ge=8, description="Enlarge conditions with a shorter side to it; resize the output back.")
-    pad_multiple: Optional[int] = Field(
+    pad_multiple: Optional[int] = recipe_field(
         None, ge=1, description="Pad the condition to this multiple (default: the VAE x UNet down-sampling factor).")
-    latent_tile_threshold: Optional[int] = Field(
+    latent_tile_threshold: Optional[int] = recipe_field(
         None, ge=8, description="Pixels: latents of area <= (this / 8)^2 are sampled whole (default: tiled when a "
                                 "side exceeds tile_size).")
-    vae_decode_tile_size: Optional[int] = Field(
+    vae_decode_tile_size: Optional[int] = recipe_field(
         None, ge=64, description="VAE decoder tile in pixels (default: vae_tile_size).")
-    generator_scope: Literal["image", "run"] = Field(
+    generator_scope: Literal["image", "run"] = recipe_field(
         "image", description="One generator per image (seeded from seed and its name), or one for the whole run, "
                              "in input order.")
-    generator_device: Literal["cpu", "device"] = Field(
+    generator_device: Literal["cpu", "device"] = recipe_field(
         "cpu", description="Draw random numbers on the CPU or on the model's device.")

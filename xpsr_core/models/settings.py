@@ -9,6 +9,8 @@ from typing import Literal, Optional
 from pydantic import Field, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from ..config import recipe_field
+
 
 @pydantic_dataclass
 class XPSRSettings:
@@ -18,31 +20,31 @@ class XPSRSettings:
     validated on construction, and ``dataclasses.asdict``/``replace`` work as on any dataclass.
     """
 
-    sfa_mode: Literal["parallel", "serial", "high", "low"] = Field(
+    sfa_mode: Literal["parallel", "serial", "high", "low"] = recipe_field(
         "parallel", description="parallel: the SFA (CA_h and CA_l side by side, fused by CA_f); serial: CA_l after "
         "CA_h; high / low: CA_h or CA_l alone (the paper's ablations).")
-    conditional_attention: bool = Field(True, description="Conditional Attention in the UNet decoder (off: the "
-                                        "ControlNet residuals are only added).")
-    dfc_pixel: bool = Field(True, description="DFC heads mapping the conditioning encoder's levels to RGB, against "
-                            "the HR image.")
-    dfc_latent: bool = Field(True, description="DFC heads mapping ControlNet features to latents, against the HR "
-                             "latent.")
+    conditional_attention: bool = recipe_field(
+        True, description="Conditional Attention in the UNet decoder (off: the ControlNet residuals are only added).")
+    dfc_pixel: bool = recipe_field(
+        True, description="DFC heads mapping the conditioning encoder's levels to RGB, against the HR image.")
+    dfc_latent: bool = recipe_field(
+        True, description="DFC heads mapping ControlNet features to latents, against the HR latent.")
     conditioning_embedding_out_channels: tuple[int, ...] = Field(
         (16, 32, 96, 256), description="Channels of the ControlNet's conditioning embedding, per level.")
     fusion_heads: Optional[int] = Field(None, ge=1, description="Attention heads of CA_f (null: those of the "
                                         "transformer it wraps).")
-    fusion: Literal["attention", "transformer"] = Field(
+    fusion: Literal["attention", "transformer"] = recipe_field(
         "attention", description="CA_f: attention (the paper) or a full transformer (the authors' code).")
-    conditional_attention_type: Literal["attention", "transformer"] = Field(
+    conditional_attention_type: Literal["attention", "transformer"] = recipe_field(
         "attention", description="Conditional Attention layers: attention (the paper) or full transformers (the "
         "authors' pixel attentions).")
-    dfc_latent_heads: Literal["pyramid", "residuals"] = Field(
+    dfc_latent_heads: Literal["pyramid", "residuals"] = recipe_field(
         "pyramid", description="3 heads on the down-block outputs, or 13 on the post-zero-conv residuals (the "
         "authors').")
-    dfc_target_resize: Literal["area", "bilinear"] = Field(
+    dfc_target_resize: Literal["area", "bilinear"] = recipe_field(
         "area", description="How the DFC targets are resized to each level: area averaging, or bilinear (the "
         "authors').")
-    init: Literal["zero", "official"] = Field(
+    init: Literal["zero", "official"] = recipe_field(
         "zero", description="zero: step 0 equals plain ControlNet + SD; official: the authors' initialisation.")
 
     @classmethod

@@ -285,7 +285,7 @@ class Trainer:
             self.empty_prompt = encode_prompts(base.text_encoder, base.tokenizer, [""])[0].to(accelerator.device)
 
     def _needs_vae(self) -> bool:
-        first = sorted(Path(self.config.train_dir).glob("*.tar"))[:1]
+        first = sorted(Path(self.config.input_dir).glob("*.tar"))[:1]
         if not first:
             return False
         from ..io.shards import read_shard
@@ -302,7 +302,7 @@ class Trainer:
         from ..io.shards import read_shard
         from .data import missing_hr_quality
 
-        for shard in sorted(Path(self.config.train_dir).glob("*.tar"))[:1]:
+        for shard in sorted(Path(self.config.input_dir).glob("*.tar"))[:1]:
             sample = next(read_shard(shard), None)
             if sample is None:
                 continue
@@ -595,7 +595,7 @@ class Trainer:
     def _data_loader(self, start_step: int):
         """This rank's batches, from where the steps before ``start_step`` left the stream."""
         config, accelerator = self.config, self.accelerator
-        shards = sorted(Path(config.train_dir).glob("*.tar"))
+        shards = sorted(Path(config.input_dir).glob("*.tar"))
         stream = TrainingStream(
             shards, config.batch_size, config.seed, rank=accelerator.process_index, world=accelerator.num_processes,
             shuffle_buffer=config.shuffle_buffer, resampled=config.resampled,
@@ -688,7 +688,7 @@ class Trainer:
         from ..io.images import decode_png
         from ..io.shards import read_shard
 
-        first = sorted(Path(self.config.train_dir).glob("*.tar"))[0]
+        first = sorted(Path(self.config.input_dir).glob("*.tar"))[0]
         samples = []
         for sample in read_shard(first):
             captions = json.loads(sample["json"]).get("captions", {})

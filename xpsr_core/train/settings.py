@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from pydantic import ConfigDict, Field, create_model, field_validator
 
-from ..config import StageConfig, runtime_field
+from ..config import StageConfig, recipe_field, runtime_field
 from ..encoding import NEGATIVE_PROMPT
 from ..models.settings import XPSRSettings
 
@@ -29,19 +29,21 @@ ModelOptions = create_model(
 
 
 class TrainConfig(StageConfig, ModelOptions):
-    train_dir: Path = runtime_field(Path("data/shards/train"), "Training shards from `xpsr embed`.")
+    renamed_fields = {"train_dir": "input_dir"}
+
+    input_dir: Path = runtime_field(Path("data/shards/train"), "Training shards from `xpsr embed`.")
     base_model: str = Field("models/tiny/sd15", description="Frozen SD-1.5 folder or hub id.")
     out: Path = runtime_field(Path("models/xpsr"), "Run folder: checkpoints, logs, final export.")
     metrics_file: Optional[Path] = runtime_field(Path("metrics/train.json"), "Final training metrics for DVC.")
     # replaces ModelOptions' init (zero | official): a run may also start from a folder to fine-tune
-    init: str = Field(
+    init: str = recipe_field(
         "zero",
         description="zero (step 0 = plain ControlNet), official (the authors' initialisation), or a folder "
         "written by `xpsr import-official` or `xpsr train` to fine-tune (its architecture is kept).",
     )
-    dfc_weight: float = Field(0.05, ge=0, description="lambda in L = L_eps + lambda * L_DFC.")
-    use_high_prompt: bool = Field(True, description="Condition on the content caption (off: the empty prompt).")
-    hr_condition_probability: float = Field(
+    dfc_weight: float = recipe_field(0.05, ge=0, description="lambda in L = L_eps + lambda * L_DFC.")
+    use_high_prompt: bool = recipe_field(True, description="Condition on the content caption (off: the empty prompt).")
+    hr_condition_probability: float = recipe_field(
         0.0,
         ge=0,
         le=1,
@@ -50,21 +52,25 @@ class TrainConfig(StageConfig, ModelOptions):
         "Needs training shards with hr_quality.npy (`xpsr caption` with caption_hr, then `xpsr embed`).",
     )
     # optimisation
-    learning_rate: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(1e-2, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
-    warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate (the authors': 5e-5 at batch 32 for "
+                                 "300k steps; tune it to the run's batch size and length).")
+    weight_decay: float = recipe_field(1e-2, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = recipe_field(0.9, description="AdamW beta1.")
+    adam_beta2: float = recipe_field(0.999, description="AdamW beta2.")
+    adam_epsilon: float = recipe_field(1e-8, description="AdamW epsilon.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = recipe_field(
+        "constant_with_warmup", description="Learning-rate schedule (diffusers' get_scheduler).")
+    warmup_steps: int = recipe_field(0, ge=0, description="Learning-rate warm-up steps.")
+    max_grad_norm: float = recipe_field(1.0, gt=0, description="Gradients are clipped to this norm.")
     batch_size: int = Field(4, ge=1, description="Per process; the paper's global batch is 32.")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Batches whose gradients make one optimizer step.")
     # runtime: extending a run (then resuming) must not count as a different configuration
     max_train_steps: int = runtime_field(100_000, "Optimizer steps to train for (the paper: 100k).", ge=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
-    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Mixed precision of the forward pass "
+                                                           "(accelerate); fp16/bf16 on a GPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, "
+                                         "slower).")
+    seed: int = Field(0, description="Seed of the model initialisation, the data order and every random draw.")
     collective_timeout: int = runtime_field(
         1800,
         "Seconds a rank waits for the others in a collective (gradient all-reduce, barrier) before the run fails: "
@@ -73,14 +79,14 @@ class TrainConfig(StageConfig, ModelOptions):
     )
     # data
     resampled: bool = Field(True, description="Resample shards with replacement (else seeded epochs).")
-    shuffle_buffer: int = Field(256, ge=1)
+    shuffle_buffer: int = Field(256, ge=1, description="Samples in the streaming shuffle buffer of each dataloader.")
     num_workers: int = Field(0, ge=0, description="Dataloader workers per process (shards >= processes x workers).")
     max_bad_samples: int = runtime_field(
         100,
         "Bad training samples (truncated, undecodable) each dataloader stream logs and skips before the run stops.",
         ge=0,
     )
-    online_encoding: bool = Field(
+    online_encoding: bool = recipe_field(
         False, description="Encode captions and HR latents in the loop (the paper code's practice; slower)."
     )
     negative_prompt: str = Field(
