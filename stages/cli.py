@@ -1,9 +1,16 @@
-"""The ``xpsr`` command line: argument parsing, config resolution and error formatting only.
+"""The ``xpsr`` command line: options derived from the stage configs, config resolution and error formatting.
 
-Every command resolves its stage config (params.yaml < CLI options), prints one start line (params
-file, preset, device, config hash; ``--debug``: the whole config), and calls the stage's ``run``.
-Heavy libraries (torch, transformers, diffusers) are imported inside commands so that ``xpsr --help``
-stays instant; ``xpsr_core.quiet`` silences their noise before that.
+Every command's options are generated from its stage config class's fields (:data:`COMMANDS`): the option is
+the field name with dashes, its help the field's description, the default shown the field's default; bools are
+``--x/--no-x`` flags and lists repeatable options, while nested settings (``degradation``) are reached through
+``--set`` (or a shorthand listed in :data:`NESTED_OPTIONS`). A field added to a config class is an option of its
+command with no edit here. What is not an option named after its field is listed once, below: positional
+arguments, short names, nested shorthands and the old names kept for a release.
+
+Every command resolves its stage config (params.yaml < CLI options < ``--set``), prints one start line (params
+file, preset, device, config hash; ``--debug``: the whole config), and calls the stage's ``run``. A command's
+module is imported when the command runs or shows its help, and stage configs import no torch, so ``xpsr
+--help`` stays instant and a bad value fails before any model library loads.
 """
 
 from __future__ import annotations
@@ -13,46 +20,100 @@ import functools
 import json
 import os
 import sys
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Annotated, Any, Callable, List, Literal, Optional, Union, get_args, get_origin
 
 import typer
+from typer.core import TyperGroup
 
 from xpsr_core.quiet import quiet_third_party
 
 quiet_third_party()  # before any command imports torch, transformers or diffusers
 
-app = typer.Typer(
-    name="xpsr",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    help="XPSR: build super-resolution training data, caption it, train and run XPSR.",
-)
+HELP_WIDTH = 200  # help in a pipe or a log is not cut at 80 columns; on a terminal it fits the terminal
+CONTEXT_SETTINGS = {"max_content_width": HELP_WIDTH, "terminal_width": None if sys.stdout.isatty() else HELP_WIDTH}
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command: its params-file section, the stage module and config class, the stage function it runs."""
+
+    section: str
+    stage: str  # module of stages/
+    config: str  # its config class
+    help: str
+    run: str = "run"
+    fixed: dict = field(default_factory=dict)  # config values the command itself sets (`models tiny`: kind)
+
+
+# every command, by its words on the command line, in the order `xpsr --help` lists them
+COMMANDS: dict[tuple[str, ...], Command] = {
+    ("demo-data",): Command("demo_data", "demo_data", "DemoDataConfig",
+                            "Write the real photographs that scikit-image ships into a raw-image folder."),
+    ("shard",): Command("shard", "shard", "ShardConfig",
+                        "Cut image folders into HR crops stored as webdataset shards, with an index row per file."),
+    ("degrade",): Command("degrade", "degrade", "DegradeConfig",
+                          "Synthesize LR images with the Real-ESRGAN second-order degradation into pair shards."),
+    ("caption",): Command("caption", "caption", "CaptionConfig", "Caption every LR image with the paper's content "
+                          "and quality instructions into Parquet manifests."),
+    ("embed",): Command("embed", "embed", "EmbedConfig", "Join pairs and captions by key and pre-encode CLIP "
+                        "embeddings (and HR latents) into training shards."),
+    ("train",): Command("train", "train", "TrainConfig", "Train XPSR (ControlNet + SFA + Conditional Attention + "
+                        "DFC); works under `accelerate launch`."),
+    ("sr",): Command("sr", "sr", "SRConfig", "Super-resolve images with XPSR (captions from the captioner, a "
+                     "manifest, or given); PNG + JSON per image."),
+    ("evaluate",): Command("evaluate", "evaluate", "EvaluateConfig", "Compare methods on LR/HR pairs with the "
+                           "paper's metrics: a Table 1 style table, per-image values, grids."),
+    ("import-official",): Command("import_official", "import_official", "ImportOfficialConfig", "Convert the "
+                                  "authors' released XPSR checkpoint into a pipeline folder that `xpsr sr` and "
+                                  "`xpsr train` load."),
+    ("models", "tiny"): Command("models", "models", "ModelsConfig", "A tiny random SD-1.5 (diffusers layout) and "
+                                "LLaVA captioner (llava-hf layout) with real tokenizers.", fixed={"kind": "tiny"}),
+    ("models", "sd15-shaped"): Command("models", "models", "ModelsConfig", "SD-1.5 and LLaVA-1.5-7B shapes with "
+                                       "random fp16 weights (for GPU speed/memory benchmarks).",
+                                       fixed={"kind": "sd15-shaped"}),
+    ("testset", "synthetic"): Command("testset_synthetic", "testset", "SyntheticTestsetConfig", "Random HR crops "
+                                      "degraded with the training degradation (the paper's DIV2K-val set) into "
+                                      "pair shards.", run="run_synthetic"),
+    ("testset", "paired"): Command("testset_paired", "testset", "PairedTestsetConfig", "Real LR/HR pairs (RealSR, "
+                                   "DRealSR) matched by name and centre-cropped into pair shards.", run="run_paired"),
+}
+GROUPS = {
+    "models": "Write the offline model zoo (random weights in the real folder layouts).",
+    "testset": "Build the paper's test sets as pair shards for `xpsr evaluate --input-dir`.",
+}
+
+# ---- the one place for what is not an option named after its field ----
+# positional arguments: section -> field
+POSITIONAL = {"shard": "inputs", "caption": "images", "sr": "inputs", "import_official": "checkpoint"}
+# further names of a field's option, in every command that has the field
+SHORT_NAMES = {
+    "workers": ("-j",),
+    "content_caption": ("--content",),
+    "quality_caption": ("--quality",),
+    "methods": ("--method",),
+    "metrics": ("--metric",),
+    "hr_dirs": ("--hr-dir",),
+}
+# options for nested settings: section -> {option: dotted field path}
+NESTED_OPTIONS = {"testset_synthetic": {"--scale": "degradation.scale"}}
+# old option names, hidden and kept for one release with a deprecation line: section -> {old option: field}
+DEPRECATED_OPTIONS = {
+    "degrade": {"--in": "input_dir", "--usm/--no-usm": "usm_hr"},
+    "caption": {"--in": "input_dir", "--model": "captioner"},
+    "embed": {"--pairs": "input_dir", "--latents/--no-latents": "encode_latents"},
+    "evaluate": {"--pairs": "input_dir"},
+    "train": {"--data": "input_dir", "--lr": "learning_rate"},
+}
+
+# every command's params-file section; any other top-level name is an error
+SECTIONS = tuple(dict.fromkeys(command.section for command in COMMANDS.values()))
+# the sections whose stage records its whole config in OUT/config.json (when OUT is a folder)
+RECORDED_SECTIONS = frozenset(SECTIONS) - {"train", "import_official"}
 
 _state = {"debug": False}
-
-ParamsOption = typer.Option(None, "--params", help="Params file (default: ./params.yaml when present).")
-SetOption = typer.Option(None, "--set", help="Override any config field: --set name=value (repeatable).")
-OverwriteOption = typer.Option(False, "--overwrite", help="Replace outputs made with a different config.")
-
-
-@app.callback()
-def main(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (or set XPSR_DEBUG=1)."),
-    progress_seconds: Optional[float] = typer.Option(
-        None,
-        "--progress-seconds",
-        min=0,
-        help=(
-            "When output is not a terminal, print a progress line every N seconds "
-            "(or set XPSR_PROGRESS_SECONDS; default 30)."
-        ),
-    ),
-) -> None:
-    _state["debug"] = debug or os.environ.get("XPSR_DEBUG", "") not in ("", "0")
-    if progress_seconds is not None:
-        os.environ["XPSR_PROGRESS_SECONDS"] = str(progress_seconds)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -95,14 +156,6 @@ def user_command(function: Callable) -> Callable:
     return wrapper
 
 
-# every command's params-file section (the one its _resolve call names); any other top-level name is an error
-SECTIONS = ("demo_data", "models", "shard", "degrade", "caption", "embed", "train", "sr", "evaluate",
-            "import_official", "testset_synthetic", "testset_paired")
-# the sections whose stage records its whole config in OUT/config.json (when OUT is a folder)
-RECORDED_SECTIONS = frozenset(SECTIONS) - {"train", "import_official"}
-DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto: the GPU when there is one, else the CPU)"
-
-
 def start_line(section: str, resolution) -> str:
     """'sr: params params.yaml, preset official, device cpu (auto), config 3f2a... (full config: OUT/config.json)'."""
     from xpsr_core.dist import rank_device
@@ -121,7 +174,9 @@ def start_line(section: str, resolution) -> str:
     return f"{section}: {', '.join(parts)}, config {config.output_hash()}{record}"
 
 
-def _resolve(config_cls, section: str, params: Optional[Path], options: dict, sets: Optional[List[str]]):
+def resolve(config_cls, section: str, params: Optional[Path], options: dict, sets: Optional[List[str]]):
+    """The stage config from the params file's section, then ``options`` (None: not given), then ``--set``; prints
+    the start line and the notes on how the layers combined."""
     from xpsr_core.config import COMMAND_LINE, deep_merge, load_params, params_file, parse_overrides, resolve_layers
 
     assert section in SECTIONS, section
@@ -141,472 +196,272 @@ def _resolve(config_cls, section: str, params: Optional[Path], options: dict, se
     return resolution.config
 
 
-@app.command("demo-data")
-@user_command
-def demo_data(
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the sample photographs."),
-    params: Optional[Path] = ParamsOption,
-    sets: Optional[List[str]] = SetOption,
-    overwrite: bool = OverwriteOption,
-) -> None:
-    """Write the real photographs that scikit-image ships into a raw-image folder."""
-    from stages import demo_data as stage
+# ---- options from fields ----
 
-    config = _resolve(stage.DemoDataConfig, "demo_data", params, {"out": out, "overwrite": overwrite or None}, sets)
-    stage.run(config)
+def _unwrap(annotation: Any) -> Any:
+    """The annotation without Annotated[...] and Optional[...] (None for a union of several types)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        rest = [a for a in get_args(annotation) if a is not type(None)]
+        return _unwrap(rest[0]) if len(rest) == 1 else None
+    return annotation
 
 
-@app.command()
-@user_command
-def shard(
-    inputs: Optional[List[str]] = typer.Argument(
-        None, help="Image folders as PATH or NAME=PATH (NAME: dataset name; default: folder name)."
-    ),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the HR shards."),
-    crop_size: Optional[int] = typer.Option(None, "--crop-size", help="HR crop size in pixels (512 in the paper)."),
-    crop_mode: Optional[str] = typer.Option(None, "--crop-mode", help="random | grid"),
-    crops_per_image: Optional[int] = typer.Option(None, "--crops-per-image", help="Random crops per image."),
-    small_images: Optional[str] = typer.Option(None, "--small-images", help="pad | skip images smaller than the crop."),
-    images_per_shard: Optional[int] = typer.Option(None, "--images-per-shard"),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Worker processes."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    params: Optional[Path] = ParamsOption,
-    sets: Optional[List[str]] = SetOption,
-    overwrite: bool = OverwriteOption,
-) -> None:
-    """Cut image folders into HR crops stored as webdataset shards, with an index row per file."""
-    from stages import shard as stage
-
-    parsed = [stage.parse_input_spec(spec) for spec in inputs] if inputs else None
-    options = dict(
-        inputs=parsed, out=out, crop_size=crop_size, crop_mode=crop_mode, crops_per_image=crops_per_image,
-        small_images=small_images, images_per_shard=images_per_shard, workers=workers, seed=seed,
-        overwrite=overwrite or None,
-    )
-    config = _resolve(stage.ShardConfig, "shard", params, options, sets)
-    stage.run(config)
+def _scalar_type(annotation: Any) -> Optional[tuple[type, tuple]]:
+    """The Python type of a single value as the command line reads it, and its choices (Literal); None when it is
+    not a plain value."""
+    annotation = _unwrap(annotation)
+    if get_origin(annotation) is Literal:
+        values = get_args(annotation)
+        kinds = {type(v) for v in values}
+        return (kinds.pop(), values) if len(kinds) == 1 and kinds <= {str, int} else None
+    return (annotation, ()) if annotation in (bool, int, float, str, Path) else None
 
 
-@app.command()
-@user_command
-def degrade(
-    input_dir: Optional[Path] = typer.Option(None, "--in", help="Folder of HR shards (output of `xpsr shard`)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the LR/HR pair shards."),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    usm_hr: Optional[bool] = typer.Option(None, "--usm/--no-usm", help="USM-sharpen the HR target (default on)."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Worker processes (CPU)."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    params: Optional[Path] = ParamsOption,
-    sets: Optional[List[str]] = SetOption,
-    overwrite: bool = OverwriteOption,
-) -> None:
-    """Synthesize LR images with the Real-ESRGAN second-order degradation into pair shards."""
-    from stages import degrade as stage
-
-    options = dict(
-        input_dir=input_dir, out=out, device=device, batch_size=batch_size, usm_hr=usm_hr, workers=workers,
-        seed=seed, overwrite=overwrite or None,
-    )
-    config = _resolve(stage.DegradeConfig, "degrade", params, options, sets)
-    stage.run(config)
+def option_kind(annotation: Any) -> Optional[tuple[type, tuple, bool]]:
+    """(type, choices, repeatable) of a field's option; None: the field is reached through --set only."""
+    annotation = _unwrap(annotation)
+    if get_origin(annotation) is list:
+        (item,) = get_args(annotation) or (None,)
+        scalar = _scalar_type(item)
+        return None if scalar is None or scalar[0] is bool else (*scalar, True)
+    scalar = _scalar_type(annotation)
+    return None if scalar is None else (*scalar, False)
 
 
-@app.command()
-@user_command
-def caption(
-    images: Optional[Path] = typer.Argument(
-        None, help="A folder of images to caption (default: the pair shards' LR images)."
-    ),
-    input_dir: Optional[Path] = typer.Option(None, "--in", help="Folder of pair shards (output of `xpsr degrade`)."),
-    out: Optional[Path] = typer.Option(
-        None, "--out", help="Manifest folder, or a .parquet file when captioning a folder."
-    ),
-    model: Optional[str] = typer.Option(None, "--model", help="Captioner folder or hub id (llava-hf layout)."),
-    quality_model: Optional[str] = typer.Option(
-        None, "--quality-model", help="A second captioner for the quality captions (e.g. Q-Instruct)."
-    ),
-    caption_hr: Optional[bool] = typer.Option(
-        None, "--caption-hr/--no-caption-hr", help="Also caption the HR images' quality (pair shards)."
-    ),
-    base_model: Optional[str] = typer.Option(
-        None, "--base-model", help="Base SD folder whose CLIP tokenizer counts tokens."
-    ),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per generate() call."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16"),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
-    params: Optional[Path] = ParamsOption,
-    sets: Optional[List[str]] = SetOption,
-    overwrite: bool = OverwriteOption,
-) -> None:
-    """Caption every LR image with the paper's content and quality instructions into Parquet manifests."""
-    from stages import caption as stage
+def _default_text(info) -> str:
+    """The field default as help shows it ('' when there is none to show)."""
+    from pydantic_core import PydanticUndefined
 
-    options = dict(
-        images=images, input_dir=input_dir, out=out, model=model, quality_model=quality_model, caption_hr=caption_hr,
-        base_model=base_model, batch_size=batch_size, max_new_tokens=max_new_tokens, dtype=dtype, device=device,
-        overwrite=overwrite or None,
-    )
-    config = _resolve(stage.CaptionConfig, "caption", params, options, sets)
-    stage.run(config)
+    value = info.default_factory() if info.default_factory is not None else info.default
+    if value is PydanticUndefined or value is None or value == "" or value == []:
+        return ""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        value = ", ".join(str(getattr(v, "name", v)) for v in value)
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
-@app.command()
-@user_command
-def embed(
-    pairs_dir: Optional[Path] = typer.Option(None, "--pairs", help="Folder of pair shards."),
-    captions_dir: Optional[Path] = typer.Option(None, "--captions", help="Folder of caption manifests."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the training shards."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="Base SD folder or hub id."),
-    encode_latents: Optional[bool] = typer.Option(None, "--latents/--no-latents", help="Pre-encode HR VAE latents."),
-    drop_missing: Optional[bool] = typer.Option(
-        None, "--drop-missing", help="Leave out keys lacking an image or caption."
-    ),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
-    params: Optional[Path] = ParamsOption,
-    sets: Optional[List[str]] = SetOption,
-    overwrite: bool = OverwriteOption,
-) -> None:
-    """Join pairs and captions by key and pre-encode CLIP embeddings (and HR latents) into training shards."""
-    from stages import embed as stage
-
-    options = dict(
-        pairs_dir=pairs_dir, captions_dir=captions_dir, out=out, base_model=base_model, encode_latents=encode_latents,
-        drop_missing=drop_missing, batch_size=batch_size, device=device, overwrite=overwrite or None,
-    )
-    config = _resolve(stage.EmbedConfig, "embed", params, options, sets)
-    stage.run(config)
+def _help(info, note: str = "") -> str:
+    default = _default_text(info)
+    return " ".join(p for p in (info.description or "", note, f"[default: {default}]" if default else "") if p)
 
 
-@app.command()
-@user_command
-def train(
-    train_dir: Optional[Path] = typer.Option(
-        None, "--data", help="Folder of training shards (output of `xpsr embed`)."
-    ),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (checkpoints, logs, final export)."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="Frozen SD-1.5 folder or hub id."),
-    max_train_steps: Optional[int] = typer.Option(None, "--max-train-steps"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per process."),
-    learning_rate: Optional[float] = typer.Option(None, "--lr"),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | fp16 | bf16"),
-    resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoint folder."),
-    init: Optional[str] = typer.Option(
-        None, "--init", help="zero | official | a folder to fine-tune (from `xpsr import-official` or `xpsr train`)."
-    ),
-    params: Optional[Path] = ParamsOption,
-    sets: Optional[List[str]] = SetOption,
-    overwrite: bool = OverwriteOption,
-) -> None:
-    """Train XPSR (ControlNet + SFA + Conditional Attention + DFC); works under `accelerate launch`."""
-    from stages import train as stage
-
-    options = dict(
-        train_dir=train_dir,
-        out=out,
-        base_model=base_model,
-        max_train_steps=max_train_steps,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        mixed_precision=mixed_precision,
-        resume=resume,
-        init=init,
-        overwrite=overwrite or None,
-    )
-    config = _resolve(stage.TrainConfig, "train", params, options, sets)
-    stage.run(config)
+def option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
 
 
-def _sr_option(field: str, kind, flag: str, help: Optional[str] = None) -> tuple:
-    return field, kind, typer.Option(None, flag, help=help)
+@dataclass
+class _Route:
+    """Where a command parameter's value goes in the config: the field path, and the old name it deprecates."""
+
+    path: tuple[str, ...]
+    repeatable: bool = False
+    deprecated: str = ""  # the old option name, when this is a hidden alias
+    new: str = ""  # the option that replaces it
 
 
-# the options `xpsr sr` and `xpsr evaluate` share: parameter name -> (config field, type, option)
-SR_OPTIONS = {
-    "base_model": _sr_option("base_model", Optional[str], "--base-model", "Frozen SD-1.5 folder or hub id."),
-    "xpsr": _sr_option("xpsr", Optional[str], "--xpsr", "Trained XPSR folder (a run's final/, or a run folder)."),
-    "pipeline": _sr_option(
-        "pipeline", Optional[str], "--pipeline", "A saved XPSR pipeline folder (instead of --base-model/--xpsr)."
-    ),
-    "captions": _sr_option("captions", Optional[str], "--captions", "captioner | manifest | given"),
-    "captioner": _sr_option("captioner", Optional[str], "--captioner", "Captioner folder or hub id (llava-hf layout)."),
-    "manifest": _sr_option(
-        "manifest", Optional[Path], "--manifest", "Caption manifest (.parquet file or folder) for --captions manifest."
-    ),
-    "content": _sr_option(
-        "content_caption", Optional[str], "--content", "High-level caption for every image (means --captions given)."
-    ),
-    "quality": _sr_option(
-        "quality_caption", Optional[str], "--quality", "Low-level caption for every image (means --captions given)."
-    ),
-    "scale": _sr_option("scale", Optional[int], "--scale", "Upscaling factor (4 in the paper)."),
-    "steps": _sr_option("steps", Optional[int], "--steps", "Sampling steps (20 in the paper)."),
-    "scheduler": _sr_option("scheduler", Optional[str], "--scheduler", "ddpm | ddim | dpm-solver | unipc | euler"),
-    "guidance_scale": _sr_option(
-        "guidance_scale", Optional[float], "--guidance-scale", "Classifier-free guidance scale (5.5 in the paper)."
-    ),
-    "negative_prompt": _sr_option(
-        "negative_prompt", Optional[str], "--negative-prompt", "Replaces the content caption in the guidance branch."
-    ),
-    "color_fix": _sr_option("color_fix", Optional[str], "--color-fix", "adain | wavelet | adain-official | none"),
-    "tile_size": _sr_option(
-        "tile_size", Optional[int], "--tile-size", "Latent tile in output pixels (default: the model's native size)."
-    ),
-    "tile_overlap": _sr_option("tile_overlap", Optional[int], "--tile-overlap", "Latent tile overlap in pixels."),
-    "vae_tile_size": _sr_option("vae_tile_size", Optional[int], "--vae-tile-size", "VAE tile in pixels."),
-    "seed": _sr_option("seed", Optional[int], "--seed"),
-    "dtype": _sr_option("dtype", Optional[str], "--dtype", "float32 | float16 | bfloat16 (half precision on a GPU)."),
-    "device": _sr_option("device", Optional[str], "--device", DEVICE_HELP),
-    "preset": _sr_option(
-        "preset", Optional[str], "--preset",
-        "default | paper | official (the authors' inference recipe); explicit values override it.",
-    ),
-    "added_prompt": _sr_option(
-        "added_prompt", Optional[str], "--added-prompt", "Text appended to every content caption."
-    ),
-    "negative_quality_prompt": _sr_option(
-        "negative_quality_prompt", Optional[str], "--negative-quality-prompt",
-        "Low-level caption of the negative guidance branch.",
-    ),
-    "added_noise_level": _sr_option(
-        "added_noise_level", Optional[int], "--added-noise-level",
-        "Noise the start latent again, to this timestep (official: 800).",
-    ),
-    "process_size": _sr_option(
-        "process_size", Optional[int], "--process-size",
-        "Enlarge conditions whose short side is smaller (official: 512).",
-    ),
-}
+METAVARS = {int: "INT", float: "FLOAT", str: "TEXT", Path: "PATH"}
 
 
-def with_sr_options(command: Callable) -> Callable:
-    """Give ``command`` the SR_OPTIONS; their values reach it as one dict ``sr_options`` keyed by config field."""
+def _parameter(name: str, decls: list[str], kind: tuple, help_text: str, hidden: bool = False):
+    """An ``inspect.Parameter`` whose default is the typer option (the value None when not given)."""
     import inspect
 
-    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(command).parameters.values()
-           if p.name != "sr_options"]
-    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
-              for name, (_, kind, option) in SR_OPTIONS.items()]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        values = {field: kwargs.pop(name) for name, (field, _, _) in SR_OPTIONS.items()}
-        return command(**kwargs, sr_options=values)
-
-    wrapper.__signature__ = inspect.Signature([*own[:-3], *shared, *own[-3:]])  # params, --set, --overwrite last
-    return wrapper
+    value_type, choices, repeatable = kind
+    if value_type is bool:
+        decls = decls if "/" in decls[0] else [f"{decls[0]}/--no-{decls[0][2:]}", *decls[1:]]
+    metavar = "[" + "|".join(str(c) for c in choices) + "]" if choices else METAVARS.get(value_type)
+    option = typer.Option(None, *decls, help=help_text, hidden=hidden, metavar=metavar, show_default=False)
+    annotation = Optional[List[value_type]] if repeatable else Optional[value_type]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
 
 
-@app.command()
-@user_command
-@with_sr_options
-def sr(
-    inputs: Optional[List[str]] = typer.Argument(None, help="Image files, folders or glob patterns (quote globs)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the SR PNGs and their JSON sidecars."),
-    params: Optional[Path] = ParamsOption,
-    sets: Optional[List[str]] = SetOption,
-    overwrite: bool = OverwriteOption,
-    sr_options: Optional[dict] = None,
-) -> None:
-    """Super-resolve images with XPSR (captions from the captioner, a manifest, or given); PNG + JSON per image."""
-    from stages import sr as stage
-
-    options = dict(sr_options, inputs=inputs or None, out=out, overwrite=overwrite or None)
-    config = _resolve(stage.SRConfig, "sr", params, options, sets)
-    stage.run(config)
+def _field_info(config_cls, dotted: str):
+    model, info = config_cls, None
+    for part in dotted.split("."):
+        info = model.model_fields[part]
+        model = info.annotation
+    return info
 
 
-@app.command()
-@user_command
-@with_sr_options
-def evaluate(
-    pairs_dir: Optional[Path] = typer.Option(
-        None, "--pairs", help="Pair shards (lr.png / hr.png per key: xpsr testset, xpsr degrade)."
-    ),
-    lr_dir: Optional[Path] = typer.Option(None, "--lr-dir", help="Folder of LR images (with --hr-dir)."),
-    hr_dir: Optional[Path] = typer.Option(None, "--hr-dir", help="Folder of HR images matched by relative path."),
-    methods: Optional[List[str]] = typer.Option(
-        None,
-        "--method",
-        help="A compared method (repeatable): xpsr | bicubic | realesrgan[:WEIGHTS] | NAME=folder:DIR "
-        "| xpsr-no-high | xpsr-no-low | xpsr-no-prompts | xpsr-no-negative; NAME=KIND names the column.",
-    ),
-    ablations: Optional[bool] = typer.Option(
-        None, "--ablations/--no-ablations", help="Add the xpsr ablations (Tables 2, 5a)."
-    ),
-    metrics: Optional[List[str]] = typer.Option(
-        None, "--metric", help="A metric to compute (repeatable; default: all)."
-    ),
-    metric_weights_dir: Optional[Path] = typer.Option(
-        None, "--metric-weights-dir", help="The one folder of metric weights."
-    ),
-    crop_border: Optional[int] = typer.Option(
-        None, "--crop-border", help="Border cropped before PSNR/SSIM (authors: 0)."
-    ),
-    out: Optional[Path] = typer.Option(
-        None, "--out", help="Folder for the table, per-image values, grids and SR images."
-    ),
-    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many pairs."),
-    params: Optional[Path] = ParamsOption,
-    sets: Optional[List[str]] = SetOption,
-    overwrite: bool = OverwriteOption,
-    sr_options: Optional[dict] = None,
-) -> None:
-    """Compare methods on LR/HR pairs with the paper's metrics: a Table 1 style table, per-image values, grids."""
-    from stages import evaluate as stage
-    from xpsr_core.evaluation.methods import parse_method
+def derive_parameters(section: str, config_cls, fixed: dict) -> tuple[list, dict[str, _Route]]:
+    """The command's parameters from ``config_cls``'s fields (and the listed positional, nested and old names),
+    and where each one's value goes in the config."""
+    import inspect
 
-    options = dict(sr_options, pairs_dir=pairs_dir, lr_dir=lr_dir, hr_dir=hr_dir, out=out, limit=limit,
-                   methods=[parse_method(m).model_dump() for m in methods] if methods else None, ablations=ablations,
-                   metrics=list(metrics) if metrics else None, metric_weights_dir=metric_weights_dir,
-                   crop_border=crop_border, overwrite=overwrite or None)
-    config = _resolve(stage.EvaluateConfig, "evaluate", params, options, sets)
-    stage.run(config)
+    parameters, routes = [], {}
+    positional = POSITIONAL.get(section)
+    for name, info in config_cls.model_fields.items():
+        if name in fixed:
+            continue  # set by the command itself
+        kind = option_kind(info.annotation)
+        if name == positional:
+            repeatable = get_origin(_unwrap(info.annotation)) is list
+            value_type = kind[0] if kind else str  # a structured value is given as its text (e.g. NAME=PATH)
+            annotation = Optional[List[value_type]] if repeatable else Optional[value_type]
+            argument = typer.Argument(None, help=_help(info), metavar=name.upper() + ("..." if repeatable else ""),
+                                      show_default=False)
+            parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=argument,
+                                                annotation=annotation))
+            routes[name] = _Route((name,), repeatable)
+        elif kind is not None:  # else a nested setting: --set name.key=value
+            parameters.append(_parameter(name, [option_name(name), *SHORT_NAMES.get(name, ())], kind, _help(info)))
+            routes[name] = _Route((name,), kind[2])
+    for index, (flag, dotted) in enumerate(NESTED_OPTIONS.get(section, {}).items()):
+        info = _field_info(config_cls, dotted)
+        kind = option_kind(info.annotation)
+        parameters.append(_parameter(f"nested_{index}", [flag], kind, _help(info, f"(--set {dotted}=...)")))
+        routes[f"nested_{index}"] = _Route(tuple(dotted.split(".")), kind[2])
+    for index, (old, name) in enumerate(DEPRECATED_OPTIONS.get(section, {}).items()):
+        kind = option_kind(config_cls.model_fields[name].annotation)
+        parameters.append(_parameter(f"deprecated_{index}", [old], kind, "", hidden=True))
+        routes[f"deprecated_{index}"] = _Route((name,), kind[2], deprecated=old.split("/")[0], new=option_name(name))
+    parameters += [
+        inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+            None, "--params", help="Params file (default: ./params.yaml when present).")),
+        inspect.Parameter("sets", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[List[str]], default=typer.Option(
+            None, "--set", metavar="NAME=VALUE", help="Override any config field, nested ones too: --set name=value, "
+            "--set degradation.scale=2 (repeatable; the value is read as YAML).")),
+    ]
+    return parameters, routes
 
 
-@app.command("import-official")
-@user_command
-def import_official(
-    checkpoint: Path = typer.Argument(
-        ..., help="The authors' checkpoint folder, holding unet/ and controlnet/ (e.g. checkpoint-300000)."
-    ),
-    base_model: Optional[str] = typer.Option(
-        None, "--base-model", help="The SD-1.5 folder the checkpoint was trained on."
-    ),
-    out: Optional[Path] = typer.Option(None, "--out", help="Pipeline folder to write (for `xpsr sr --pipeline`)."),
-    allow_base_mismatch: bool = typer.Option(
-        False,
-        "--allow-base-mismatch",
-        help="Use the checkpoint's SD UNet tensors when they differ from the base model's.",
-    ),
-    params: Optional[Path] = ParamsOption,
-    sets: Optional[List[str]] = SetOption,
-    overwrite: bool = OverwriteOption,
-) -> None:
-    """Convert the authors' released XPSR checkpoint into a pipeline folder that `xpsr sr` and `xpsr train` load."""
-    from stages import import_official as stage
+def option_values(routes: dict[str, _Route], values: dict) -> dict:
+    """The config values the command line gave (``values``: by parameter name), old names with a notice."""
+    from stages.common import console
 
-    options = dict(checkpoint=checkpoint, base_model=base_model, out=out,
-                   allow_base_mismatch=allow_base_mismatch or None, overwrite=overwrite or None)
-    config = _resolve(stage.ImportOfficialConfig, "import_official", params, options, sets)
-    stage.run(config)
+    given: dict = {}
+    aliases = []
+    for name, route in routes.items():
+        value = values.get(name)
+        if value is None or (route.repeatable and not value):
+            continue
+        value = list(value) if route.repeatable else value
+        if route.deprecated:
+            console.print(f"{route.deprecated} is deprecated and will be removed: use {route.new}", highlight=False,
+                          markup=False, soft_wrap=True)
+            aliases.append((route.path, value))
+            continue
+        _put(given, route.path, value)
+    for path, value in aliases:  # the new name wins when both are given
+        if _get(given, path) is None:
+            _put(given, path, value)
+    return given
 
 
-models_app = typer.Typer(
-    no_args_is_help=True, help="Write the offline model zoo (random weights in the real folder layouts)."
+def _put(target: dict, path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        target = target.setdefault(part, {})
+    target[path[-1]] = value
+
+
+def _get(target: dict, path: tuple[str, ...]) -> Any:
+    for part in path:
+        if not isinstance(target, dict) or part not in target:
+            return None
+        target = target[part]
+    return target
+
+
+def build_command(words: tuple[str, ...]):
+    """The command ``COMMANDS[words]``, its parameters derived from its config class."""
+    import importlib
+    import inspect
+
+    spec = COMMANDS[words]
+    stage = importlib.import_module(f"stages.{spec.stage}")
+    config_cls = getattr(stage, spec.config)
+    parameters, routes = derive_parameters(spec.section, config_cls, spec.fixed)
+
+    def command(params: Optional[Path] = None, sets: Optional[List[str]] = None, **values) -> None:
+        options = {**option_values(routes, values), **spec.fixed}
+        config = resolve(config_cls, spec.section, params, options, list(sets or ()))
+        getattr(stage, spec.run)(config)
+
+    command.__signature__ = inspect.Signature(parameters)
+    single = typer.Typer(rich_markup_mode=None, add_completion=False, pretty_exceptions_enable=False)
+    single.command(name=words[-1], help=spec.help, context_settings=CONTEXT_SETTINGS)(user_command(command))
+    return typer.main.get_command(single)
+
+
+class DerivedGroup(TyperGroup):
+    """A command group whose commands (``COMMANDS`` below ``path``) are built when first used: listing them for
+    ``--help`` imports no stage module."""
+
+    path: tuple[str, ...] = ()
+
+    def _children(self) -> dict[str, str]:
+        """Name -> one-line help of each command or group right below this group."""
+        depth = len(self.path)
+        children: dict[str, str] = {}
+        for words, spec in COMMANDS.items():
+            if words[:depth] == self.path and len(words) > depth:
+                name = words[depth]
+                children.setdefault(name, spec.help if len(words) == depth + 1 else GROUPS[name])
+        return children
+
+    def list_commands(self, ctx) -> list[str]:
+        return [*super().list_commands(ctx), *(n for n in self._children() if n not in self.commands)]
+
+    def get_command(self, ctx, name: str):
+        if name not in self.commands and name in self._children():
+            words = (*self.path, name)
+            if words in COMMANDS:
+                self.commands[name] = build_command(words)
+            else:
+                group = DerivedGroup(name=name, help=GROUPS[name], no_args_is_help=True, rich_markup_mode=None,
+                                     context_settings=CONTEXT_SETTINGS)
+                group.path = words
+                self.commands[name] = group
+        return self.commands.get(name)
+
+    def format_commands(self, ctx, formatter) -> None:
+        rows = [(name, help_text.split(". ")[0].rstrip(".")) for name, help_text in self._children().items()]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+app = typer.Typer(
+    name="xpsr",
+    cls=DerivedGroup,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings=CONTEXT_SETTINGS,
+    help="XPSR: build super-resolution training data, caption it, train and run XPSR.",
 )
-app.add_typer(models_app, name="models")
 
 
-def _models_command(
-    kind: str,
-    out: Optional[Path],
-    seed: Optional[int],
-    params: Optional[Path],
-    sets: Optional[List[str]],
-    overwrite: bool,
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", is_flag=True,
+                               help="Show full tracebacks on errors (or set XPSR_DEBUG=1)."),
+    progress_seconds: Optional[float] = typer.Option(
+        None,
+        "--progress-seconds",
+        min=0,
+        help=(
+            "When output is not a terminal, print a progress line every N seconds "
+            "(or set XPSR_PROGRESS_SECONDS; default 30)."
+        ),
+    ),
 ) -> None:
-    from stages import models as stage
-
-    options = dict(kind=kind, out=out, seed=seed, overwrite=overwrite or None)
-    config = _resolve(stage.ModelsConfig, "models", params, options, sets)
-    stage.run(config)
+    _state["debug"] = debug or os.environ.get("XPSR_DEBUG", "") not in ("", "0")
+    if progress_seconds is not None:
+        os.environ["XPSR_PROGRESS_SECONDS"] = str(progress_seconds)
 
 
-@models_app.command("tiny")
-@user_command
-def models_tiny(
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for sd15/ and captioner/ (default models/tiny)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random weights."),
-    params: Optional[Path] = ParamsOption,
-    sets: Optional[List[str]] = SetOption,
-    overwrite: bool = OverwriteOption,
-) -> None:
-    """A tiny random SD-1.5 (diffusers layout) and LLaVA captioner (llava-hf layout) with real tokenizers."""
-    _models_command("tiny", out, seed, params, sets, overwrite)
+def command_words(section: str) -> list[tuple[str, ...]]:
+    """The commands that resolve ``section`` (``models``: tiny and sd15-shaped)."""
+    return [words for words, spec in COMMANDS.items() if spec.section == section]
 
-
-@models_app.command("sd15-shaped")
-@user_command
-def models_sd15_shaped(
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for sd15/ and captioner/."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random weights."),
-    params: Optional[Path] = ParamsOption,
-    sets: Optional[List[str]] = SetOption,
-    overwrite: bool = OverwriteOption,
-) -> None:
-    """SD-1.5 and LLaVA-1.5-7B shapes with random fp16 weights (for GPU speed/memory benchmarks)."""
-    _models_command("sd15-shaped", out, seed, params, sets, overwrite)
-
-
-testset_app = typer.Typer(
-    no_args_is_help=True, help="Build the paper's test sets as pair shards for `xpsr evaluate --pairs`.")
-app.add_typer(testset_app, name="testset")
-
-
-@testset_app.command("synthetic")
-@user_command
-def testset_synthetic(
-    hr_dirs: Optional[List[Path]] = typer.Option(
-        None, "--hr-dir", help="Folder of HR images, e.g. DIV2K_valid_HR (repeatable)."),
-    count: Optional[int] = typer.Option(
-        None, "--count", help="Random crops in the set (default 3000: the paper's 3K)."),
-    hr_size: Optional[int] = typer.Option(None, "--hr-size", help="HR crop size (512 in the paper)."),
-    scale: Optional[int] = typer.Option(None, "--scale", help="HR size / LR size (4 in the paper)."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops degraded together."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the test-set pair shards."),
-    params: Optional[Path] = ParamsOption,
-    sets: Optional[List[str]] = SetOption,
-    overwrite: bool = OverwriteOption,
-) -> None:
-    """Random HR crops degraded with the training degradation (the paper's DIV2K-val set) into pair shards."""
-    from stages import testset as stage
-
-    options = dict(
-        hr_dirs=hr_dirs or None, count=count, hr_size=hr_size,
-        degradation={"scale": scale} if scale is not None else None, seed=seed, device=device, batch_size=batch_size,
-        out=out, overwrite=overwrite or None,
-    )
-    config = _resolve(stage.SyntheticTestsetConfig, "testset_synthetic", params, options, sets)
-    stage.run_synthetic(config)
-
-
-@testset_app.command("paired")
-@user_command
-def testset_paired(
-    lr_dir: Optional[Path] = typer.Option(
-        None, "--lr-dir", help="Folder of LR images (e.g. RealSR or DRealSR test LR)."),
-    hr_dir: Optional[Path] = typer.Option(
-        None, "--hr-dir", help="Folder of HR images matched to the LR by relative path."),
-    lr_size: Optional[int] = typer.Option(None, "--lr-size", help="LR centre-crop size (128 in the paper)."),
-    scale: Optional[int] = typer.Option(None, "--scale", help="HR size / LR size (4 in the paper)."),
-    lr_suffix: Optional[str] = typer.Option(
-        None, "--lr-suffix", help="Removed from LR stems before matching (RealSR: _LR4)."),
-    hr_suffix: Optional[str] = typer.Option(
-        None, "--hr-suffix", help="Removed from HR stems before matching (RealSR: _HR)."),
-    allow_unmatched: bool = typer.Option(
-        False, "--allow-unmatched", help="Skip files without a partner instead of refusing."),
-    skip_bad_pairs: bool = typer.Option(
-        False, "--skip-bad-pairs", help="Skip pairs of wrong size, too small or unreadable instead of refusing."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the test-set pair shards."),
-    params: Optional[Path] = ParamsOption,
-    sets: Optional[List[str]] = SetOption,
-    overwrite: bool = OverwriteOption,
-) -> None:
-    """Real LR/HR pairs (RealSR, DRealSR) matched by name and centre-cropped into pair shards."""
-    from stages import testset as stage
-
-    options = dict(
-        lr_dir=lr_dir, hr_dir=hr_dir, lr_size=lr_size, scale=scale, lr_suffix=lr_suffix, hr_suffix=hr_suffix,
-        allow_unmatched=allow_unmatched or None, skip_bad_pairs=skip_bad_pairs or None, out=out,
-        overwrite=overwrite or None,
-    )
-    config = _resolve(stage.PairedTestsetConfig, "testset_paired", params, options, sets)
-    stage.run_paired(config)
 
 
 if __name__ == "__main__":  # pragma: no cover

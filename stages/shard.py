@@ -22,7 +22,8 @@ NOTES = {"skipped_paths": "paths skipped (not inputs): {}"}
 
 
 class ShardConfig(StageConfig, HRShardSettings):
-    inputs: list[ShardInput] = Field(min_length=1, description="Image folders, each with a dataset name.")
+    inputs: list[ShardInput] = Field(min_length=1, description="Image folders as PATH or NAME=PATH (NAME: the dataset "
+                                     "name recorded with every sample; default: the folder name).")
     out: Path = runtime_field(Path("data/shards/hr"), "Folder for the HR shards.")
     max_failure_ratio: float = runtime_field(0.5, "Fail the run when more than this share of inputs fail.", ge=0, le=1)
     workers: int = runtime_field(1, "Worker processes.", ge=1, le=256)
