@@ -65,7 +65,7 @@ def training_cases(base_model: str, data: Path, batch: int) -> dict:
     batches = [next(stream) for _ in range(4)]
     cases = {}
     for name, fmt in LAYOUTS.items():
-        config = TrainConfig(train_dir=data, base_model=base_model, out=Path(tempfile.mkdtemp()), batch_size=batch,
+        config = TrainConfig(input_dir=data, base_model=base_model, out=Path(tempfile.mkdtemp()), batch_size=batch,
                              tensorboard=False, metrics_file=None)
         trainer = Trainer(config)
         trainer._trainable().to(memory_format=fmt)  # before the first step creates AdamW's state

@@ -72,7 +72,7 @@ def samples_per_second(data: Path, base_model: str, steps: int, batch: int, onli
     cores."""
     out = Path(tempfile.mkdtemp())
     config = TrainConfig(
-        train_dir=data,
+        input_dir=data,
         base_model=base_model,
         out=out,
         batch_size=batch,
@@ -314,7 +314,7 @@ def built_data(kind: str, pairs: Path, captions: Path, tokenizer: Path | None) -
     started = time.perf_counter()
     embed.run(
         embed.EmbedConfig(
-            pairs_dir=pairs, captions_dir=captions, out=root / "train", base_model=str(sd), batch_size=8, device=device
+            input_dir=pairs, captions_dir=captions, out=root / "train", base_model=str(sd), batch_size=8, device=device
         )
     )
     print(f"embedded the pair shards in {time.perf_counter() - started:.1f} s", flush=True)

@@ -142,7 +142,7 @@ def main() -> None:
         args.data, args.base_model = built_data(args.build, args.pairs, args.captions, args.tokenizer)
 
     config = TrainConfig(
-        train_dir=args.data,
+        input_dir=args.data,
         base_model=args.base_model,
         out=Path(tempfile.mkdtemp()),
         batch_size=args.batch,

@@ -441,8 +441,7 @@ app = typer.Typer(
 
 @app.callback()
 def main(
-    debug: bool = typer.Option(False, "--debug", is_flag=True,
-                               help="Show full tracebacks on errors (or set XPSR_DEBUG=1)."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (or set XPSR_DEBUG=1)."),
     progress_seconds: Optional[float] = typer.Option(
         None,
         "--progress-seconds",

@@ -89,11 +89,12 @@ def test_failure_ratio_is_a_clean_error(bad_corpus, tmp_path):
     assert_user_error(result, "failed", "max_failure_ratio")
 
 
-def test_degrade_needs_finished_shards(tmp_path):
+@pytest.mark.parametrize("flag", ["--input-dir", "--in"])  # --in: the old name, kept for a release
+def test_degrade_needs_finished_shards(tmp_path, flag):
     (tmp_path / "empty").mkdir()
-    assert_user_error(
-        invoke("degrade", "--in", str(tmp_path / "empty"), "--out", str(tmp_path / "pairs")), "xpsr shard"
-    )
+    result = invoke("degrade", flag, str(tmp_path / "empty"), "--out", str(tmp_path / "pairs"))
+    assert_user_error(result, "xpsr shard")
+    assert ("--in is deprecated and will be removed: use --input-dir" in result.output) == (flag == "--in")
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):

@@ -4,7 +4,6 @@ preset-vs-params note, no third-party noise, no wrapped lines, ``--device auto``
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -107,27 +106,26 @@ def test_every_params_file_and_recipe_overlay_has_only_known_sections():
         assert load_params(ROOT / name, SECTIONS)
     default, official = (yaml.safe_load((ROOT / n).read_text()) for n in ("params.yaml", "params-official.yaml"))
     assert set(overlay_recipe(default, official)) <= set(SECTIONS)
-    named = set(re.findall(r'_resolve\([^,]+, "(\w+)"', (ROOT / "stages" / "cli.py").read_text()))
-    assert named | {"models"} == set(SECTIONS)  # models resolves in _models_command
+    from stages.cli import COMMANDS
+
+    assert {spec.section for spec in COMMANDS.values()} == set(SECTIONS)
 
 
 def test_device_defaults_to_auto_outside_the_config_hash_with_one_help_text():
-    import typer.main
-
     from stages import caption, degrade, embed, evaluate, sr, testset, train
-    from stages.cli import app
+    from stages.cli import COMMANDS, build_command
 
     for config_cls in (degrade.DegradeConfig, caption.CaptionConfig, embed.EmbedConfig, sr.SRConfig,
                        evaluate.EvaluateConfig, testset.SyntheticTestsetConfig, train.TrainConfig):
         field = config_cls.model_fields["device"]
         assert field.default == "auto" and field.json_schema_extra == {"runtime": True}, config_cls
     helps = {}
-    for group in typer.main.get_command(app).commands.values():
-        for command in getattr(group, "commands", {group.name: group}).values():
-            for param in command.params:
-                if param.name == "device":
-                    helps[command.name] = param.help
-    assert set(helps) == {"degrade", "caption", "embed", "sr", "evaluate", "synthetic"}
+    for words in COMMANDS:
+        for param in build_command(words).params:
+            if param.name == "device":
+                helps[words[-1]] = param.help
+    assert set(helps) == {"degrade", "caption", "embed", "train", "sr", "evaluate", "synthetic"}
+    assert helps.pop("train").startswith("auto: GPUs when present")  # training runs on every GPU accelerate sees
     assert all(text.startswith("auto | cpu | cuda | cuda:N") for text in helps.values()), helps
 
 

@@ -116,12 +116,13 @@ def test_params_files_state_shared_values_once(name):
     base_model = params["caption"]["base_model"]
     statements = [line.split("#")[0] for line in (ROOT / name).read_text().splitlines()]
     assert sum(base_model in line for line in statements) == 1, "base_model is stated more than once"
-    assert sum(params["caption"]["model"] in line for line in statements) == 1, "the captioner is stated more than once"
+    captioner = params["caption"]["captioner"]
+    assert sum(captioner in line for line in statements) == 1, "the captioner is stated more than once"
     assert all(section["base_model"] == base_model for section in params.values() if "base_model" in section)
     shared = (set(params["sr"]) & set(params["evaluate"])) - {"out"}
     assert {"base_model", "captioner", "captions", "dtype", "device"} <= shared
     assert all(params["sr"][key] == params["evaluate"][key] for key in shared)
-    assert params["sr"]["captioner"] == params["caption"]["model"]
+    assert params["sr"]["captioner"] == params["caption"]["captioner"]
     # the caption stage's instructions are the ones sr and evaluate caption with
     expected = (params["caption"].get("content_instruction", CONTENT_INSTRUCTION),
                 params["caption"].get("quality_instruction", QUALITY_INSTRUCTION))
