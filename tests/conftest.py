@@ -187,7 +187,7 @@ def train_shards(tiny_models, pair_shards, tmp_path_factory) -> Path:
         caption.CaptionConfig(
             input_dir=pair_shards,
             out=captions,
-            model=str(tiny_models.captioner),
+            captioner=str(tiny_models.captioner),
             base_model=str(tiny_models.sd),
             max_new_tokens=6,
             batch_size=4,
@@ -196,7 +196,7 @@ def train_shards(tiny_models, pair_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train-shards")
     embed.run(
         embed.EmbedConfig(
-            pairs_dir=pair_shards, captions_dir=captions, out=out, base_model=str(tiny_models.sd), batch_size=4
+            input_dir=pair_shards, captions_dir=captions, out=out, base_model=str(tiny_models.sd), batch_size=4
         )
     )
     return out
@@ -225,7 +225,7 @@ def hr_captions(tiny_models, quality_captioner, pair_shards, tmp_path_factory) -
         caption.CaptionConfig(
             input_dir=pair_shards,
             out=out,
-            model=str(tiny_models.captioner),
+            captioner=str(tiny_models.captioner),
             quality_model=str(quality_captioner),
             caption_hr=True,
             base_model=str(tiny_models.sd),
@@ -244,7 +244,7 @@ def train_shards_hr(tiny_models, pair_shards, hr_captions, tmp_path_factory) -> 
     out = tmp_path_factory.mktemp("train-shards-hr")
     embed.run(
         embed.EmbedConfig(
-            pairs_dir=pair_shards, captions_dir=hr_captions, out=out, base_model=str(tiny_models.sd), batch_size=4
+            input_dir=pair_shards, captions_dir=hr_captions, out=out, base_model=str(tiny_models.sd), batch_size=4
         )
     )
     return out

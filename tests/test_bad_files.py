@@ -98,7 +98,7 @@ def _command(command: str, kind: str, model: Path, tiny_models, xpsr_folder, ima
     sd = model if kind == "sd" else tiny_models.sd
     given = ["--captions", "given", "--content", "a cup", "--quality", "sharp"]
     if command == "caption":
-        return ["caption", images, "--out", out / "c.parquet", "--model", model, "--base-model", sd]
+        return ["caption", images, "--out", out / "c.parquet", "--captioner", model, "--base-model", sd]
     if command == "sr":
         if kind == "captioner":
             return ["sr", images, "--out", out, "--pipeline", xpsr_folder / "pipeline", "--captioner", model,
@@ -108,14 +108,15 @@ def _command(command: str, kind: str, model: Path, tiny_models, xpsr_folder, ima
         xpsr = model if kind == "xpsr" else xpsr_folder / "xpsr"
         return ["sr", images, "--out", out, "--base-model", sd, "--xpsr", xpsr, *given, "--steps", "2"]
     if command == "embed":
-        return ["embed", "--pairs", pairs, "--captions", captions, "--out", out, "--base-model", sd]
+        return ["embed", "--input-dir", pairs, "--captions", captions, "--out", out, "--base-model", sd]
     if command == "train":
-        return ["train", "--data", train_shards, "--out", out, "--base-model", sd, "--max-train-steps", "1",
+        return ["train", "--input-dir", train_shards, "--out", out, "--base-model", sd, "--max-train-steps", "1",
                 "--batch-size", "2", "--set", "tensorboard=false", "--set", "metrics_file=null"]
     if command == "import-official":
         return ["import-official", model, "--base-model", OFFICIAL / "base", "--out", out]
     weights = model / "RealESRGAN_x4plus.pth"
-    return ["evaluate", "--pairs", pairs, "--out", out, "--method", f"esrgan=realesrgan:{weights}", "--metric", "psnr"]
+    return ["evaluate", "--input-dir", pairs, "--out", out, "--method", f"esrgan=realesrgan:{weights}",
+            "--metric", "psnr"]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_broken_model_files_are_one_line_errors(case, tiny_models, xpsr_folder, 
 
 def test_missing_local_models_are_named_without_the_hub(tiny_models, small_images, tmp_path):
     """Paths that are not hub ids (three parts, ./) are never looked up online, even without HF_HUB_OFFLINE."""
-    result = run_xpsr("caption", small_images, "--out", tmp_path / "c.parquet", "--model", "./models/captioner",
+    result = run_xpsr("caption", small_images, "--out", tmp_path / "c.parquet", "--captioner", "./models/captioner",
                       "--base-model", tiny_models.sd, cwd=tmp_path, env=ONLINE)
     assert_one_line_error(result, "The captioner folder ./models/captioner does not exist")
     assert "huggingface.co" not in result.output
@@ -158,7 +159,7 @@ def test_unreadable_caption_manifests_are_one_line_errors(tiny_models, pair_shar
     for shard in range(3):
         (captions / f"{shard:05d}.stats.json").write_text("{}")
         (captions / f"{shard:05d}.parquet").write_bytes(b"PAR1 but not really")
-    result = run_xpsr("embed", "--pairs", pair_shards, "--captions", captions, "--out", tmp_path / "out",
+    result = run_xpsr("embed", "--input-dir", pair_shards, "--captions", captions, "--out", tmp_path / "out",
                       "--base-model", tiny_models.sd, cwd=tmp_path)
     assert_one_line_error(result, "Cannot read the caption manifest", "00000.parquet")
 
@@ -191,7 +192,7 @@ def test_caption_of_a_folder_with_non_utf8_names(tiny_models, tmp_path):
     folder = _nonutf8_images(os.fsencode(tmp_path / "photos"), (NON_UTF8 + b".png", b"plain.png"))
     before = tree_digest(Path(os.fsdecode(folder)))
     out = tmp_path / "c.parquet"
-    result = run_xpsr("caption", folder, "--out", out, "--model", tiny_models.captioner, "--base-model",
+    result = run_xpsr("caption", folder, "--out", out, "--captioner", tiny_models.captioner, "--base-model",
                       tiny_models.sd, "--max-new-tokens", "4", cwd=tmp_path)
     assert result.code == 0, result.output
     rows = pq.read_table(out).to_pylist()

@@ -21,7 +21,7 @@ from xpsr_core.io.shards import read_shard
 
 
 def make_config(tiny_models, **changes) -> caption_stage.CaptionConfig:
-    values = dict(model=str(tiny_models.captioner), base_model=str(tiny_models.sd), max_new_tokens=8, batch_size=2)
+    values = dict(captioner=str(tiny_models.captioner), base_model=str(tiny_models.sd), max_new_tokens=8, batch_size=2)
     values.update(changes)
     return caption_stage.CaptionConfig(**values)
 
@@ -87,7 +87,7 @@ def test_two_ranks_equal_one_process(tiny_models, pair_shards, tmp_path):
     bin_dir = Path(sys.executable).parent
     command = [
         str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--no-python", str(bin_dir / "xpsr"), "caption",
-        "--in", str(pair_shards), "--out", str(tmp_path / "ranked"), "--model", str(tiny_models.captioner),
+        "--input-dir", str(pair_shards), "--out", str(tmp_path / "ranked"), "--captioner", str(tiny_models.captioner),
         "--base-model", str(tiny_models.sd), "--max-new-tokens", "8", "--batch-size", "2",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -171,7 +171,7 @@ def test_cli_reports_missing_model_cleanly(tmp_path, monkeypatch):
     (tmp_path / "imgs").mkdir()
     Image.fromarray(photo("coffee", (32, 32))).save(tmp_path / "imgs" / "a.png")
     result = CliRunner().invoke(
-        app, ["caption", "imgs", "--out", "c.parquet", "--model", "no/such/folder", "--base-model", "nowhere"]
+        app, ["caption", "imgs", "--out", "c.parquet", "--captioner", "no/such/folder", "--base-model", "nowhere"]
     )
     assert result.exit_code != 0 and "Traceback" not in result.output
 
@@ -184,7 +184,7 @@ def test_llava_next_style_model_runs_through_the_auto_path(tiny_models, tmp_path
     folder.mkdir()
     Image.fromarray(photo("chelsea", (60, 40))).save(folder / "cat.png")
     out = tmp_path / "captions.parquet"
-    caption_stage.run(make_config(tiny_models, images=folder, out=out, model=str(model)))
+    caption_stage.run(make_config(tiny_models, images=folder, out=out, captioner=str(model)))
     row = pd.read_parquet(out).iloc[0]
     assert row["status"] == "ok" and row["content_caption"] and row["captioner"] == str(model)
     assert type(Captioner(model).model).__name__ == "LlavaNextForConditionalGeneration"

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def captions(pair_shards, tiny_models, out, **changes) -> pd.DataFrame:
-    values = dict(input_dir=pair_shards, out=out, model=str(tiny_models.captioner), base_model=str(tiny_models.sd),
+    values = dict(input_dir=pair_shards, out=out, captioner=str(tiny_models.captioner), base_model=str(tiny_models.sd),
                   max_new_tokens=6, do_sample=True, temperature=1.5)
     values.update(changes)
     caption.run(caption.CaptionConfig(**values))

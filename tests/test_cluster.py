@@ -148,7 +148,7 @@ def test_when_one_rank_stops_every_rank_stops_with_the_reason(tiny_models, rank_
         expected = [f"the training run in {tmp_path / 'other'}", "before training: rank 0 could not prepare"]
     torchrun = Path(sys.executable).parent / "torchrun"
     command = [str(torchrun), "--nproc_per_node", "2", "--no-python", sys.executable, "-m", "stages.cli", "train",
-               "--data", str(rank_one_shard_broken), "--out", str(tmp_path / "run"), "--base-model",
+               "--input-dir", str(rank_one_shard_broken), "--out", str(tmp_path / "run"), "--base-model",
                str(tiny_models.sd), "--batch-size", "1", "--max-train-steps", "50"]
     for setting in settings:
         command += ["--set", setting]
@@ -212,7 +212,7 @@ def test_metrics_record_their_run_and_refuse_another_runs(tiny_models, train_sha
     assert json.loads(metrics.read_text())["steps"] == 3
     before = metrics.read_bytes()
     # another run folder: refused before training, in one line, and the record is left as it was
-    result = run_xpsr("train", "--data", train_shards, "--out", tmp_path / "b", "--base-model", tiny_models.sd,
+    result = run_xpsr("train", "--input-dir", train_shards, "--out", tmp_path / "b", "--base-model", tiny_models.sd,
                       "--max-train-steps", "1", "--set", f"metrics_file={metrics}", "--set", "tensorboard=false",
                       "--set", "device=cpu", cwd=tmp_path)
     assert_one_line_error(result, str(metrics), f"training run in {tmp_path / 'a'}", "metrics_file=")

@@ -55,14 +55,15 @@ STAGES = {
         "-j",
         "1",
     ],
-    "degrade": lambda d, out, m: ["degrade", "--in", str(d["hr"]), "--out", str(out), "-j", "1", "--batch-size", "1"],
+    "degrade": lambda d, out, m: ["degrade", "--input-dir", str(d["hr"]), "--out", str(out), "-j", "1",
+                                  "--batch-size", "1"],
     "caption": lambda d, out, m: [
         "caption",
-        "--in",
+        "--input-dir",
         str(d["pairs"]),
         "--out",
         str(out),
-        "--model",
+        "--captioner",
         str(m.captioner),
         "--base-model",
         str(m.sd),
@@ -73,7 +74,7 @@ STAGES = {
     ],
     "embed": lambda d, out, m: [
         "embed",
-        "--pairs",
+        "--input-dir",
         str(d["pairs"]),
         "--captions",
         str(d["captions"]),
@@ -197,13 +198,13 @@ def test_bad_corpus_through_the_pipeline_accounts_for_every_input(bad_corpus, ph
         caption.CaptionConfig(
             input_dir=pairs,
             out=captions,
-            model=str(tiny_models.captioner),
+            captioner=str(tiny_models.captioner),
             base_model=str(tiny_models.sd),
             max_new_tokens=6,
         )
     )
     assert caption_report["inputs"] == degrade_report["samples"]
     embed_report = embed.run(
-        embed.EmbedConfig(pairs_dir=pairs, captions_dir=captions, out=train, base_model=str(tiny_models.sd))
+        embed.EmbedConfig(input_dir=pairs, captions_dir=captions, out=train, base_model=str(tiny_models.sd))
     )
     assert embed_report["samples"] == caption_report["samples"]

@@ -24,7 +24,7 @@ def captions(tiny_models, pair_shards, tmp_path_factory):
         caption_stage.CaptionConfig(
             input_dir=pair_shards,
             out=out,
-            model=str(tiny_models.captioner),
+            captioner=str(tiny_models.captioner),
             base_model=str(tiny_models.sd),
             max_new_tokens=6,
             batch_size=4,
@@ -34,7 +34,7 @@ def captions(tiny_models, pair_shards, tmp_path_factory):
 
 
 def make_config(tiny_models, pair_shards, captions, out, **changes):
-    values = dict(pairs_dir=pair_shards, captions_dir=captions, out=out, base_model=str(tiny_models.sd), batch_size=4)
+    values = dict(input_dir=pair_shards, captions_dir=captions, out=out, base_model=str(tiny_models.sd), batch_size=4)
     values.update(changes)
     return embed_stage.EmbedConfig(**values)
 

@@ -144,7 +144,7 @@ def test_report_compares_bicubic_a_random_rrdbnet_and_tiny_xpsr(tiny_models, pai
     out = tmp_path / "eval"
     report = evaluate.run(
         evaluate.EvaluateConfig(
-            pairs_dir=pair_shards,
+            input_dir=pair_shards,
             out=out,
             base_model=str(tiny_models.sd),
             xpsr=str(xpsr_checkpoint),
@@ -206,7 +206,7 @@ def test_ablations_change_the_prompts_the_model_sees(tiny_models, pair_shards, x
     monkeypatch.setattr(XPSRPipeline, "encode_text", recording)
     out = tmp_path / "eval"
     evaluate.run(evaluate.EvaluateConfig(
-        pairs_dir=pair_shards, out=out, base_model=str(tiny_models.sd), xpsr=str(xpsr_checkpoint), captions="given",
+        input_dir=pair_shards, out=out, base_model=str(tiny_models.sd), xpsr=str(xpsr_checkpoint), captions="given",
         content_caption="a photograph of a cat", quality_caption="blurry and noisy", steps=1, limit=1, grid_images=1,
         metrics=Y_METRICS, methods=[{"name": "xpsr", "kind": "xpsr"}], ablations=True,
     ))
@@ -259,7 +259,7 @@ def test_evaluate_cli_missing_checkpoint(tiny_models, pair_shards, tmp_path, mon
     from stages.cli import app
 
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["evaluate", "--pairs", str(pair_shards), "--out", "eval", "--base-model",
+    result = CliRunner().invoke(app, ["evaluate", "--input-dir", str(pair_shards), "--out", "eval", "--base-model",
                                       str(tiny_models.sd), "--xpsr", "nowhere/final", "--captions", "given"])
     text = result.output + (result.stderr if hasattr(result, "stderr") else "")
     assert result.exit_code != 0 and "Traceback" not in text and "nowhere/final does not exist" in text

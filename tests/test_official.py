@@ -201,7 +201,7 @@ def test_fine_tuning_an_imported_checkpoint_trains_and_its_checkpoint_exports_ag
     AcceleratorState._reset_state(reset_partial_state=True)
     run_dir = tmp_path / "finetune"
     config = train_stage.TrainConfig(
-        train_dir=train_shards,
+        input_dir=train_shards,
         out=run_dir,
         base_model=str(tmp_path / "imported"),
         init=str(tmp_path / "imported"),

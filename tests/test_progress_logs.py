@@ -23,7 +23,7 @@ def test_train_prints_step_loss_and_rate_lines_to_a_pipe(tiny_models, train_shar
     result = run_piped(
         [
             "train",
-            "--data",
+            "--input-dir",
             str(train_shards),
             "--out",
             str(tmp_path / "run"),
@@ -68,8 +68,8 @@ def test_shard_stages_print_done_total_rate_and_eta_at_an_interval(tmp_path):
     shard.run(
         shard.ShardConfig(inputs=[{"path": str(photos), "dataset": "p"}], out=hr, crop_size=96, images_per_shard=1)
     )
-    result = run_piped(["--progress-seconds", "0.05", "degrade", "--in", str(hr), "--out", str(tmp_path / "pairs"),
-                        "--batch-size", "1"], tmp_path)
+    result = run_piped(["--progress-seconds", "0.05", "degrade", "--input-dir", str(hr), "--out",
+                        str(tmp_path / "pairs"), "--batch-size", "1"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if re.match(r"degrade: \d", line)]  # not the start line
     assert len(lines) >= 2, result.stderr[-3000:]

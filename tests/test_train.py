@@ -29,7 +29,7 @@ def fresh_accelerator_state():
 
 def make_config(tiny_models, train_shards, out, **changes) -> train_stage.TrainConfig:
     values = dict(
-        train_dir=train_shards, out=out, base_model=str(tiny_models.sd), batch_size=2, max_train_steps=6,
+        input_dir=train_shards, out=out, base_model=str(tiny_models.sd), batch_size=2, max_train_steps=6,
         checkpointing_steps=3, shuffle_buffer=4, tensorboard=False, metrics_file=None, device="cpu",
     )
     values.update(changes)
@@ -132,7 +132,7 @@ def test_two_ranks_train_on_disjoint_shards_with_identical_weights(tiny_models, 
         "--no-python",
         str(bin_dir / "xpsr"),
         "train",
-        "--data",
+        "--input-dir",
         str(train_shards),
         "--out",
         str(run_dir),

@@ -44,7 +44,7 @@ def host_read_counter():
 def make_config(tiny_models, train_shards, out, **changes) -> train_stage.TrainConfig:
     # a warm-up, so that the learning rate differs from step to step
     values = dict(
-        train_dir=train_shards, out=out, base_model=str(tiny_models.sd), batch_size=2, max_train_steps=STEPS,
+        input_dir=train_shards, out=out, base_model=str(tiny_models.sd), batch_size=2, max_train_steps=STEPS,
         checkpointing_steps=1000, warmup_steps=3, shuffle_buffer=4, tensorboard=False, metrics_file=None, device="cpu",
     )
     values.update(changes)
@@ -161,7 +161,7 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_read_back(tiny_models, t
     run_dir = tmp_path / "run"
     script = tmp_path / "run_two_ranks.py"
     script.write_text(TWO_RANK_RUN)
-    config = dict(train_dir=str(train_shards), out=str(run_dir), base_model=str(tiny_models.sd), batch_size=1,
+    config = dict(input_dir=str(train_shards), out=str(run_dir), base_model=str(tiny_models.sd), batch_size=1,
                   max_train_steps=STEPS, checkpointing_steps=1000, log_every=4, shuffle_buffer=2, tensorboard=False,
                   metrics_file=None, device="cpu")
     command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(script), json.dumps(config)]
