@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, create_model, model_validator
 
 from ..caption.captioner import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION
+from ..caption.served import prefixed_serving_fields
 from ..config import COMMAND_LINE, DeviceName, StageConfig, device_field, runtime_field
 from ..errors import UserError
 from .pipeline import SRSettings
@@ -59,6 +60,8 @@ class SRModelBase(StageConfig):
 _SRModelWithSampling = create_model(
     "SRModelWithSampling", __base__=SRModelBase, __module__=__name__,
     **{name: (info.annotation, info) for name, info in SRSettings.__pydantic_fields__.items()},
+    # where the captioner runs (captions=captioner): caption_engine, caption_endpoint, caption_api_model...
+    **prefixed_serving_fields("caption_"),
 )
 
 
