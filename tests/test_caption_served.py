@@ -166,7 +166,7 @@ def test_served_manifest_matches_the_images_in_key_order(tiny_models, pair_shard
     assert (rows["status"] == "ok").all()
     for key, content, quality in zip(rows["key"], rows["content_caption"], rows["quality_caption"]):
         assert content == f"summary of {digests[key]}" and quality == f"quality of {digests[key]}"
-    assert (rows["captioner"] == str(tiny_models.captioner)).all()
+    assert (rows["captioner"] == MODEL).all()  # the model id the server reports
     assert (rows["captioner_revision"] == f"openai:/models/{MODEL}").all()
     assert len(server.requests) == 12 and 1 < server.max_in_flight <= 3
     first = server.requests[0]["body"]
@@ -309,3 +309,19 @@ def test_sr_captions_from_the_server(tiny_models, server):
     config = config.model_copy(update={"caption_api_model": "nope"})
     with pytest.raises(UserError, match="not nope"):
         caption_images(config, [{"name": "x.png", "image": images[0]}])
+
+
+def test_quality_captions_from_a_second_server(tiny_models, pair_shards, tmp_path, server):
+    second = FakeServer(model="quality-captioner")
+    try:
+        out = tmp_path / "captions"
+        config = make_config(tiny_models, server.url, input_dir=pair_shards, out=out, quality_model="q-instruct",
+                             quality_endpoint=second.url, quality_api_model="quality-captioner")
+        assert caption_stage.run(config)["failed"] == 0
+        rows = table(out)
+        assert (rows["quality_captioner"] == "quality-captioner").all()
+        assert (rows["quality_captioner_revision"] == "openai:/models/quality-captioner").all()
+        assert {r["instruction"] for r in server.requests} == {config.content_instruction}
+        assert {r["instruction"] for r in second.requests} == {config.quality_instruction}
+    finally:
+        second.stop()

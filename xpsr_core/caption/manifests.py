@@ -170,7 +170,7 @@ def caption_items(settings: CaptionSettings, items: list[dict], hr: bool = False
     ready = [item for item in todo if "image" in item]
     if todo or not kept:  # a shard whose rows are all kept needs no captioner
         captioner, quality_captioner = captioners(settings, rank_device(settings.device))
-        common = _provenance(settings, captioner.revision, quality_captioner.revision, limit)
+        common = _provenance(settings, captioner, quality_captioner, limit)
     for item in todo:
         if "image" not in item:
             rows[item["key"]] = {**_empty_row(item, kinds), **common, "status": item["status"], "error": item["error"]}
@@ -199,16 +199,19 @@ def caption_items(settings: CaptionSettings, items: list[dict], hr: bool = False
     return [rows[item["key"]] for item in items]
 
 
-def _provenance(settings: CaptionSettings, revision: str, quality_revision: str, limit: int) -> dict:
-    """The columns every row shares: instructions, models and their revisions, generation settings."""
+def _provenance(settings: CaptionSettings, captioner, quality_captioner, limit: int) -> dict:
+    """The columns every row shares: instructions, models (as loaded, or as the server names them) and their
+    revisions, generation settings."""
+    model, revision = captioner.model_id, captioner.revision
     common = {
         "content_instruction": settings.content_instruction, "quality_instruction": settings.quality_instruction,
-        "captioner": settings.model, "captioner_revision": revision,
+        "captioner": model, "captioner_revision": revision,
         "generation": settings.generation().to_json(), "clip_token_limit": limit,
     }
     if settings.separate_quality:
-        common.update(content_captioner=settings.model, content_captioner_revision=revision,
-                      quality_captioner=settings.quality_model, quality_captioner_revision=quality_revision)
+        common.update(content_captioner=model, content_captioner_revision=revision,
+                      quality_captioner=quality_captioner.model_id,
+                      quality_captioner_revision=quality_captioner.revision)
     return common
 
 
