@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from xpsr_core.caption.manifests import caption_folder, caption_shard, caption_totals
+from xpsr_core.caption.manifests import caption_folder, caption_shard, caption_totals, check_servers, needs_retry
 from xpsr_core.caption.settings import CaptionSettings
 from xpsr_core.config import StageConfig, runtime_field
 from xpsr_core.errors import UserError
@@ -47,6 +47,7 @@ def run_on_folder(config: CaptionConfig) -> dict:
     ensure_writable_dir(out.parent)
     if out.exists() and not config.overwrite:
         raise UserError(f"{out} exists. Pass --overwrite to replace it.")
+    check_servers(config)
     stats = caption_folder(config, Path(config.images), out)
     report = summarize(STAGE, [stats], [stats], time.perf_counter() - started)
     report.update(caption_totals(report, [stats]))
@@ -68,9 +69,11 @@ def run(config: CaptionConfig) -> dict:
     sizes = require_finished(in_dir, "pair-shard", "Run `xpsr degrade` first, or caption a folder of images with "
                              "`xpsr caption FOLDER --out captions.parquet`.")
     rank_device(config.device)  # fail before any work when no GPU is there
+    check_servers(config)  # engine=openai: the server is up and serves the model, before any shard
     out = prepare_output_dir(config.out, STAGE, config, overwrite=config.overwrite)
     # one process per rank: the model is loaded once and reused for every shard of the rank
     stage = ShardedStage(name=STAGE, out=out, n_shards=len(sizes),
                          work=functools.partial(caption_shard, config, in_dir, out),
-                         max_failure_ratio=config.max_failure_ratio, unit="images", totals=caption_totals)
+                         max_failure_ratio=config.max_failure_ratio, unit="images", totals=caption_totals,
+                         redo=needs_retry)
     return run_stage(stage, NOTES)

@@ -44,6 +44,7 @@ class Status(StrEnum):
     NOT_A_FILE = images.NOT_A_FILE
     BAD_SIZE = "bad_size"  # an HR sample the degradation cannot take (not square, not divisible, too small)
     EMPTY_GENERATION = "empty_generation"  # the captioner generated no text
+    CAPTION_FAILED = "caption_failed"  # the caption server gave no answer, after its retries
     DROPPED = "dropped"  # left out on purpose (a key without an image or an ok caption): not a failure
 
 
@@ -121,6 +122,7 @@ class ShardedStage:
     max_failure_ratio: float = 1.0  # the share of failed inputs over which the run fails
     unit: str = "inputs"  # what the inputs are, in the failure message ("input files", "samples")
     totals: Callable[[dict, list[dict]], dict] | None = None  # (report, every done shard's stats) -> stage figures
+    redo: Callable[[dict], bool] | None = None  # (a done shard's stats) -> build it again (its work keeps what held)
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ def run_sharded(stage: ShardedStage, progress: Callable[[ShardProgress], None] |
     mine = shards_for_rank(list(range(stage.n_shards)), rank, world)
     record = read_record(stage.out)
     current = produced_by(record) if record else None
-    todo = [s for s in mine if not is_done(stage.out, s, current)]
+    todo = [s for s in mine if not is_done(stage.out, s, current)
+            or (stage.redo is not None and stage.redo(read_stats(stage.out, s)))]
     label = f"{stage.name} (rank {rank}/{world})" if world > 1 else stage.name
     processed = _build_shards(stage, todo, label, tell)
     all_stats = [read_stats(stage.out, s) for s in mine]

@@ -255,11 +255,12 @@ TINY = ZooPreset(
         projection_dim=32,
         hidden_act="quick_gelu",
     ),
+    # one head of 32 channels in the vision tower and the Llama: vLLM's CPU attention takes head sizes of 32 and up
     vision=dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=1,
         image_size=32,
         patch_size=8,
         projection_dim=32,
@@ -269,8 +270,8 @@ TINY = ZooPreset(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=1,
+        num_key_value_heads=1,
         max_position_embeddings=1024,
     ),
     image_size=32,
@@ -474,6 +475,7 @@ def write_captioner(folder: Path, preset: ZooPreset, clip_tokenizer_dir: Path, s
     )
     model.eval()
     model.save_pretrained(folder, safe_serialization=True, max_shard_size="5GB")
+    _write_llava_hf_names(folder)
     size = preset.image_size
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": size},
@@ -496,6 +498,35 @@ def write_captioner(folder: Path, preset: ZooPreset, clip_tokenizer_dir: Path, s
     )
     processor.save_pretrained(folder)
     return folder
+
+
+# transformers saves the CLIP vision tower without its inner module name; llava-hf checkpoints (and other engines
+# that load them, such as vLLM) have it. transformers loads either.
+VISION_TOWER = "vision_tower."
+LLAVA_HF_VISION_TOWER = "vision_tower.vision_model."
+
+
+def _write_llava_hf_names(folder: Path) -> None:
+    """Rename the saved weights of ``folder`` to llava-hf's names, shard by shard (and in the shard index)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def renamed(key: str) -> str:
+        if key.startswith(VISION_TOWER) and not key.startswith(LLAVA_HF_VISION_TOWER):
+            return LLAVA_HF_VISION_TOWER + key[len(VISION_TOWER):]
+        return key
+
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as weights:
+            metadata = weights.metadata()
+            tensors = {renamed(key): weights.get_tensor(key) for key in weights.keys()}
+        save_file(tensors, shard, metadata=metadata)
+        del tensors
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        record = json.loads(index.read_text())
+        record["weight_map"] = {renamed(key): file for key, file in record["weight_map"].items()}
+        index.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass

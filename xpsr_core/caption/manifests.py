@@ -13,6 +13,11 @@ model (a Q-Instruct fine-tune in their recipe; the manifest then names both mode
 ``caption_hr`` also captions each pair's HR image with the quality instruction (``hr_quality_caption``
 and its token count and truncation flag), which training uses when the HR image stands in for the
 condition.
+
+With ``engine: openai`` the captions come from an OpenAI-compatible server (``served.py``): the same prompts,
+one request each, ``concurrency`` in flight. A prompt that still fails after its retries makes its row
+``caption_failed``; a rerun of the stage captions exactly those rows again and keeps the others
+(``needs_retry``, ``caption_shard``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 from ..io.shards import index_path, read_shard, tar_path, write_stats
 from ..sharded import Status, shard_stats, write_index
+from .served import CaptionFailure
 from .settings import CAPTION_KINDS, HR_KIND, CaptionSettings, GenerationSettings
 
 SEED_STREAM = "caption"  # a sampled caption's seed comes from (seed, this, key/kind); the quality model's: this-quality
@@ -61,6 +67,43 @@ def load_captioner(model: str, dtype: str, device: str, generation: GenerationSe
     return Captioner(model, dtype=dtype, device=device, settings=generation, trust_remote_code=trust_remote_code)
 
 
+@functools.lru_cache(maxsize=2)
+def load_served_captioner(endpoint, generation: GenerationSettings, concurrency: int):
+    """A served captioner per endpoint (checked against the server's /models once per process)."""
+    from .served import ServedCaptioner
+
+    return ServedCaptioner(endpoint, generation, concurrency)
+
+
+def captioners(settings: CaptionSettings, device: str) -> tuple:
+    """(content captioner, quality captioner): the same one unless ``quality_model`` is set."""
+    generation = settings.generation()
+    if settings.served:
+        from .served import endpoints
+
+        captioner = load_served_captioner(endpoints(settings), generation, settings.concurrency)
+        if not settings.separate_quality:
+            return captioner, captioner
+        return captioner, load_served_captioner(endpoints(settings, quality=True), generation, settings.concurrency)
+    # no remote code for the content model
+    captioner = load_captioner(settings.captioner, settings.dtype, device, generation, False)
+    if not settings.separate_quality:
+        return captioner, captioner
+    return captioner, load_captioner(settings.quality_model, settings.dtype, device, generation,
+                                     settings.quality_trust_remote_code)
+
+
+def check_servers(settings: CaptionSettings) -> None:
+    """With engine=openai: a one-line UserError now when a server is down or does not serve its model."""
+    if not settings.served:
+        return
+    from .served import check_endpoint, endpoints
+
+    check_endpoint(endpoints(settings))
+    if settings.separate_quality:
+        check_endpoint(endpoints(settings, quality=True))
+
+
 @functools.lru_cache(maxsize=1)
 def _token_counter(base_model: str):
     from .captioner import clip_token_counter
@@ -68,31 +111,36 @@ def _token_counter(base_model: str):
     return clip_token_counter(base_model)
 
 
-def caption_items(settings: CaptionSettings, items: list[dict], hr: bool = False) -> list[dict]:
+def caption_items(settings: CaptionSettings, items: list[dict], hr: bool = False,
+                  kept: dict[str, dict] | None = None) -> list[dict]:
     """Caption decoded items ({"key", "shard", "dataset", "source", "image" [and "hr_image" with ``hr``] or
-    "status"/"error"}) into manifest rows, in the items' order."""
+    "status"/"error"}) into manifest rows, in the items' order; ``kept`` (key -> row) are rows made before, kept."""
     from ..dist import rank_device
 
-    device = rank_device(settings.device)
+    kept = kept or {}
     count, limit = _token_counter(settings.base_model)
-    # no remote code for the content model
-    captioner = load_captioner(settings.captioner, settings.dtype, device, settings.generation(), False)
-    quality_captioner = captioner
-    if settings.separate_quality:
-        quality_captioner = load_captioner(settings.quality_model, settings.dtype, device, settings.generation(),
-                                           settings.quality_trust_remote_code)
     kinds = settings.kinds(hr)
-    common = _provenance(settings, captioner.revision, quality_captioner.revision, limit)
-    rows = {}
-    for item in items:
+    rows = {item["key"]: kept[item["key"]] for item in items if item["key"] in kept}
+    todo = [item for item in items if item["key"] not in kept]
+    ready = [item for item in todo if "image" in item]
+    if todo or not kept:  # a shard whose rows are all kept needs no captioner
+        captioner, quality_captioner = captioners(settings, rank_device(settings.device))
+        common = _provenance(settings, captioner, quality_captioner, limit)
+    for item in todo:
         if "image" not in item:
             rows[item["key"]] = {**_empty_row(item, kinds), **common, "status": item["status"], "error": item["error"]}
-    ready = [item for item in items if "image" in item]
-    for start in range(0, len(ready), settings.batch_size):
-        batch = ready[start : start + settings.batch_size]
+    # a server takes the whole list at once (`concurrency` requests in flight); transformers a batch per generate()
+    step = len(ready) if settings.served else settings.batch_size
+    for start in range(0, len(ready), max(step, 1)):
+        batch = ready[start : start + step]
         texts = _generate(settings, batch, hr, captioner, quality_captioner)
         for i, item in enumerate(batch):
             row = {**_empty_row(item, kinds), **common, "status": Status.OK, "error": ""}
+            failures = [f"{kind.replace('_', ' ')} caption: {texts[i, kind].error}" for kind in kinds
+                        if isinstance(texts[i, kind], CaptionFailure)]
+            if failures:
+                rows[item["key"]] = {**row, "status": Status.CAPTION_FAILED, "error": "; ".join(failures)}
+                continue
             for kind in kinds:
                 text = texts[i, kind]
                 tokens = count(text)
@@ -106,16 +154,19 @@ def caption_items(settings: CaptionSettings, items: list[dict], hr: bool = False
     return [rows[item["key"]] for item in items]
 
 
-def _provenance(settings: CaptionSettings, revision: str, quality_revision: str, limit: int) -> dict:
-    """The columns every row shares: instructions, models and their revisions, generation settings."""
+def _provenance(settings: CaptionSettings, captioner, quality_captioner, limit: int) -> dict:
+    """The columns every row shares: instructions, models (as loaded, or as the server names them) and their
+    revisions, generation settings."""
+    model, revision = captioner.model_id, captioner.revision
     common = {
         "content_instruction": settings.content_instruction, "quality_instruction": settings.quality_instruction,
-        "captioner": settings.captioner, "captioner_revision": revision,
+        "captioner": model, "captioner_revision": revision,
         "generation": settings.generation().to_json(), "clip_token_limit": limit,
     }
     if settings.separate_quality:
-        common.update(content_captioner=settings.captioner, content_captioner_revision=revision,
-                      quality_captioner=settings.quality_model, quality_captioner_revision=quality_revision)
+        common.update(content_captioner=model, content_captioner_revision=revision,
+                      quality_captioner=quality_captioner.model_id,
+                      quality_captioner_revision=quality_captioner.revision)
     return common
 
 
@@ -197,11 +248,31 @@ def _pair_item(sample: dict, shard: int, hr: bool) -> dict:
     return item
 
 
+def needs_retry(stats: dict) -> bool:
+    """A finished manifest with rows the caption server failed: a rerun captions those rows again."""
+    return bool(stats.get("status_counts", {}).get(Status.CAPTION_FAILED))
+
+
+def kept_rows(out_dir: Path, shard: int) -> dict[str, dict]:
+    """The rows of shard ``shard``'s finished manifest (made by this config and code) that a rerun keeps: all but
+    its caption_failed ones, by key. None from a manifest without a current done marker."""
+    import pyarrow.parquet as pq
+
+    from ..io.outputs import produced_by, read_record
+    from ..io.shards import is_done
+
+    record = read_record(out_dir)
+    if not record or not is_done(out_dir, shard, produced_by(record)) or not index_path(out_dir, shard).is_file():
+        return {}
+    rows = pq.read_table(index_path(out_dir, shard)).to_pylist()
+    return {row["key"]: row for row in rows if row["status"] != Status.CAPTION_FAILED}
+
+
 def caption_shard(settings: CaptionSettings, in_dir: Path, out_dir: Path, shard: int) -> dict:
     """Caption pair shard ``shard``'s LR images (and HR images with caption_hr); write its manifest, then its stats."""
     hr = settings.caption_hr
     items = [_pair_item(sample, shard, hr) for sample in read_shard(tar_path(in_dir, shard))]
-    rows = caption_items(settings, items, hr=hr)
+    rows = caption_items(settings, items, hr=hr, kept=kept_rows(out_dir, shard))
     write_index(index_path(out_dir, shard), rows, manifest_schema(settings.separate_quality, hr))
     stats = manifest_stats(shard, rows, settings.kinds(hr))
     write_stats(out_dir, shard, stats)

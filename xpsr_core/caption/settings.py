@@ -48,9 +48,48 @@ class GenerationSettings(BaseModel):
         return json.dumps(self.model_dump(), sort_keys=True)
 
 
-class CaptionSettings(GenerationSettings):
+ENGINES = ("transformers", "openai")
+
+
+class ServingSettings(BaseModel):
+    """Where captions are generated: transformers in this process, or an OpenAI-compatible server."""
+
+    engine: Literal["transformers", "openai"] = runtime_field(
+        "transformers", "transformers: load the captioner in this process; openai: send each prompt to an "
+        "OpenAI-compatible server (vLLM...) at `endpoint`.")
+    endpoint: Optional[str] = runtime_field(
+        None, "Base URL of the server's OpenAI API, e.g. http://127.0.0.1:8000/v1 (engine=openai).")
+    api_model: Optional[str] = Field(
+        None, description="The model name the server serves (engine=openai); null: the value of `captioner`, as "
+        "vLLM names a model served with --model PATH.")
+    quality_endpoint: Optional[str] = runtime_field(
+        None, "Base URL of the server of `quality_model` (engine=openai); null: `endpoint`.")
+    quality_api_model: Optional[str] = Field(
+        None, description="The name the server gives `quality_model` (engine=openai); null: `quality_model`.")
+    api_key_env: Optional[str] = runtime_field(
+        None, "The NAME of an environment variable holding the server's API key (sent as a bearer token; the key "
+        "itself is never written anywhere); null: no key.")
+    concurrency: int = runtime_field(32, "Requests in flight to the server (engine=openai).", ge=1, le=4096)
+    request_timeout: float = runtime_field(300.0, "Seconds to wait for one answer of the server.", gt=0)
+    max_retries: int = runtime_field(
+        5, "Retries of a request after a connection error, a timeout, 408, 429 or 5xx, with exponential backoff.",
+        ge=0, le=100)
+
+    @property
+    def served(self) -> bool:
+        return self.engine == "openai"
+
+
+def prefixed_serving_fields(prefix: str) -> dict:
+    """The content captioner's serving fields under ``prefix`` (``xpsr sr``: caption_engine, caption_endpoint...),
+    as create_model takes them."""
+    return {prefix + name: (info.annotation, info) for name, info in ServingSettings.model_fields.items()
+            if not name.startswith("quality_")}
+
+
+class CaptionSettings(ServingSettings, GenerationSettings):
     """The captioners, their instructions and generation settings (the fields of :class:`GenerationSettings`,
-    flat beside these), and the tokenizer that counts caption tokens."""
+    flat beside these), where they run (:class:`ServingSettings`), and the tokenizer that counts caption tokens."""
 
     # fields may be assigned, as on every stage config; generation() is what caches are keyed by
     model_config = ConfigDict(extra="forbid", frozen=False)

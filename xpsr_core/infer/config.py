@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, create_model, model_validator
 
-from ..caption.settings import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION
+from ..caption.settings import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION, prefixed_serving_fields
 from ..config import COMMAND_LINE, DeviceName, StageConfig, device_field, recipe_field, runtime_field
 from ..errors import UserError
 from .settings import SRSettings
@@ -60,6 +60,8 @@ class SRModelBase(StageConfig):
 _SRModelWithSampling = create_model(
     "SRModelWithSampling", __base__=SRModelBase, __module__=__name__,
     **{name: (info.annotation, info) for name, info in SRSettings.__pydantic_fields__.items()},
+    # where the captioner runs (captions=captioner): caption_engine, caption_endpoint, caption_api_model...
+    **prefixed_serving_fields("caption_"),
 )
 
 

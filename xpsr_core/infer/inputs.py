@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..caption.served import CaptionFailure
 from ..errors import UserError
 from .config import SRModelConfig
 
@@ -141,19 +142,28 @@ def caption_images(
             else:
                 item["content"], item["quality"] = found
         return
-    from ..caption import Captioner, GenerationSettings
-    from ..dist import rank_device
+    from ..caption import GenerationSettings
 
-    captioner = Captioner(config.captioner, dtype=config.dtype, device=rank_device(config.device),
-                          settings=GenerationSettings(max_new_tokens=config.caption_max_new_tokens))
+    generation = GenerationSettings(max_new_tokens=config.caption_max_new_tokens)
+    served = config.caption_engine == "openai"
+    captioner = _served_captioner(config, generation) if served else _local_captioner(config, generation)
     instructions = [config.content_instruction, config.quality_instruction]
-    for start in range(0, len(ready), config.caption_batch_size):
-        batch = ready[start : start + config.caption_batch_size]
+    # a server takes every image at once (caption_concurrency requests in flight)
+    step = max(len(ready), 1) if served else config.caption_batch_size
+    for start in range(0, len(ready), step):
+        batch = ready[start : start + step]
         texts = captioner.caption([item["image"] for item in batch], instructions)
         for item, (content, quality) in zip(batch, texts):
-            item["content"], item["quality"] = content, quality
+            failed = [f"{kind} caption: {text.error}" for kind, text in (("content", content), ("quality", quality))
+                      if isinstance(text, CaptionFailure)]
+            if failed:
+                item["error"] = "; ".join(failed)
+            else:
+                item["content"], item["quality"] = content, quality
         if on_progress is not None:
             on_progress(start + len(batch), len(ready))
+    if served:
+        return
     del captioner  # its weights go before the SR model loads
     import gc
 
@@ -162,6 +172,25 @@ def caption_images(
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _local_captioner(config: SRModelConfig, generation):
+    from ..caption import Captioner
+    from ..dist import rank_device
+
+    return Captioner(config.captioner, dtype=config.dtype, device=rank_device(config.device), settings=generation)
+
+
+def _served_captioner(config: SRModelConfig, generation):
+    """The captioner behind ``caption_endpoint``; a one-line UserError when that server is down or serves others."""
+    from ..caption.served import Endpoint, ServedCaptioner
+
+    if not config.caption_endpoint:
+        raise UserError("caption_engine=openai needs the server's base URL: set caption_endpoint "
+                        "(e.g. http://127.0.0.1:8000/v1).")
+    endpoint = Endpoint(config.caption_endpoint.rstrip("/"), config.caption_api_model or config.captioner,
+                        config.caption_api_key_env, config.caption_request_timeout, config.caption_max_retries)
+    return ServedCaptioner(endpoint, generation, config.caption_concurrency)
 
 
 def generator_state(generator) -> str:
