@@ -302,7 +302,7 @@ def distinct_hr_quality(train_shards_hr: Path, out: Path) -> Path:
 def test_hr_condition_feeds_the_hr_image_and_its_quality_caption(tiny_models, train_shards_hr, tmp_path, monkeypatch):
     import pandas as pd
 
-    from xpsr_core.infer.pipeline import upsample
+    from xpsr_core.conditioning import upsample
     from xpsr_core.models import XPSRModel
     from xpsr_core.train.data import hr_condition_draw
     from xpsr_core.train.loop import Trainer

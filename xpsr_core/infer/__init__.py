@@ -1,10 +1,10 @@
 """Inference: the XPSR pipeline, tiled processing, colour correction and sample grids."""
 
+from ..conditioning import RESIZES, prepare_condition, resize_output
 from .color import COLOR_FIXES, adain_color_fix, adain_color_fix_uint8, color_fix, wavelet_color_fix
 from .grid import make_grid, stack_rows
 from .pipeline import SCHEDULERS, SRResult, SRSettings, XPSRPipeline, make_scheduler, validation_grid
 from .presets import PRESETS, preset_settings, preset_values
-from .resize import RESIZES, prepare_condition, resize_output
 from .tiling import gaussian_weights, tile_boxes, tile_starts, tiled_apply, weight_map
 
 __all__ = [

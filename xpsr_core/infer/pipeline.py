@@ -4,7 +4,7 @@ Sampling (paper section 3.6 / 4.1, DESIGN section 6):
 
 1. The LR image is upsampled (bicubic) by the scale factor; this ``lr_up`` in [0, 1] is the
    ControlNet condition. It is padded (reflect) to a multiple of the VAE factor times the UNet's
-   down-sampling factor and cropped back at the end. (:mod:`.resize` has the authors' PIL
+   down-sampling factor and cropped back at the end. (:mod:`xpsr_core.conditioning` has the authors' PIL
    chain, with ``process_size``.)
 2. Start point: the VAE encodes ``lr_up`` (the posterior mean, scaled by the VAE's scaling
    factor) and the scheduler adds noise for the *first* timestep of its schedule (the authors:
@@ -47,12 +47,12 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as settings_dataclass
 
+from ..conditioning import RESIZES, prepare_condition, resize_output, to_uint8
 from ..config import runtime_field
 from ..encoding import NEGATIVE_PROMPT, encode_prompts
 from ..errors import UserError
 from ..io.atomic import share_per_umask
 from .color import COLOR_FIXES, UINT8_COLOR_FIXES, adain_color_fix_uint8, color_fix
-from .resize import RESIZES, prepare_condition, resize_output
 from .tiling import tile_boxes, tiled_apply
 
 PIPELINE_FILE = "xpsr_pipeline.json"
@@ -116,7 +116,8 @@ class SRSettings:
         "mean", description="Start from the LR latent's posterior mean or a sample.")
     added_noise_level: Optional[int] = Field(
         None, ge=0, description="Noise the start latent once more, to this timestep (official: 800).")
-    resize: ResizeName = Field("torch-bicubic", description="LR -> condition resize chain (see .resize).")
+    resize: ResizeName = Field(
+        "torch-bicubic", description="LR -> condition resize chain (see xpsr_core.conditioning).")
     process_size: Optional[int] = Field(
         None, ge=8, description="Enlarge conditions with a shorter side to it; resize the output back.")
     pad_multiple: Optional[int] = Field(
@@ -163,26 +164,6 @@ def make_scheduler(name: str, config) -> Any:
     if name not in SCHEDULERS:
         raise UserError(f"Unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}.")
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
-
-
-def to_tensor(image) -> torch.Tensor:
-    """PIL image or H x W x 3 uint8 array -> [1, 3, H, W] float32 in [0, 1]."""
-    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"expected an H x W x 3 image, got shape {array.shape}")
-    if array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)[None]
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[1, 3, H, W] in [0, 1] -> H x W x 3 uint8 (clamped, rounded)."""
-    return (x[0].float().clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
-    height, width = lr.shape[-2:]
-    return F.interpolate(lr, size=(height * scale, width * scale), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def _randn(shape, generator: torch.Generator, device) -> torch.Tensor:
