@@ -105,6 +105,6 @@ def test_dvc_yaml_deps_cover_every_fingerprinted_source():
 
     stages = yaml.safe_load((Path(fingerprint.PROJECT_ROOT) / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        sources = fingerprint.STAGE_SOURCES[name.replace("-val", "").replace("-", "_")]
+        sources = fingerprint.stage_files(stage["cmd"].split()[1])
         missing = [s for s in sources if s not in stage.get("deps", [])]
         assert not missing, f"dvc.yaml stage {name} lacks deps {missing}"
