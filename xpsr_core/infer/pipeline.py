@@ -51,12 +51,9 @@ from ..conditioning import RESIZES, prepare_condition, resize_output, to_uint8
 from ..config import runtime_field
 from ..encoding import NEGATIVE_PROMPT, encode_prompts
 from ..errors import UserError
-from ..io.atomic import share_per_umask
+from ..io.pipeline_folder import PIPELINE_FILE, XPSR_SUBFOLDER, write_pipeline_folder
 from .color import COLOR_FIXES, UINT8_COLOR_FIXES, adain_color_fix_uint8, color_fix
 from .tiling import tile_boxes, tiled_apply
-
-PIPELINE_FILE = "xpsr_pipeline.json"
-XPSR_SUBFOLDER = "xpsr"
 
 SCHEDULERS = {
     "ddpm": "DDPMScheduler",
@@ -294,28 +291,10 @@ class XPSRPipeline:
         return pipe
 
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write a self-contained folder: the SD parts (diffusers layout), ``xpsr/`` and ``xpsr_pipeline.json``."""
-        from diffusers import StableDiffusionPipeline
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        sd = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.model.unet,
-            scheduler=self._scheduler("ddpm"),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        sd.save_pretrained(folder, safe_serialization=True)
-        self.model.save_trainable(folder / XPSR_SUBFOLDER, include_dfc=False)
-        (folder / PIPELINE_FILE).write_text(
-            json.dumps({"xpsr": XPSR_SUBFOLDER, "defaults": asdict(self.settings)}, indent=2)
-        )
-        share_per_umask(folder)  # safetensors writes 0600
-        return folder
+        """Write a self-contained pipeline folder (:func:`~xpsr_core.io.pipeline_folder.write_pipeline_folder`):
+        the SD parts (diffusers layout), ``xpsr/`` and ``xpsr_pipeline.json`` with these settings as defaults."""
+        components = (self.vae, self.text_encoder, self.tokenizer, self._scheduler("ddpm"))
+        return write_pipeline_folder(self.model, folder, asdict(self.settings), components=components)
 
     # ------------------------------------------------------------------ pieces
 
