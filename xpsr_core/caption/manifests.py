@@ -135,7 +135,7 @@ def caption_items(settings: CaptionSettings, items: list[dict], hr: bool = False
     ready = [item for item in items if "image" in item]
     for start in range(0, len(ready), settings.batch_size):
         batch = ready[start : start + settings.batch_size]
-        texts = _generate(settings, batch, hr, captioner, quality_captioner)
+        texts = _caption_batch(settings, batch, hr, captioner, quality_captioner)
         for i, item in enumerate(batch):
             row = {**_empty_row(item, kinds), **common, "status": Status.OK, "error": ""}
             for kind in kinds:
@@ -164,9 +164,10 @@ def _provenance(settings: CaptionSettings, revision: str, quality_revision: str,
     return common
 
 
-def _generate(settings: CaptionSettings, batch: list[dict], hr: bool, captioner,
-              quality_captioner) -> dict[tuple[int, str], str]:
-    """(index in batch, kind) -> caption; all prompts of an image share the batch."""
+def _caption_batch(settings: CaptionSettings, batch: list[dict], hr: bool, captioner,
+                   quality_captioner) -> dict[tuple[int, str], str]:
+    """Every caption of a batch of images: (index in batch, kind) -> caption; all prompts of an image share the
+    batch, each drawn with a seed of (seed, stream, key, kind)."""
     from ..seeding import derive_seed
 
     wanted = []  # (index in batch, kind, image, instruction)

@@ -10,6 +10,8 @@ import socket
 from pathlib import Path
 from typing import Any, Iterator
 
+from .ledger import record_write
+
 TMP_MARK = ".tmp-"
 PARTIAL_FOLDER = ".partial"  # a folder being written whole (atomic_folder)
 HOST = socket.gethostname().replace(".", "_").replace("-", "_")
@@ -23,8 +25,6 @@ def temporary_sibling(path: Path) -> Path:
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    from .outputs import record_write
-
     path = Path(path)
     tmp = temporary_sibling(path)
     record_write(path)  # before the write: a crash leaves no file of xpsr's unrecorded
