@@ -19,6 +19,7 @@ from xpsr_core.io.images import DEFAULT_MAX_PIXELS
 from xpsr_core.testsets import MAX_SYNTHETIC_COUNT, PAIRED_STAGE, SYNTHETIC_STAGE
 
 MAX_PIXELS_TEXT = "Decompression-bomb guard on the header's width x height."
+WORKERS_TEXT = "Worker processes (CPU); each takes whole shards."
 
 
 class SyntheticTestsetConfig(StageConfig, PairShardSettings):
@@ -37,6 +38,7 @@ class SyntheticTestsetConfig(StageConfig, PairShardSettings):
     min_size: int = Field(32, ge=2, description="Images whose shorter side is under this are too small even to pad.")
     samples_per_shard: int = Field(250, ge=1, le=100_000, description="Pairs per pair shard.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description=MAX_PIXELS_TEXT)
+    workers: int = runtime_field(1, WORKERS_TEXT, ge=1, le=256)
     overwrite: bool = runtime_field(False, "Replace outputs made with a different config.")
 
 
@@ -57,6 +59,7 @@ class PairedTestsetConfig(StageConfig):
         "(counted) instead of refusing the set.")
     samples_per_shard: int = Field(250, ge=1, le=100_000, description="Pairs per pair shard.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description=MAX_PIXELS_TEXT)
+    workers: int = runtime_field(1, WORKERS_TEXT, ge=1, le=256)
     overwrite: bool = runtime_field(False, "Replace outputs made with a different config.")
 
 
@@ -77,12 +80,11 @@ def _with_progress(label: str, build: Callable[[Callable[[str, int, int], None]]
         return build(update)
 
 
-def _finish(stage: str, out: Path, report: dict, lines: list[str]) -> dict:
+def _finish(stage: str, report: dict, lines: list[str]) -> dict:
     from stages.common import console
-    from xpsr_core.io.atomic import atomic_write_json
 
-    atomic_write_json(Path(out) / "report.json", report)
-    shards = f"{report['shards']} shards ({report['shards_built']} built, {report['shards_skipped']} already done)"
+    shards = (f"{report['shards']} shards ({report['shards_processed']} built, {report['shards_skipped']} already "
+              "done)")
     summary = ", ".join([shards, *lines, f"{report['seconds']:.1f} s"])
     console.print(f"[bold green]{stage}[/] done: {summary}", soft_wrap=True)
     return report
@@ -98,13 +100,13 @@ def run_synthetic(config: SyntheticTestsetConfig) -> dict:
         hr_dirs=config.hr_dirs, out=config.out, count=config.count, hr_size=config.hr_size, settings=config.degradation,
         seed=config.seed, usm_hr=config.usm_hr, hflip=config.hflip, small_images=config.small_images,
         min_size=config.min_size, samples_per_shard=config.samples_per_shard, max_pixels=config.max_pixels,
-        batch_size=config.batch_size, device=device, progress=progress,
+        batch_size=config.batch_size, device=device, workers=config.workers, progress=progress,
         prepare_out=lambda folder: prepare_output_dir(folder, SYNTHETIC_STAGE, config, overwrite=config.overwrite)))
     lines = [f"{report['samples']} pairs of {report['hr_size']}/{report['lr_size']} px",
              f"from {report['images_used']} of {report['images']} images ({report['images_padded']} padded)"]
     if report["failures"]:
         lines.append("images failed by status: " + ", ".join(f"{k}={v}" for k, v in report["failures"].items()))
-    return _finish(SYNTHETIC_STAGE, config.out, report, lines)
+    return _finish(SYNTHETIC_STAGE, report, lines)
 
 
 def run_paired(config: PairedTestsetConfig) -> dict:
@@ -115,9 +117,9 @@ def run_paired(config: PairedTestsetConfig) -> dict:
         lr_dir=config.lr_dir, hr_dir=config.hr_dir, out=config.out, lr_size=config.lr_size, scale=config.scale,
         lr_suffix=config.lr_suffix, hr_suffix=config.hr_suffix, allow_unmatched=config.allow_unmatched,
         skip_bad_pairs=config.skip_bad_pairs, samples_per_shard=config.samples_per_shard, max_pixels=config.max_pixels,
-        progress=progress,
+        workers=config.workers, progress=progress,
         prepare_out=lambda folder: prepare_output_dir(folder, PAIRED_STAGE, config, overwrite=config.overwrite)))
     lines = [f"{report['pairs']} pairs of {report['hr_size']}/{report['lr_size']} px"]
     if report["skipped"]:
         lines.append("skipped by reason: " + ", ".join(f"{k}={v}" for k, v in report["skipped"].items()))
-    return _finish(PAIRED_STAGE, config.out, report, lines)
+    return _finish(PAIRED_STAGE, report, lines)

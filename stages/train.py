@@ -26,13 +26,15 @@ __all__ = ["TrainConfig", "run"]
 def prepare_run_dir(config: TrainConfig) -> None:
     """Refuse to mix runs of different configs; refuse to silently restart over checkpoints."""
     from xpsr_core.dist import process_rank_and_world
+    from xpsr_core.io.atomic import PARTIAL_FOLDER
     from xpsr_core.io.outputs import prepare_output_dir
     from xpsr_core.train.loop import LOG_FILE, list_checkpoints
 
     check_metrics_owner(config)
     # what the trainer writes there other than by atomic writes (checkpoints: Trainer.save_checkpoint)
-    run_dir = prepare_output_dir(config.out, STAGE, config, overwrite=config.overwrite,
-                                 claims=("logs/", "validation/", "final/", LOG_FILE), ranks=process_rank_and_world())
+    claims = ("logs/", "validation/", "final/", f"final{PARTIAL_FOLDER}/", LOG_FILE)
+    run_dir = prepare_output_dir(config.out, STAGE, config, overwrite=config.overwrite, claims=claims,
+                                 ranks=process_rank_and_world())
     if config.resume is None and list_checkpoints(run_dir):
         if not config.overwrite:
             raise UserError(

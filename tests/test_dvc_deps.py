@@ -1,103 +1,65 @@
 """dvc.yaml's deps hold every project source file each stage's command can load, so `dvc repro` never keeps stale
-outputs.
+outputs; the code fingerprints hash the same files.
 
-The files a command can load are found statically: every import (module level or inside a function,
-absolute or relative) of the stage's module, followed through the project's own modules. The CLI
-(`stages/cli.py`) only maps options onto the stage config, which DVC tracks through params, so it is
-not a dependency of any stage.
+Both come from one import graph (`xpsr_core/import_graph.py`): every import (module level or inside a function,
+absolute or relative) of the stage's module, followed through the project's own modules. `tools/dvc_deps.py`
+writes dvc.yaml's deps from it. The CLI (`stages/cli.py`) only maps options onto the stage config, which DVC
+tracks through params, so it is not a dependency of any stage.
 """
 
 from __future__ import annotations
 
-import ast
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
+from xpsr_core import fingerprint
+from xpsr_core.import_graph import loaded_files, stage_module
+
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("xpsr_core", "stages")
-NOT_A_DEPENDENCY = {"stages/cli.py"}
+TOOL = ROOT / "tools" / "dvc_deps.py"
 
 
-def module_file(name: str) -> Path | None:
-    """The project file of a dotted module name (a package's __init__.py), or None when it is not ours."""
-    if name.split(".")[0] not in PACKAGES:
-        return None
-    path = ROOT.joinpath(*name.split("."))
-    if (path / "__init__.py").is_file():
-        return path / "__init__.py"
-    if path.with_suffix(".py").is_file():
-        return path.with_suffix(".py")
-    return None
+def test_dvc_yaml_deps_are_what_the_generator_writes():
+    result = subprocess.run([sys.executable, str(TOOL), "--check"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module name an import statement anywhere in ``path`` names (``from a import b``: a and a.b)."""
-    package = ".".join(path.relative_to(ROOT).parent.parts)  # what a relative import is relative to
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parent + ([node.module] if node.module else []))
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
-    return names
+def test_the_generator_rewrites_only_source_deps(tmp_path):
+    original = (ROOT / "dvc.yaml").read_text()
+    stale = original.replace("      - xpsr_core/crops.py\n", "", 1).replace("stages:\n", "stages:  # mine\n", 1)
+    stale = stale.replace("      - xpsr_core/io/shards.py\n", "      - xpsr_core/gone.py\n", 1)
+    (tmp_path / "dvc.yaml").write_text(stale)
+    for part in ("xpsr_core", "stages"):
+        (tmp_path / part).symlink_to(ROOT / part)
+    check = subprocess.run([sys.executable, str(TOOL), "--check", "--root", str(tmp_path)], capture_output=True,
+                           text=True)
+    assert check.returncode == 1 and "-      - xpsr_core/gone.py" in check.stdout
+    assert (tmp_path / "dvc.yaml").read_text() == stale
+    subprocess.run([sys.executable, str(TOOL), "--root", str(tmp_path)], check=True)
+    assert (tmp_path / "dvc.yaml").read_text() == original.replace("stages:\n", "stages:  # mine\n", 1)
 
 
-def loaded_files(module: str) -> set[str]:
-    """Project files (relative, posix) that importing and running ``module`` can load, its packages' __init__
-    included."""
-    todo, seen = [module], set()
-    while todo:
-        name = todo.pop()
-        parts = name.split(".")
-        for depth in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
-            path = module_file(".".join(parts[:depth]))
-            if path is not None and path not in seen:
-                seen.add(path)
-                todo.extend(imported_modules(path))
-    return {p.relative_to(ROOT).as_posix() for p in seen} - NOT_A_DEPENDENCY
-
-
-def covered(file: str, deps: list[str]) -> bool:
-    return any(file == dep or file.startswith(dep.rstrip("/") + "/") for dep in deps)
-
-
-def dvc_stages() -> dict:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-
-
-@pytest.mark.parametrize("name", sorted(dvc_stages()))
-def test_dvc_deps_cover_every_source_file_the_stage_loads(name):
-    stage = dvc_stages()[name]
-    command = stage["cmd"].split()[1]
-    assert stage["cmd"].startswith("xpsr "), stage["cmd"]
-    module = f"stages.{command.replace('-', '_')}"
-    assert module_file(module) is not None, f"{name}: no stage module {module} for `xpsr {command}`"
-    missing = sorted(f for f in loaded_files(module) if not covered(f, stage.get("deps", [])))
-    assert not missing, f"dvc.yaml stage {name} loads {missing} but does not list them (or their folder) in deps"
+def test_every_dvc_stage_lists_its_stage_module_and_data():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        command = stage["cmd"].split()[1]
+        assert f"stages/{command.replace('-', '_')}.py" in stage["deps"], name
+        assert "stages/cli.py" not in stage["deps"], name
+    assert "data/shards/train" in stages["train"]["deps"] and "models/tiny" in stages["train"]["deps"]
 
 
 def test_the_import_walk_sees_function_local_and_relative_imports():
-    files = loaded_files("stages.evaluate")
+    files = loaded_files("stages.evaluate", ROOT)
     assert "xpsr_core/evaluation/compare.py" in files  # imported inside run()
     assert "xpsr_core/evaluation/baselines.py" in files  # imported relatively inside a function of compare.py
     assert "xpsr_core/__init__.py" in files and "stages/cli.py" not in files
+    assert "xpsr_core/degrade/pipeline.py" not in loaded_files("stages.shard", ROOT)
 
 
-def stage_module(stage: str) -> str:
-    """The stage module behind a fingerprint entry (testset_synthetic and testset_paired share one)."""
-    return "stages." + ("testset" if stage.startswith("testset_") else stage)
-
-
-@pytest.mark.parametrize("stage", sorted(__import__("xpsr_core.fingerprint").fingerprint.STAGE_SOURCES))
-def test_the_code_fingerprint_covers_every_source_file_the_stage_loads(stage):
-    from xpsr_core.fingerprint import STAGE_SOURCES
-
-    missing = sorted(f for f in loaded_files(stage_module(stage)) if not covered(f, STAGE_SOURCES[stage]))
-    assert not missing, f"the {stage} fingerprint (xpsr_core/fingerprint.py STAGE_SOURCES) lacks {missing}"
+def test_the_code_fingerprint_hashes_every_file_the_stage_loads():
+    for stage in ("shard", "degrade", "train", "sr", "evaluate", "testset_synthetic", "import_official"):
+        assert fingerprint.stage_files(stage) == loaded_files(stage_module(stage), ROOT)
+        assert set(fingerprint.stage_fingerprint(stage)["sources"]) == set(fingerprint.stage_files(stage))

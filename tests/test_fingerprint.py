@@ -45,7 +45,7 @@ def test_changed_library_rebuilds_under_overwrite_and_is_refused_without(hr_shar
     # "a new basicsr" whose degradation differs: the fingerprint covers its version
     real_versions = fingerprint.library_versions
     monkeypatch.setattr(fingerprint, "library_versions", lambda stage: {**real_versions(stage), "basicsr": "99.0"})
-    import xpsr_core.degrade as degrade_lib
+    import xpsr_core.degrade.pipeline as degrade_lib
 
     real_batch = degrade_lib.degrade_batch
 
@@ -105,6 +105,6 @@ def test_dvc_yaml_deps_cover_every_fingerprinted_source():
 
     stages = yaml.safe_load((Path(fingerprint.PROJECT_ROOT) / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        sources = fingerprint.STAGE_SOURCES[name.replace("-val", "").replace("-", "_")]
+        sources = fingerprint.stage_files(stage["cmd"].split()[1])
         missing = [s for s in sources if s not in stage.get("deps", [])]
         assert not missing, f"dvc.yaml stage {name} lacks deps {missing}"

@@ -166,7 +166,7 @@ def test_start_latent_is_a_posterior_sample_noised_twice_then_steps_draw_in_orde
     """Draw order from one generator: VAE sample, start noise, added noise (t=800), then each step."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    from xpsr_core.infer.resize import prepare_condition
+    from xpsr_core.conditioning import prepare_condition
 
     seen = []
 
@@ -219,7 +219,7 @@ def test_pil_resize_chain_below_and_above_process_size():
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    from xpsr_core.infer.resize import prepare_condition, resize_output
+    from xpsr_core.conditioning import prepare_condition, resize_output
 
     small = photo("coffee", (100, 60))  # x4 = 400 x 240: short side below 512
     prepared = prepare_condition(small, 4, "pil-bicubic", 512, 8)

@@ -249,6 +249,28 @@ def test_save_and_load_pretrained_round_trip(pipe, checkpoint, tiny_models, tmp_
         assert np.array_equal(loaded.upscale(lr, "a rocket", "noisy", steps=1).image, expected.image)
 
 
+def test_pipeline_folders_are_written_whole_with_every_trained_part(base, tmp_path, monkeypatch):
+    from xpsr_core.infer import XPSRPipeline
+    from xpsr_core.io import pipeline_folder
+    from xpsr_core.models import XPSRModel
+
+    pipe = XPSRPipeline.from_model(XPSRModel.from_base(base, with_dfc=True), base)
+    saved = pipe.save_pretrained(tmp_path / "pipe")
+    assert json.loads((saved / "xpsr" / "xpsr.json").read_text())["parts"] == [
+        "controlnet", "conditional_attention", "dfc_heads"]
+    before = sorted(p.relative_to(saved) for p in saved.rglob("*"))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    # a write that fails half-way leaves the folder that was there, and nothing half-written beside it
+    monkeypatch.setattr(pipeline_folder, "share_per_umask", crash)
+    with pytest.raises(OSError, match="disk full"):
+        pipe.save_pretrained(saved)
+    assert sorted(p.relative_to(saved) for p in saved.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
 def test_sr_stage_writes_pngs_and_sidecars(tiny_models, checkpoint, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

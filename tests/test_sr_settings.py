@@ -63,7 +63,7 @@ def test_settings_reject_unknown_names():
 def test_a_pipeline_folder_with_bad_recorded_defaults_is_a_user_error(tiny_models, tmp_path):
     from xpsr_core.errors import UserError
     from xpsr_core.infer import XPSRPipeline
-    from xpsr_core.infer.pipeline import PIPELINE_FILE
+    from xpsr_core.io.pipeline_folder import PIPELINE_FILE
     from xpsr_core.models.loading import load_base_sd
     from xpsr_core.models.xpsr import XPSRModel
 
@@ -79,7 +79,7 @@ def test_a_pipeline_folder_with_bad_recorded_defaults_is_a_user_error(tiny_model
 def test_the_sr_captioner_answers_the_configured_instructions(monkeypatch):
     from PIL import Image
 
-    import xpsr_core.caption
+    import xpsr_core.caption.captioner
     from xpsr_core.caption.settings import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION
     from xpsr_core.infer.config import SRModelConfig
     from xpsr_core.infer.inputs import caption_images
@@ -94,7 +94,7 @@ def test_the_sr_captioner_answers_the_configured_instructions(monkeypatch):
             asked.append(list(instructions))
             return [[f"answer to {text}" for text in instructions] for _ in images]
 
-    monkeypatch.setattr(xpsr_core.caption, "Captioner", EchoCaptioner)
+    monkeypatch.setattr(xpsr_core.caption.captioner, "Captioner", EchoCaptioner)
     image = Image.new("RGB", (8, 8))
     assert (SRModelConfig().content_instruction, SRModelConfig().quality_instruction) == (
         CONTENT_INSTRUCTION, QUALITY_INSTRUCTION)

@@ -131,7 +131,8 @@ def test_synthetic_stage_records_config_and_resumes(hr_folder, tmp_path):
     reference = output_bytes(tmp_path / "stage")
     stats_path(tmp_path / "stage", 1).unlink()  # an interrupted shard: its tar may be there, its marker is not
     report = testset_stage.run_synthetic(config)
-    assert report["shards_built"] == 1 and report["shards_skipped"] == 2
+    assert report["shards_processed"] == 1 and report["shards_skipped"] == 2
+    assert json.loads((tmp_path / "stage" / "report.json").read_text())["shards_processed"] == 1
     assert output_bytes(tmp_path / "stage") == reference
     with pytest.raises(UserError, match="seed"):
         testset_stage.run_synthetic(config.model_copy(update={"seed": 4}))
@@ -206,6 +207,24 @@ def test_paired_skips_when_allowed_and_crops_are_centred_and_aligned(pair_folder
         # the HR box is the LR box x4: the LR crop is exactly the box downscale of the HR crop
         assert np.array_equal(pair["lr"], np.asarray(Image.fromarray(pair["hr"]).reduce(SCALE)))
     assert pairs[1]["meta"]["hr_source"] == "sub/rocket.v2_HR.png" and pairs[1]["meta"]["name"] == "sub/rocket.v2"
+
+
+def test_paired_runs_on_workers_and_ranks_with_the_same_bytes(pair_folders, tmp_path, monkeypatch):
+    options = dict(allow_unmatched=True, skip_bad_pairs=True, samples_per_shard=1)
+    report = paired(pair_folders, tmp_path / "one", **options)
+    assert report["shards"] == 2 and report["samples"] == 2 and report["status_counts"] == {"ok": 2}
+    assert json.loads((tmp_path / "one" / "report.json").read_text())["pairs"] == 2
+    assert paired(pair_folders, tmp_path / "one", **options)["shards_skipped"] == 2  # done markers: resumed
+    paired(pair_folders, tmp_path / "workers", workers=2, **options)
+    assert output_bytes(tmp_path / "workers") == output_bytes(tmp_path / "one")
+    # two array tasks: each builds its own shards, sizes.json appears when both are done
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    for task in ("1", "0"):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", task)
+        report = paired(pair_folders, tmp_path / "ranks", **options)
+        assert report["shards_processed"] == 1
+        assert (tmp_path / "ranks" / "sizes.json").exists() == (task == "0")
+    assert output_bytes(tmp_path / "ranks") == output_bytes(tmp_path / "one")
 
 
 def test_stem_key_is_dot_free_and_keeps_stems_apart():

@@ -101,7 +101,7 @@ def test_checkpoint_rotation_keeps_the_newest(tiny_models, train_shards, tmp_pat
 
 
 def test_nan_loss_stops_with_a_good_checkpoint(tiny_models, train_shards, tmp_path, monkeypatch):
-    import xpsr_core.models as models
+    import xpsr_core.models.xpsr as models
 
     real = models.training_loss
     calls = {"n": 0}
@@ -302,7 +302,7 @@ def distinct_hr_quality(train_shards_hr: Path, out: Path) -> Path:
 def test_hr_condition_feeds_the_hr_image_and_its_quality_caption(tiny_models, train_shards_hr, tmp_path, monkeypatch):
     import pandas as pd
 
-    from xpsr_core.infer.pipeline import upsample
+    from xpsr_core.conditioning import upsample
     from xpsr_core.models import XPSRModel
     from xpsr_core.train.data import hr_condition_draw
     from xpsr_core.train.loop import Trainer

@@ -93,7 +93,7 @@ def test_no_host_reads_between_read_backs_and_the_log_unchanged(tiny_models, tra
 
 def test_a_nan_between_read_backs_stops_with_the_state_of_the_last_good_step(tiny_models, train_shards, tmp_path,
                                                                               monkeypatch, logged_every_step):
-    import xpsr_core.models as models
+    import xpsr_core.models.xpsr as models
 
     reference_dir, _ = logged_every_step
     real = models.training_loss
@@ -129,7 +129,7 @@ TWO_RANK_RUN = textwrap.dedent("""
 
     import torch
 
-    import xpsr_core.models as models
+    import xpsr_core.models.xpsr as models
     from xpsr_core.train.loop import Trainer, TrainingDiverged, parameter_digest
     from xpsr_core.train.settings import TrainConfig
 

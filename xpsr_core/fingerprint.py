@@ -5,10 +5,10 @@ config hash and the fingerprint of its stage. Done work is reused only when both
 changed line of the degradation, or a new basicsr, rebuilds the shards it affects.
 
 The fingerprint is deterministic across machines for the same code: it hashes the contents of
-the project's source files the stage uses (``STAGE_SOURCES``, sorted relative paths, never
-mtimes) and the installed versions of the libraries involved (``STAGE_LIBRARIES``). These two
-tables are the one place that says which files and libraries shape a stage's outputs (dvc.yaml's
-``deps`` may be checked against ``STAGE_SOURCES``).
+the project's source files the stage's module can load (found by following its imports,
+:mod:`.import_graph`; sorted relative paths, never mtimes) and the installed versions of the
+libraries involved (``STAGE_LIBRARIES``). ``tools/dvc_deps.py`` writes dvc.yaml's ``deps`` from the
+same import graph.
 """
 
 from __future__ import annotations
@@ -18,53 +18,10 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from .import_graph import loaded_files, stage_module
+
 # the repository root: xpsr_core/ and stages/ live here (a test may point it at a changed copy)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-# what every stage command loads (tests/test_dvc_deps.py finds each stage's files by following its imports)
-_CORE = [
-    "xpsr_core/__init__.py",
-    "xpsr_core/config.py",
-    "xpsr_core/errors.py",
-    "xpsr_core/seeding.py",
-    "xpsr_core/dist.py",
-    "xpsr_core/progress.py",
-    "xpsr_core/sharded.py",
-    "xpsr_core/fingerprint.py",
-    "xpsr_core/io",
-    "stages/__init__.py",
-    "stages/common.py",
-]
-_MODELS = ["xpsr_core/models", "xpsr_core/encoding.py", "xpsr_core/infer"]
-
-# project sources (files, or folders whose *.py files all count) whose code computes each stage's outputs
-STAGE_SOURCES: dict[str, list[str]] = {
-    "demo_data": ["stages/demo_data.py", *_CORE],
-    "models": ["stages/models.py", "xpsr_core/zoo.py", *_CORE],
-    "shard": ["stages/shard.py", "xpsr_core/hr_shards.py", "xpsr_core/crops.py", *_CORE],
-    "degrade": ["stages/degrade.py", "xpsr_core/degrade", *_CORE],
-    "caption": ["stages/caption.py", "xpsr_core/caption", *_CORE],
-    "embed": ["stages/embed.py", "xpsr_core/training_shards.py", *_MODELS, *_CORE],
-    "train": ["stages/train.py", "xpsr_core/train", *_MODELS, *_CORE],
-    "sr": ["stages/sr.py", "xpsr_core/caption", *_MODELS, *_CORE],
-    "evaluate": [
-        "stages/evaluate.py",
-        "xpsr_core/evaluation",
-        "xpsr_core/metrics",
-        "xpsr_core/caption",
-        "xpsr_core/degrade",
-        *_MODELS,
-        *_CORE,
-    ],
-    "testset_synthetic": [
-        "stages/testset.py",
-        "xpsr_core/testsets.py",
-        "xpsr_core/crops.py",
-        "xpsr_core/degrade",
-        *_CORE,
-    ],
-    "testset_paired": ["stages/testset.py", "xpsr_core/testsets.py", "xpsr_core/crops.py", "xpsr_core/degrade", *_CORE],
-}
 
 _IMAGING = ["numpy", "pillow", "pyarrow"]
 _TORCH = ["torch", "safetensors", "diffusers", "transformers", "tokenizers"]
@@ -94,16 +51,9 @@ STAGE_LIBRARIES: dict[str, list[str]] = {
 
 
 def stage_files(stage: str, root: Path | None = None) -> list[str]:
-    """The relative paths (sorted, posix) of the source files that enter ``stage``'s fingerprint."""
-    root = Path(root or PROJECT_ROOT)
-    files: set[str] = set()
-    for entry in STAGE_SOURCES.get(stage, [f"stages/{stage}.py", *_CORE]):
-        path = root / entry
-        if path.is_dir():
-            files.update(p.relative_to(root).as_posix() for p in path.rglob("*.py") if "__pycache__" not in p.parts)
-        elif path.is_file():
-            files.add(entry)
-    return sorted(files)
+    """The relative paths (sorted, posix) of the source files that enter ``stage``'s fingerprint: every
+    project file its stage module can load."""
+    return loaded_files(stage_module(stage), Path(root or PROJECT_ROOT))
 
 
 def library_versions(stage: str) -> dict[str, str]:

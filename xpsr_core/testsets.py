@@ -3,8 +3,9 @@
 Both builders write the folder format of the degrade stage: per shard ``{shard:05d}.tar`` with
 ``<key>.lr.png``, ``<key>.hr.png`` and ``<key>.json``, a Parquet index with a row per sample, and
 the stats file written last (the done marker); ``sizes.json`` once every shard is done. So
-``xpsr evaluate --pairs`` reads a test set as it reads validation pairs. Finished shards made by
-the same config and code are kept on a rerun; every file is written to a temporary name first.
+``xpsr evaluate --pairs`` reads a test set as it reads validation pairs. The shards are built on the
+shard framework (:mod:`.sharded`: worker processes, ranks, a report with counts); finished shards
+made by the same config and code are kept on a rerun; every file is written to a temporary name first.
 
 Synthetic (Table 1, DIV2K-val): ``count`` random ``hr_size`` crops of the HR images (sorted by
 relative path, folder by folder), crop ``i`` from usable image ``i mod n``, its position and flip
@@ -46,9 +47,10 @@ from .degrade.settings import DegradationSettings
 from .errors import UserError
 from .io import images
 from .io.atomic import atomic_path
-from .io.outputs import ensure_writable_dir, produced_by, read_record
-from .io.shards import TarShardWriter, index_path, is_done, read_stats, tar_path, write_sizes, write_stats
+from .io.outputs import ensure_writable_dir
+from .io.shards import TarShardWriter, index_path, tar_path, write_stats
 from .seeding import numpy_rng
+from .sharded import ShardedStage, ShardProgress, run_sharded
 
 SYNTHETIC_STAGE = "testset_synthetic"
 PAIRED_STAGE = "testset_paired"
@@ -142,34 +144,22 @@ def _shard_stats(shard: int, samples: int) -> dict:
             "status_counts": {OK: samples} if samples else {}}
 
 
-def _write_shards(out: Path, n_items: int, per_shard: int, build: Callable[[int, range, Callable[[int], None]], None],
-                  progress: Progress | None, phase: str) -> dict:
-    """Build every shard not done yet, then write sizes.json.
-
-    ``build(shard, item indices, written)`` writes the shard's tar, index and stats, calling ``written(n)``
-    as its first ``n`` items are in.
-    """
-    record = read_record(out)
-    current = produced_by(record) if record else None
-    n_shards = -(-n_items // per_shard)
-    built = skipped = done = 0
-
-    def written(in_shard: int) -> None:
+def _run_shards(out: Path, name: str, n_items: int, per_shard: int, build: Callable[[int], dict], *, workers: int,
+                start_method: str, totals: Callable[[dict, list[dict]], dict], progress: Progress | None,
+                phase: str) -> dict:
+    """Build every shard of this rank not done yet on the shard framework (workers, ranks, done markers); sizes.json
+    once every shard is done; the report (also ``report.json``) with the set's own figures from ``totals``."""
+    def told(update: ShardProgress) -> None:
         if progress is not None:
-            progress(phase, done + in_shard, n_items)
+            progress(f"{phase} (shards)", update.done, update.total)
 
-    written(0)
-    for shard in range(n_shards):
-        items = range(shard * per_shard, min(n_items, (shard + 1) * per_shard))
-        if is_done(out, shard, current):
-            skipped += 1
-        else:
-            build(shard, items, written)
-            built += 1
-        done += len(items)
-        written(0)
-    write_sizes(out, {s: read_stats(out, s)["samples"] for s in range(n_shards)})
-    return {"shards": n_shards, "shards_built": built, "shards_skipped": skipped}
+    stage = ShardedStage(name=name, out=out, n_shards=-(-n_items // per_shard), work=build, workers=workers,
+                         start_method=start_method, unit="samples", totals=totals)
+    return run_sharded(stage, progress=told)
+
+
+def _items(shard: int, n_items: int, per_shard: int) -> range:
+    return range(shard * per_shard, min(n_items, (shard + 1) * per_shard))
 
 
 def _prepared(out: Path, prepare_out: PrepareOut | None) -> Path:
@@ -296,6 +286,8 @@ class _SyntheticShardBuilder:
     sources: list[SourceImage]
     settings: DegradationSettings
     degrade_crops: Callable  # .degrade.batches.degrade_crops, imported in the builder function: it loads torch
+    count: int
+    samples_per_shard: int
     hr_size: int
     hflip: bool
     seed: int
@@ -304,7 +296,8 @@ class _SyntheticShardBuilder:
     batch_size: int
     device: str
 
-    def __call__(self, shard: int, items: range, written: Callable[[int], None]) -> None:
+    def __call__(self, shard: int) -> dict:
+        items = _items(shard, self.count, self.samples_per_shard)
         crops = _cut_synthetic_crops(self.sources, [(i, synthetic_key(i)) for i in items], hr_size=self.hr_size,
                                      hflip=self.hflip, seed=self.seed, max_pixels=self.max_pixels)
         meta_by_key = {key: meta for key, _, meta in crops}
@@ -322,13 +315,15 @@ class _SyntheticShardBuilder:
                 rows.append({"key": result.key, "status": OK, "error": "", "source": meta["source"],
                              "source_bytes": exact_by_key[result.key],
                              **{f"deg.{name}": value for name, value in result.params.items()}})
-                written(writer.count)
         _write_index(self.out, shard, sorted(rows, key=lambda row: row["key"]))
-        write_stats(self.out, shard, _shard_stats(shard, writer.count))
+        stats = _shard_stats(shard, writer.count)
+        write_stats(self.out, shard, stats)
+        return stats
 
 
 def _synthetic_report(sources: list[SourceImage], failed: list[dict], failures: Counter, skipped: Counter, *,
-                      count: int, hr_size: int, scale: int, shards: dict, started: float) -> dict:
+                      hr_size: int, scale: int, started: float) -> dict:
+    """The synthetic set's figures, beside the shard framework's counts (``samples``: those of this rank's shards)."""
     return {
         "testset": "synthetic",
         "images": len(sources) + len(failed),
@@ -337,10 +332,8 @@ def _synthetic_report(sources: list[SourceImage], failed: list[dict], failures: 
         "failures": dict(sorted(failures.items())),
         "failed_files": failed,
         "skipped_paths": dict(sorted(skipped.items())),
-        "samples": count,
         "hr_size": hr_size,
         "lr_size": hr_size // scale,
-        **shards,
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -361,14 +354,16 @@ def build_synthetic_testset(
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
     batch_size: int = 16,
     device: str = "cpu",
+    workers: int = 1,
     prepare_out: PrepareOut | None = None,
     progress: Progress | None = None,
 ) -> dict:
     """Cut ``count`` random crops of the images below ``hr_dirs``, degrade them, and write pair shards to ``out``.
 
     ``prepare_out(out)`` readies the output folder once the inputs have been checked, before anything is
-    written (the stage records its config there); by default the folder is only created. Returns the
-    report: images read, used and padded, failures by status (and every failed file), samples, shards
+    written (the stage records its config there); by default the folder is only created. ``workers`` processes
+    (CPU) take whole shards; under several ranks each builds its share of the shards. Returns the report (also
+    ``report.json``): images read, used and padded, failures by status (and every failed file), samples, shards
     built and kept, seconds.
     """
     from .degrade.batches import degrade_crops
@@ -383,11 +378,15 @@ def build_synthetic_testset(
     if not sources:
         raise _no_usable_images(hr_dirs, failed, failures, min_size)
     out = _prepared(out, prepare_out)
-    build = _SyntheticShardBuilder(out, sources, settings, degrade_crops, hr_size=hr_size, hflip=hflip, seed=seed,
-                                   usm_hr=usm_hr, max_pixels=max_pixels, batch_size=batch_size, device=device)
-    shards = _write_shards(out, count, samples_per_shard, build, progress, "degrading crops")
-    return _synthetic_report(sources, failed, failures, skipped, count=count, hr_size=hr_size, scale=settings.scale,
-                             shards=shards, started=started)
+    build = _SyntheticShardBuilder(out, sources, settings, degrade_crops, count, samples_per_shard, hr_size=hr_size,
+                                   hflip=hflip, seed=seed, usm_hr=usm_hr, max_pixels=max_pixels,
+                                   batch_size=batch_size, device=device)
+    return _run_shards(out, SYNTHETIC_STAGE, count, samples_per_shard, build,
+                       workers=1 if device.startswith("cuda") else workers, start_method="spawn",
+                       totals=lambda report, stats: _synthetic_report(sources, failed, failures, skipped,
+                                                                      hr_size=hr_size, scale=settings.scale,
+                                                                      started=started),
+                       progress=progress, phase="degrading crops")
 
 
 # ---------------------------------------------------------------------------- paired
@@ -564,11 +563,13 @@ class _PairedShardBuilder:
     lr_dir: Path
     hr_dir: Path
     pairs: list[ImagePair]
+    samples_per_shard: int
     lr_size: int
     scale: int
     max_pixels: int
 
-    def __call__(self, shard: int, items: range, written: Callable[[int], None]) -> None:
+    def __call__(self, shard: int) -> dict:
+        items = _items(shard, len(self.pairs), self.samples_per_shard)
         rows = []
         with TarShardWriter(tar_path(self.out, shard)) as writer:
             for pair in (self.pairs[i] for i in items):
@@ -578,9 +579,10 @@ class _PairedShardBuilder:
                              "lr_source": meta["lr_source"], "hr_source": meta["hr_source"],
                              "lr_source_bytes": os.fsencode(pair.lr_relative),
                              "hr_source_bytes": os.fsencode(pair.hr_relative)})
-                written(writer.count)
         _write_index(self.out, shard, rows)
-        write_stats(self.out, shard, _shard_stats(shard, writer.count))
+        stats = _shard_stats(shard, writer.count)
+        write_stats(self.out, shard, stats)
+        return stats
 
     def _crop(self, pair: ImagePair) -> tuple[np.ndarray, np.ndarray, dict]:
         """(LR tile, HR tile, metadata); the HR box is the LR box x scale."""
@@ -607,16 +609,15 @@ class _PairedShardBuilder:
 
 
 def _paired_report(pairs: list[ImagePair], problems: dict[str, list[str]], *, lr_size: int, scale: int,
-                   shards: dict, started: float) -> dict:
+                   started: float) -> dict:
+    """The paired set's figures, beside the shard framework's counts."""
     return {
         "testset": "paired",
         "pairs": len(pairs),
-        "samples": len(pairs),
         "lr_size": lr_size,
         "hr_size": lr_size * scale,
         "skipped": {reason: len(problems[reason]) for reason in sorted(problems)},
         "skipped_examples": {reason: problems[reason][:LISTED_PER_PROBLEM] for reason in sorted(problems)},
-        **shards,
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -634,6 +635,7 @@ def build_paired_testset(
     skip_bad_pairs: bool = False,
     samples_per_shard: int = 250,
     max_pixels: int = images.DEFAULT_MAX_PIXELS,
+    workers: int = 1,
     prepare_out: PrepareOut | None = None,
     progress: Progress | None = None,
 ) -> dict:
@@ -641,7 +643,7 @@ def build_paired_testset(
 
     Every problem ``match_pairs`` finds refuses the whole set with one UserError, before anything is
     written, unless ``allow_unmatched`` (files without a partner) or ``skip_bad_pairs`` (the other problems)
-    lets the run skip them; skips are counted by reason in the report. ``prepare_out`` as for
+    lets the run skip them; skips are counted by reason in the report. ``workers`` and ``prepare_out`` as for
     ``build_synthetic_testset``.
     """
     started = time.perf_counter()
@@ -653,6 +655,9 @@ def build_paired_testset(
     _refuse_problems(problems, pairs, lr_dir=lr_dir, hr_dir=hr_dir, lr_size=lr_size, scale=scale,
                      allow_unmatched=allow_unmatched, skip_bad_pairs=skip_bad_pairs)
     out = _prepared(out, prepare_out)
-    build = _PairedShardBuilder(out, lr_dir, hr_dir, pairs, lr_size=lr_size, scale=scale, max_pixels=max_pixels)
-    shards = _write_shards(out, len(pairs), samples_per_shard, build, progress, "writing pairs")
-    return _paired_report(pairs, problems, lr_size=lr_size, scale=scale, shards=shards, started=started)
+    build = _PairedShardBuilder(out, lr_dir, hr_dir, pairs, samples_per_shard, lr_size=lr_size, scale=scale,
+                                max_pixels=max_pixels)
+    return _run_shards(out, PAIRED_STAGE, len(pairs), samples_per_shard, build, workers=workers, start_method="fork",
+                       totals=lambda report, stats: _paired_report(pairs, problems, lr_size=lr_size, scale=scale,
+                                                                   started=started),
+                       progress=progress, phase="writing pairs")

@@ -133,7 +133,7 @@ def caption_items(settings: CaptionSettings, items: list[dict], hr: bool = False
     step = len(ready) if settings.served else settings.batch_size
     for start in range(0, len(ready), max(step, 1)):
         batch = ready[start : start + step]
-        texts = _generate(settings, batch, hr, captioner, quality_captioner)
+        texts = _caption_batch(settings, batch, hr, captioner, quality_captioner)
         for i, item in enumerate(batch):
             row = {**_empty_row(item, kinds), **common, "status": Status.OK, "error": ""}
             failures = [f"{kind.replace('_', ' ')} caption: {texts[i, kind].error}" for kind in kinds
@@ -170,9 +170,10 @@ def _provenance(settings: CaptionSettings, captioner, quality_captioner, limit: 
     return common
 
 
-def _generate(settings: CaptionSettings, batch: list[dict], hr: bool, captioner,
-              quality_captioner) -> dict[tuple[int, str], str]:
-    """(index in batch, kind) -> caption; all prompts of an image share the batch."""
+def _caption_batch(settings: CaptionSettings, batch: list[dict], hr: bool, captioner,
+                   quality_captioner) -> dict[tuple[int, str], str]:
+    """Every caption of a batch of images: (index in batch, kind) -> caption; all prompts of an image share the
+    batch, each drawn with a seed of (seed, stream, key, kind)."""
     from ..seeding import derive_seed
 
     wanted = []  # (index in batch, kind, image, instruction)

@@ -46,7 +46,8 @@ def degrade_crops(
     in that processing order (the given order when all crops have one size), one chunk at a time.
     """
     # looked up on the package when called, so that a replaced xpsr_core.degrade.degrade_batch takes effect
-    from . import degrade_batch, sample_degradation
+    from .pipeline import degrade_batch
+    from .sampling import sample_degradation
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")

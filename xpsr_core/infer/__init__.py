@@ -12,7 +12,7 @@ _EXPORTS = {
     **dict.fromkeys(("SRResult", "XPSRPipeline", "make_scheduler", "validation_grid"), ".pipeline"),
     **dict.fromkeys(("COLOR_FIXES", "RESIZES", "SCHEDULERS", "SRSettings"), ".settings"),
     **dict.fromkeys(("PRESETS", "preset_settings", "preset_values"), ".presets"),
-    **dict.fromkeys(("prepare_condition", "resize_output"), ".resize"),
+    **dict.fromkeys(("prepare_condition", "resize_output"), "..conditioning"),
     **dict.fromkeys(("gaussian_weights", "tile_boxes", "tile_starts", "tiled_apply", "weight_map"), ".tiling"),
 }
 __all__ = sorted(_EXPORTS)

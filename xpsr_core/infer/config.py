@@ -168,8 +168,8 @@ def check_model_paths(config: SRModelConfig) -> None:
     if config.pipeline:
         if not Path(config.pipeline).is_dir():
             raise UserError(f"The pipeline folder {config.pipeline} does not exist.")
+        from ..io.pipeline_folder import XPSR_SUBFOLDER
         from ..models.xpsr import check_trainable_folder
-        from .pipeline import XPSR_SUBFOLDER
 
         check_base_model(config.pipeline)  # every SD component, then the XPSR parts, before any captioning
         check_trainable_folder(Path(config.pipeline) / XPSR_SUBFOLDER)

@@ -142,7 +142,7 @@ def caption_images(
             else:
                 item["content"], item["quality"] = found
         return
-    from ..caption import GenerationSettings
+    from ..caption.settings import GenerationSettings
 
     generation = GenerationSettings(max_new_tokens=config.caption_max_new_tokens)
     served = config.caption_engine == "openai"
@@ -175,7 +175,7 @@ def caption_images(
 
 
 def _local_captioner(config: SRModelConfig, generation):
-    from ..caption import Captioner
+    from ..caption.captioner import Captioner
     from ..dist import rank_device
 
     return Captioner(config.captioner, dtype=config.dtype, device=rank_device(config.device), settings=generation)

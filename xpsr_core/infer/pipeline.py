@@ -4,7 +4,7 @@ Sampling (paper section 3.6 / 4.1, DESIGN section 6):
 
 1. The LR image is upsampled (bicubic) by the scale factor; this ``lr_up`` in [0, 1] is the
    ControlNet condition. It is padded (reflect) to a multiple of the VAE factor times the UNet's
-   down-sampling factor and cropped back at the end. (:mod:`.resize` has the authors' PIL
+   down-sampling factor and cropped back at the end. (:mod:`xpsr_core.conditioning` has the authors' PIL
    chain, with ``process_size``.)
 2. Start point: the VAE encodes ``lr_up`` (the posterior mean, scaled by the VAE's scaling
    factor) and the scheduler adds noise for the *first* timestep of its schedule (the authors:
@@ -46,12 +46,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from ..conditioning import prepare_condition, resize_output, to_uint8
 from ..encoding import encode_prompts
 from ..errors import UserError
-from ..io.atomic import share_per_umask
+from ..io.pipeline_folder import PIPELINE_FILE, XPSR_SUBFOLDER, write_pipeline_folder
 from .color import UINT8_COLOR_FIXES, adain_color_fix_uint8, color_fix
-from .resize import prepare_condition, resize_output
-from .settings import PIPELINE_FILE, SCHEDULERS, XPSR_SUBFOLDER, SRSettings
+from .settings import SCHEDULERS, SRSettings
 from .tiling import tile_boxes, tiled_apply
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -89,26 +89,6 @@ def make_scheduler(name: str, config) -> Any:
     if name not in SCHEDULERS:
         raise UserError(f"Unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}.")
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
-
-
-def to_tensor(image) -> torch.Tensor:
-    """PIL image or H x W x 3 uint8 array -> [1, 3, H, W] float32 in [0, 1]."""
-    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"expected an H x W x 3 image, got shape {array.shape}")
-    if array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)[None]
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[1, 3, H, W] in [0, 1] -> H x W x 3 uint8 (clamped, rounded)."""
-    return (x[0].float().clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
-    height, width = lr.shape[-2:]
-    return F.interpolate(lr, size=(height * scale, width * scale), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def _randn(shape, generator: torch.Generator, device) -> torch.Tensor:
@@ -239,28 +219,10 @@ class XPSRPipeline:
         return pipe
 
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write a self-contained folder: the SD parts (diffusers layout), ``xpsr/`` and ``xpsr_pipeline.json``."""
-        from diffusers import StableDiffusionPipeline
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        sd = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.model.unet,
-            scheduler=self._scheduler("ddpm"),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        sd.save_pretrained(folder, safe_serialization=True)
-        self.model.save_trainable(folder / XPSR_SUBFOLDER, include_dfc=False)
-        (folder / PIPELINE_FILE).write_text(
-            json.dumps({"xpsr": XPSR_SUBFOLDER, "defaults": asdict(self.settings)}, indent=2)
-        )
-        share_per_umask(folder)  # safetensors writes 0600
-        return folder
+        """Write a self-contained pipeline folder (:func:`~xpsr_core.io.pipeline_folder.write_pipeline_folder`):
+        the SD parts (diffusers layout), ``xpsr/`` and ``xpsr_pipeline.json`` with these settings as defaults."""
+        components = (self.vae, self.text_encoder, self.tokenizer, self._scheduler("ddpm"))
+        return write_pipeline_folder(self.model, folder, asdict(self.settings), components=components)
 
     # ------------------------------------------------------------------ pieces
 

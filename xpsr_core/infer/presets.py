@@ -83,7 +83,8 @@ def preset_settings(name: str, **overrides):
 
 def saved_defaults(folder: str | Path) -> dict[str, Any]:
     """The SRSettings recorded in a saved pipeline folder (``{}`` when it records none or is not one)."""
-    from .settings import PIPELINE_FILE, SRSettings
+    from ..io.pipeline_folder import PIPELINE_FILE
+    from .settings import SRSettings
 
     path = Path(folder) / PIPELINE_FILE
     if not path.is_file():

@@ -1,6 +1,6 @@
 """The settings of one SR run (:class:`SRSettings`; every one is recipe: a preset sets them all) and the names
 its fields accept: schedulers, colour corrections, resize chains. No torch here, so a bad value fails before any
-model library loads; :mod:`.pipeline`, :mod:`.color` and :mod:`.resize` run what these names name.
+model library loads; :mod:`.pipeline`, :mod:`.color` and :mod:`xpsr_core.conditioning` run what these names name.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ from pydantic.dataclasses import dataclass as settings_dataclass
 from ..config import recipe_field, runtime_field
 from ..encoding import NEGATIVE_PROMPT
 
-PIPELINE_FILE = "xpsr_pipeline.json"  # a saved pipeline folder's record: its XPSR subfolder and sampling defaults
-XPSR_SUBFOLDER = "xpsr"
-
 SCHEDULERS = {
     "ddpm": "DDPMScheduler",
     "ddim": "DDIMScheduler",
@@ -24,7 +21,7 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
 }
 COLOR_FIXES = ("adain", "wavelet", "adain-official", "none")  # see .color
-RESIZES = ("torch-bicubic", "pil-bicubic")  # LR -> condition chains, see .resize
+RESIZES = ("torch-bicubic", "pil-bicubic")  # LR -> condition chains, see xpsr_core.conditioning
 
 # Literal types from the one list of each kind of name, so the fields accept exactly what the pipeline runs
 SchedulerName = Literal[tuple(SCHEDULERS)]
@@ -75,7 +72,8 @@ class SRSettings:
         "mean", description="Start from the LR latent's posterior mean or a sample.")
     added_noise_level: Optional[int] = recipe_field(
         None, ge=0, description="Noise the start latent once more, to this timestep (official: 800).")
-    resize: ResizeName = recipe_field("torch-bicubic", description="LR -> condition resize chain (see .resize).")
+    resize: ResizeName = recipe_field(
+        "torch-bicubic", description="LR -> condition resize chain (see xpsr_core.conditioning).")
     process_size: Optional[int] = recipe_field(
         None, ge=8, description="Enlarge conditions with a shorter side to it; resize the output back.")
     pad_multiple: Optional[int] = recipe_field(

@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any, Iterator
 
+from .ledger import record_write
+
 TMP_MARK = ".tmp-"
+PARTIAL_FOLDER = ".partial"  # a folder being written whole (atomic_folder)
 HOST = socket.gethostname().replace(".", "_").replace("-", "_")
 
 
@@ -21,8 +25,6 @@ def temporary_sibling(path: Path) -> Path:
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    from .outputs import record_write
-
     path = Path(path)
     tmp = temporary_sibling(path)
     record_write(path)  # before the write: a crash leaves no file of xpsr's unrecorded
@@ -34,6 +36,25 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield ``NAME.partial`` beside the folder ``path`` to fill; it replaces ``path`` only if the block succeeds,
+    so a crash never leaves a half-written folder under the final name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + PARTIAL_FOLDER)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # an earlier write that did not finish
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def current_umask() -> int:

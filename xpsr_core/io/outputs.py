@@ -34,10 +34,8 @@ from ..config import StageConfig
 from ..errors import UserError
 from .atomic import TMP_MARK, atomic_write_json, remove_temporaries
 from .images import readable_name
+from .ledger import CONFIG_FILE, LEDGER_FILE, RECORD_FILES, append_to_ledger, owning_folder, record_write  # noqa: F401
 
-CONFIG_FILE = "config.json"
-LEDGER_FILE = "ledger.jsonl"
-RECORD_FILES = (CONFIG_FILE, LEDGER_FILE)
 WRITE_PROBE = ".xpsr-write-probe-"
 SHOWN_FOREIGN = 5  # foreign files named in a refusal
 
@@ -84,37 +82,10 @@ def ensure_writable_dir(folder: Path, what: str = "output folder") -> Path:
 # ---------------------------------------------------------------------------- the ledger
 
 
-def _append_to_ledger(folder: Path, relative: str) -> None:
-    # ensure_ascii: names that are not UTF-8 (surrogate escapes) and newlines stay one readable line
-    line = (json.dumps(relative, ensure_ascii=True) + "\n").encode("ascii")
-    handle = os.open(Path(folder) / LEDGER_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(handle, line)
-    finally:
-        os.close(handle)
-
-
-def owning_folder(path: Path) -> Path | None:
-    """The nearest folder above ``path`` that keeps a ledger (an output folder), or None."""
-    for parent in Path(os.path.abspath(path)).parents:
-        if (parent / LEDGER_FILE).is_file():
-            return parent
-    return None
-
-
-def record_write(path: Path) -> None:
-    """Note in its output folder's ledger that xpsr is about to write the file ``path`` (no ledger: nothing)."""
-    folder = owning_folder(path)
-    if folder is not None:
-        relative = Path(os.path.abspath(path)).relative_to(folder).as_posix()
-        if relative not in RECORD_FILES:
-            _append_to_ledger(folder, relative)
-
-
 def claim(folder: Path, relative: str) -> None:
     """Record in ``folder``'s ledger a file, or with a trailing ``/`` a folder and all it will hold, before a
     writer that is not atomic (``save_pretrained``, ``save_state``, TensorBoard) writes it."""
-    _append_to_ledger(folder, relative)
+    append_to_ledger(folder, relative)
 
 
 def claim_contents(folder: Path) -> None:
@@ -297,7 +268,7 @@ def prepare_output_dir(
         _clear_other_outputs(folder, record, ownership, what, overwrite)
     elif ownership.legacy:
         for relative in ownership.owned:  # older code's outputs of this same config: adopted
-            _append_to_ledger(folder, relative)
+            append_to_ledger(folder, relative)
     remove_temporaries(folder)
     (folder / LEDGER_FILE).touch()
     for relative in claims:

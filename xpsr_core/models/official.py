@@ -29,7 +29,6 @@ from __future__ import annotations
 import inspect
 import json
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +39,9 @@ import torch
 from ..errors import UserError
 from ..io.atomic import share_per_umask
 from ..io.model_files import loading_model
+from ..io.pipeline_folder import SD_COMPONENTS, write_pipeline_folder
+from .loading import load_base_sd
+from .xpsr import XPSRModel
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 AUTHORS_DIFFUSERS_VERSION = "0.21.4"
@@ -314,12 +316,11 @@ class ImportSummary:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-def map_checkpoint(checkpoint: OfficialCheckpoint, unet, settings) -> tuple[dict, dict]:
+def map_checkpoint(checkpoint: OfficialCheckpoint, unet, empty: dict) -> tuple[dict, dict]:
     """Our parts' state dicts and the checkpoint's SD-1.5 UNet tensors, or a refusal naming every
-    checkpoint tensor left unused, every one of ours left unfilled, and every shape that differs."""
-    from .xpsr import XPSRModel
+    checkpoint tensor left unused, every one of ours left unfilled, and every shape that differs.
 
-    empty = XPSRModel.empty_parts(unet, settings)
+    ``empty``: our parts on the meta device (``XPSRModel.empty_parts``), for their names and shapes."""
     mapping = name_map(empty, unet)
     wanted = {part: dict(module.state_dict()) for part, module in {**empty, "unet": unet}.items()}
     filled: dict[str, dict] = {part: {} for part in wanted}
@@ -378,8 +379,6 @@ def import_official(
     ``sr_defaults``: the :class:`~xpsr_core.infer.pipeline.SRSettings` values stored as the folder's
     defaults (the authors' inference recipe, normally).
     """
-    from .loading import load_base_sd
-
     start = time.perf_counter()
     out = Path(out)
     log(f"Reading {checkpoint_dir}")
@@ -389,7 +388,8 @@ def import_official(
     check_base_matches(checkpoint.unet_config, base.unet)
     settings = settings_for(checkpoint.controlnet_config)
     log("Mapping tensors")
-    parts, sd_unet = map_checkpoint(checkpoint, base.unet, settings)
+    empty = XPSRModel.empty_parts(base.unet, settings)
+    parts, sd_unet = map_checkpoint(checkpoint, base.unet, empty)
     counts = {"controlnet": len(checkpoint.controlnet), "unet": len(checkpoint.unet)}
     largest, checked = compare_base(sd_unet, base.unet)
     log(f"SD-1.5 UNet tensors: {checked}, largest difference from the base model {largest:.3g}")
@@ -397,9 +397,13 @@ def import_official(
     if mismatch:
         _adopt_checkpoint_unet(base.unet, sd_unet, base_model, largest, allow_base_mismatch)
     del sd_unet, checkpoint
-    model = _assemble_model(base.unet, settings, parts)
+    model = _assemble_model(base.unet, settings, empty, parts)
     log(f"Writing {out}")
-    write_pipeline_folder(model, base_model, out, write_unet=mismatch, sr_defaults=sr_defaults)
+    if Path(base_model).is_dir():
+        write_pipeline_folder(model, out, sr_defaults, base_model=base_model, write_unet=mismatch)
+    else:  # a hub id: the components travel through save_pretrained
+        loaded = load_base_sd(base_model, components=SD_COMPONENTS)
+        write_pipeline_folder(model, out, sr_defaults, components=[getattr(loaded, name) for name in SD_COMPONENTS])
     summary = ImportSummary(
         out=out,
         controlnet_tensors=counts["controlnet"],
@@ -432,46 +436,11 @@ def _adopt_checkpoint_unet(unet, sd_unet: dict, base_model: str | Path, largest:
     unet.load_state_dict(sd_unet, strict=True)
 
 
-def _assemble_model(unet, settings, parts: dict):
-    """An XPSR model on ``unet`` whose parts take the mapped state dicts' tensors (no initialisation first)."""
-    from .xpsr import XPSRModel
-
-    empty = XPSRModel.empty_parts(unet, settings)
+def _assemble_model(unet, settings, empty: dict, parts: dict):
+    """An XPSR model on ``unet`` whose ``empty`` parts take the mapped state dicts' tensors (no initialisation)."""
     for name, module in empty.items():
         module.load_state_dict(parts[name], strict=True, assign=True)
     return XPSRModel(unet, settings=settings, **empty)
-
-
-def write_pipeline_folder(
-    model, base_model: str | Path, out: Path, write_unet: bool, sr_defaults: Optional[dict]
-) -> Path:
-    """An SR pipeline folder: the base SD folder's files, ``xpsr/`` (every trained part) and its defaults."""
-    from ..infer.pipeline import PIPELINE_FILE, XPSR_SUBFOLDER
-
-    base_model = Path(base_model)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if base_model.is_dir():
-        shutil.copytree(base_model, tmp, ignore=shutil.ignore_patterns("unet") if write_unet else None)
-    else:  # a hub id: the components travel through save_pretrained
-        from .loading import load_base_sd
-
-        loaded = load_base_sd(base_model, components=("vae", "text_encoder", "tokenizer", "scheduler"))
-        tmp.mkdir(parents=True)
-        for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
-            getattr(loaded, name).save_pretrained(tmp / name)
-        (tmp / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-        write_unet = True
-    if write_unet:
-        model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    model.save_trainable(tmp / XPSR_SUBFOLDER, include_dfc=True)
-    (tmp / PIPELINE_FILE).write_text(json.dumps({"xpsr": XPSR_SUBFOLDER, "defaults": sr_defaults or {}}, indent=2))
-    share_per_umask(tmp)  # safetensors writes 0600; copytree keeps the base folder's modes
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 # ---------------------------------------------------------------------------------- export

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..io.atomic import share_per_umask
+from ..io.atomic import atomic_folder, share_per_umask
 from ..io.model_files import loading_model
 from .controlnet import XPSRControlNet
 from .dfc import DFC_WEIGHT, DFCHeads, DFCLoss
@@ -64,6 +64,17 @@ def dfc_heads_for(controlnet: XPSRControlNet, settings: XPSRSettings, latent_cha
     return DFCHeads.from_controlnet(controlnet, latent_channels=latent_channels, use_pixel=settings.dfc_pixel,
                                     use_latent=settings.dfc_latent, latent_source=settings.dfc_latent_heads,
                                     target_resize=settings.dfc_target_resize)
+
+
+def controlnet_options(settings: XPSRSettings) -> dict:
+    """The :class:`XPSRControlNet` constructor options ``settings`` choose (``config_from_unet`` adds the shapes)."""
+    return dict(sfa_mode=settings.sfa_mode, fusion_heads=settings.fusion_heads, fusion_type=settings.fusion,
+                conditioning_embedding_out_channels=settings.conditioning_embedding_out_channels)
+
+
+def conditional_attention_options(settings: XPSRSettings) -> dict:
+    """The :class:`XPSRConditionalAttention` options ``settings`` choose (``config_from_unet`` adds the shapes)."""
+    return dict(layer_type=settings.conditional_attention_type, init=settings.init)
 
 
 @dataclass
@@ -114,19 +125,10 @@ class XPSRModel(nn.Module):
     ) -> "XPSRModel":
         """Fresh trainable parts initialised from ``unet`` (step 0 equals plain ControlNet + UNet)."""
         settings = settings or XPSRSettings()
-        controlnet = XPSRControlNet.from_unet(
-            unet,
-            sfa_mode=settings.sfa_mode,
-            conditioning_embedding_out_channels=settings.conditioning_embedding_out_channels,
-            fusion_heads=settings.fusion_heads,
-            fusion_type=settings.fusion,
-            init=settings.init,
-        )
+        controlnet = XPSRControlNet.from_unet(unet, init=settings.init, **controlnet_options(settings))
         conditional = None
         if settings.conditional_attention:
-            conditional = XPSRConditionalAttention.from_unet(
-                unet, layer_type=settings.conditional_attention_type, init=settings.init
-            )
+            conditional = XPSRConditionalAttention.from_unet(unet, **conditional_attention_options(settings))
         heads = dfc_heads_for(controlnet, settings, latent_channels or unet.config.out_channels) if with_dfc else None
         return cls(unet, controlnet, conditional, heads, settings)
 
@@ -136,17 +138,11 @@ class XPSRModel(nn.Module):
         without weights, to be filled with ``load_state_dict(..., assign=True)``, so no time or memory goes
         into an initialisation that is overwritten."""
         with torch.device("meta"):
-            controlnet = XPSRControlNet(**XPSRControlNet.config_from_unet(
-                unet,
-                conditioning_embedding_out_channels=settings.conditioning_embedding_out_channels,
-                sfa_mode=settings.sfa_mode,
-                fusion_heads=settings.fusion_heads,
-                fusion_type=settings.fusion,
-            ))
+            controlnet = XPSRControlNet(**XPSRControlNet.config_from_unet(unet, **controlnet_options(settings)))
             conditional = None
             if settings.conditional_attention:
                 conditional = XPSRConditionalAttention(**XPSRConditionalAttention.config_from_unet(
-                    unet, settings.conditional_attention_type, settings.init))
+                    unet, **conditional_attention_options(settings)))
             heads_module = dfc_heads_for(controlnet, settings, latent_channels or unet.config.out_channels)
         parts = {"controlnet": controlnet, "conditional_attention": conditional, "dfc_heads": heads_module}
         return {name: part for name, part in parts.items() if part is not None}
@@ -175,22 +171,23 @@ class XPSRModel(nn.Module):
     # ------------------------------------------------------------------ persistence
 
     def save_trainable(self, folder: str | Path, include_dfc: bool = True) -> Path:
-        """Write each trainable part with ``save_pretrained`` (safetensors + config) and ``xpsr.json``."""
+        """Write each trainable part with ``save_pretrained`` (safetensors + config) and ``xpsr.json``, the folder
+        whole or not at all (filled under a temporary name, then renamed)."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.controlnet.save_pretrained(folder / "controlnet", safe_serialization=True)
-        if self.conditional_attention is not None:
-            self.conditional_attention.save_pretrained(folder / "conditional_attention", safe_serialization=True)
-        if include_dfc and self.dfc_heads is not None:
-            self.dfc_heads.save_pretrained(folder / "dfc_heads", safe_serialization=True)
-        settings = asdict(self.settings)
-        settings["conditioning_embedding_out_channels"] = list(settings["conditioning_embedding_out_channels"])
-        meta = {
-            "settings": settings,
-            "parts": [p for p in PARTS if (folder / p).is_dir()],
-        }
-        (folder / TRAINABLE_FILE).write_text(json.dumps(meta, indent=2))
-        share_per_umask(folder)  # safetensors writes 0600
+        with atomic_folder(folder) as tmp:
+            self.controlnet.save_pretrained(tmp / "controlnet", safe_serialization=True)
+            if self.conditional_attention is not None:
+                self.conditional_attention.save_pretrained(tmp / "conditional_attention", safe_serialization=True)
+            if include_dfc and self.dfc_heads is not None:
+                self.dfc_heads.save_pretrained(tmp / "dfc_heads", safe_serialization=True)
+            settings = asdict(self.settings)
+            settings["conditioning_embedding_out_channels"] = list(settings["conditioning_embedding_out_channels"])
+            meta = {
+                "settings": settings,
+                "parts": [p for p in PARTS if (tmp / p).is_dir()],
+            }
+            (tmp / TRAINABLE_FILE).write_text(json.dumps(meta, indent=2))
+            share_per_umask(tmp)  # safetensors writes 0600
         return folder
 
     @classmethod

@@ -30,6 +30,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..conditioning import upsample
 from ..encoding import npy_load
 from ..errors import UserError
 from ..io.images import decode_png
@@ -117,8 +118,6 @@ def images_on_device(
     than float32 and 64x smaller than the upsampled float condition; conversion and upsampling run
     where the model runs.
     """
-    from ..infer.pipeline import upsample
-
     lr = batch["lr"].to(device, non_blocking=True).float() / 255.0
     hr_bytes = batch["hr"].to(device, non_blocking=True)
     hr = hr_bytes.float() / 127.5 - 1.0

@@ -215,8 +215,7 @@ class Trainer:
 
     def _initial_model(self, unet):
         """Fresh parts (``init`` zero or official), or the trained parts of a folder to fine-tune."""
-        from ..models import XPSRModel
-        from ..models.xpsr import dfc_heads_for
+        from ..models.xpsr import XPSRModel, dfc_heads_for
 
         config = self.config
         if config.init in ("zero", "official"):
@@ -234,7 +233,7 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         from ..encoding import encode_prompts
-        from ..models import load_base_sd
+        from ..models.loading import load_base_sd
 
         config, accelerator = self.config, self.accelerator
         self._check_hr_quality()
@@ -385,7 +384,7 @@ class Trainer:
     def loss(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict]:
         """The loss of one micro-batch and its logs: detached device tensors (the share of HR-conditioned samples,
         drawn on the host, is a float)."""
-        from ..models import training_loss
+        from ..models.xpsr import training_loss
         from .data import images_on_device
 
         device = self.accelerator.device

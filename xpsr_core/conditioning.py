@@ -1,5 +1,9 @@
 """From the LR image to the ControlNet condition, and from the sampled image back to the output size.
 
+Training (``train/data.py``) and inference (``infer/pipeline.py``) both make the condition here:
+:func:`upsample` of the LR in [0, 1] by the scale factor, or one of the two chains of
+:func:`prepare_condition`.
+
 Two chains (``SRSettings.resize``):
 
 * ``torch-bicubic`` (default): the LR as float in [0, 1], ``F.interpolate`` bicubic by the scale
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .settings import RESIZES
+from .infer.settings import RESIZES
 
 
 @dataclass
@@ -46,21 +50,37 @@ def short_side_size(height: int, width: int, short: int) -> tuple[int, int]:
     return short, int(short * width / height)
 
 
-def _as_uint8_rgb(lr) -> np.ndarray:
-    array = np.asarray(lr.convert("RGB") if hasattr(lr, "convert") else lr)
+def _rgb_array(image) -> np.ndarray:
+    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an H x W x 3 image, got shape {array.shape}")
+    return array
+
+
+def _as_uint8_rgb(lr) -> np.ndarray:
+    array = _rgb_array(lr)
     if array.dtype != np.uint8:
         array = (np.clip(array.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
     return np.ascontiguousarray(array)
 
 
-def _float(u8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(u8)).permute(2, 0, 1).to(torch.float32).div(255)[None]
+def to_tensor(image) -> torch.Tensor:
+    """PIL image or H x W x 3 uint8 array -> [1, 3, H, W] float32 in [0, 1]."""
+    array = _rgb_array(image)
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)[None]
 
 
-def _uint8(x: torch.Tensor) -> np.ndarray:
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[1, 3, H, W] in [0, 1] -> H x W x 3 uint8 (clamped, rounded)."""
     return (x[0].float().clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
+    """[B, 3, h, w] in [0, 1], bicubic by ``scale`` and clamped: the condition of training and ``torch-bicubic``."""
+    height, width = lr.shape[-2:]
+    return F.interpolate(lr, size=(height * scale, width * scale), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def prepare_condition(lr, scale: int, resize: str = "torch-bicubic", process_size: Optional[int] = None,
@@ -74,8 +94,6 @@ def prepare_condition(lr, scale: int, resize: str = "torch-bicubic", process_siz
         raise ValueError(f"unknown resize {resize!r}; choose from {RESIZES}")
     if resize == "pil-bicubic":
         return _pil_chain(lr, scale, process_size, multiple)
-    from .pipeline import to_tensor, upsample
-
     lr_t = to_tensor(lr).to(device or "cpu")
     height, width = lr_t.shape[-2:]
     up = upsample(lr_t, scale)
@@ -83,9 +101,9 @@ def prepare_condition(lr, scale: int, resize: str = "torch-bicubic", process_siz
     if process_size is not None and min(image.shape[-2:]) < process_size:
         size = short_side_size(int(image.shape[-2]), int(image.shape[-1]), process_size)
         image = F.interpolate(image, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
-    lr_up = _uint8(up)
+    lr_up = to_uint8(up)
     return Condition(
-        image=image, image_uint8=_uint8(image), lr_up=lr_up, output_size=(int(height) * scale, int(width) * scale)
+        image=image, image_uint8=to_uint8(image), lr_up=lr_up, output_size=(int(height) * scale, int(width) * scale)
     )
 
 
@@ -105,7 +123,7 @@ def _pil_chain(lr, scale: int, process_size: Optional[int], multiple: int) -> Co
     )
     u8 = np.asarray(image).copy()
     return Condition(
-        image=_float(u8), image_uint8=u8, lr_up=np.asarray(up).copy(), output_size=(height * scale, width * scale)
+        image=to_tensor(u8), image_uint8=u8, lr_up=np.asarray(up).copy(), output_size=(height * scale, width * scale)
     )
 
 
@@ -117,6 +135,6 @@ def resize_output(image: np.ndarray, size: tuple[int, int], resize: str = "torch
         from PIL import Image
 
         return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BICUBIC)).copy()
-    x = _float(image)
+    x = to_tensor(image)
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return _uint8(F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=shrink))
+    return to_uint8(F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=shrink))
