@@ -156,7 +156,7 @@ def untrained_xpsr(tiny_models, tmp_path_factory) -> Path:
     from xpsr_core.models.xpsr import XPSRModel
 
     folder = tmp_path_factory.mktemp("xpsr") / "final"
-    return XPSRModel.from_base(load_base_sd(tiny_models.sd), with_dfc=False).save_trainable(folder, include_dfc=False)
+    return XPSRModel.from_base(load_base_sd(tiny_models.sd), with_dfc=False).save_trainable(folder)
 
 
 def test_sr_with_a_params_file_a_preset_and_given_content(workdir, tiny_models, untrained_xpsr):

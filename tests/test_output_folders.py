@@ -28,7 +28,7 @@ def checkpoint(tiny_models, perturbed_xpsr, tmp_path_factory):
     from xpsr_core.models.loading import load_base_sd
 
     model = perturbed_xpsr(load_base_sd(tiny_models.sd), seed=0)
-    return model.save_trainable(tmp_path_factory.mktemp("xpsr") / "final", include_dfc=False)
+    return model.save_trainable(tmp_path_factory.mktemp("xpsr") / "final")
 
 
 def sr_args(tiny_models, checkpoint, captions: tuple = ("--content", "a photo", "--quality", "blurry")) -> list[str]:

@@ -33,7 +33,7 @@ def pipe(model, base):
 
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):
-    return model.save_trainable(tmp_path_factory.mktemp("xpsr") / "final", include_dfc=False)
+    return model.save_trainable(tmp_path_factory.mktemp("xpsr") / "final")
 
 
 def smooth_image(width: int, height: int) -> np.ndarray:

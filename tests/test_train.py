@@ -76,7 +76,9 @@ def test_frozen_parameters_unchanged_and_trainable_ones_trained(tiny_models, tra
         n for n, p in trained.controlnet.state_dict().items() if not torch.equal(p, fresh.controlnet.state_dict()[n])
     ]
     assert changed, "training changed no ControlNet weight"
-    assert not (tmp_path / "run/final/dfc_heads").exists(), "the export holds inference parts only"
+    # the export holds every trained part, so a fine-tune from it (--init) starts from trained DFC heads too
+    with_heads = XPSRModel.from_base(tiny_models.sd, trainable=tmp_path / "run/final", with_dfc=True)
+    assert with_heads.dfc_heads is not None and (tmp_path / "run/final/dfc_heads").is_dir()
 
 
 def test_after_step_hook_runs_once_per_optimizer_step(tiny_models, train_shards, tmp_path):

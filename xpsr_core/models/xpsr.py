@@ -170,7 +170,7 @@ class XPSRModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence
 
-    def save_trainable(self, folder: str | Path, include_dfc: bool = True) -> Path:
+    def save_trainable(self, folder: str | Path) -> Path:
         """Write each trainable part with ``save_pretrained`` (safetensors + config) and ``xpsr.json``, the folder
         whole or not at all (filled under a temporary name, then renamed)."""
         folder = Path(folder)
@@ -178,7 +178,7 @@ class XPSRModel(nn.Module):
             self.controlnet.save_pretrained(tmp / "controlnet", safe_serialization=True)
             if self.conditional_attention is not None:
                 self.conditional_attention.save_pretrained(tmp / "conditional_attention", safe_serialization=True)
-            if include_dfc and self.dfc_heads is not None:
+            if self.dfc_heads is not None:
                 self.dfc_heads.save_pretrained(tmp / "dfc_heads", safe_serialization=True)
             settings = asdict(self.settings)
             settings["conditioning_embedding_out_channels"] = list(settings["conditioning_embedding_out_channels"])

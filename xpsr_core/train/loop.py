@@ -766,7 +766,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         final = self.run_dir / "final"
         if accelerator.is_main_process:
-            self._trainable().save_trainable(final, include_dfc=False)
+            self._trainable().save_trainable(final)  # every trained part, the DFC heads included
         tail = history[-max(1, len(history) // 10):] if history else []
         report = {
             "stage": "train",
