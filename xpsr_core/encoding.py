@@ -7,23 +7,93 @@ so both paths compute exactly the same tensors.
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from typing import Annotated, Optional, Sequence
 
 import numpy as np
+from pydantic import AfterValidator, Field
 
 NEGATIVE_PROMPT = "blurry, dotted, noise, unclear, low-res, over-smoothed"
 
+CLIP_WINDOW = 77  # CLIP's text positions: BOS, 75 caption tokens, EOS
+WINDOW_TOKENS = CLIP_WINDOW - 2
 
-def encode_prompts(text_encoder, tokenizer, texts: Sequence[str]):
-    """CLIP last hidden states [N, 77, D] (float32) of ``texts``, padded and truncated to the model's limit."""
+
+def check_max_caption_tokens(value: int) -> int:
+    if value < CLIP_WINDOW or value % CLIP_WINDOW:
+        raise ValueError(f"max_caption_tokens must be {CLIP_WINDOW} or a multiple of it (154, 231, ...), got {value}")
+    return value
+
+
+MaxCaptionTokens = Annotated[int, AfterValidator(check_max_caption_tokens)]
+
+
+def max_caption_tokens_field():
+    """The one definition of the text conditioning's length, shared by the model, caption and embed settings."""
+    return Field(
+        CLIP_WINDOW,
+        description="Length of the text conditioning in CLIP positions: 77 (one CLIP window, as the paper and the "
+        "authors' checkpoint) or a multiple (154, 231, ...), which encodes captions in 75-token windows, each with "
+        "its own BOS/EOS, concatenated; shorter captions are padded with the empty prompt's windows.")
+
+
+def caption_capacity(max_tokens: int) -> int:
+    """Caption tokens (BOS/EOS not counted) that reach the model at ``max_tokens``: 75 per window."""
+    return max_tokens // CLIP_WINDOW * WINDOW_TOKENS
+
+
+def caption_truncated(clip_tokens: int, max_tokens: int) -> bool:
+    """Whether a caption of ``clip_tokens`` tokens (BOS/EOS included) loses tokens at ``max_tokens``."""
+    return clip_tokens - 2 > caption_capacity(max_tokens)
+
+
+def caption_token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The CLIP token ids of each text, whole (no BOS/EOS, no truncation)."""
+    return tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False).input_ids
+
+
+def window_token_ids(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """[N * windows] rows of 77 ids: each text cut into 75-token windows, each as BOS + tokens + EOS + padding.
+
+    A window past a text's end holds no tokens, which is exactly the empty prompt's window.
+    """
+    windows = max_tokens // CLIP_WINDOW
+    rows = []
+    for ids in caption_token_ids(tokenizer, texts):
+        for window in range(windows):
+            row = [tokenizer.bos_token_id, *ids[window * WINDOW_TOKENS : (window + 1) * WINDOW_TOKENS],
+                   tokenizer.eos_token_id]
+            rows.append(row + [tokenizer.pad_token_id] * (CLIP_WINDOW - len(row)))
+    return rows
+
+
+def encode_prompts(text_encoder, tokenizer, texts: Sequence[str], max_tokens: Optional[int] = None):
+    """CLIP last hidden states [N, max_tokens, D] (float32) of ``texts``.
+
+    At 77 (the default) each text is padded and truncated to one CLIP window. Above, every text becomes
+    ``max_tokens / 77`` windows (:func:`window_token_ids`), encoded independently in one batch and concatenated.
+    """
     import torch
 
-    tokens = tokenizer(
-        list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
+    if max_tokens is None or max_tokens == CLIP_WINDOW:
+        tokens = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+        input_ids = tokens.input_ids
+    else:
+        input_ids = torch.tensor(window_token_ids(tokenizer, texts, check_max_caption_tokens(max_tokens)))
     with torch.no_grad():
-        hidden = text_encoder(tokens.input_ids.to(text_encoder.device))[0]
-    return hidden.float()
+        hidden = text_encoder(input_ids.to(text_encoder.device))[0]
+    return hidden.reshape(len(texts), -1, hidden.shape[-1]).float()
+
+
+def truncation_notices(tokenizer, texts: dict[str, str], max_tokens: int) -> list[str]:
+    """One line per text (by name) longer than the model reads at ``max_tokens``, naming the counts."""
+    capacity = caption_capacity(max_tokens)
+    notices = []
+    for name, ids in zip(texts, caption_token_ids(tokenizer, list(texts.values()))):
+        if len(ids) > capacity:
+            notices.append(f"the {name} has {len(ids)} CLIP tokens; the model reads the first {capacity} "
+                           f"(max_caption_tokens {max_tokens}), {len(ids) - capacity} are dropped")
+    return notices
 
 
 def encode_latent_moments(vae, hr):

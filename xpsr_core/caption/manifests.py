@@ -20,13 +20,16 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import ConfigDict, Field
 
 from ..config import DeviceName, device_field, runtime_field
+from ..encoding import MaxCaptionTokens, caption_truncated, max_caption_tokens_field
 from ..io.shards import index_path, read_shard, tar_path, write_stats
 from ..sharded import Status, shard_stats, write_index
 from .captioner import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION, GenerationSettings
@@ -56,6 +59,8 @@ class CaptionSettings(GenerationSettings):
         "training with the HR image as the condition (train.hr_condition_probability). Pair shards only.")
     base_model: str = Field("models/tiny/sd15",
                             description="Base SD folder whose CLIP tokenizer counts caption tokens.")
+    # the limit the token counts are held against (clip_token_limit, *_truncated): the model's text conditioning
+    max_caption_tokens: MaxCaptionTokens = max_caption_tokens_field()
     content_instruction: str = Field(CONTENT_INSTRUCTION, description="The instruction of the content captions.")
     quality_instruction: str = Field(QUALITY_INSTRUCTION, description="The instruction of the quality captions.")
     batch_size: int = Field(8, ge=1, le=1024, description="Images per generate() call (two prompts each).")
@@ -119,7 +124,8 @@ def caption_items(settings: CaptionSettings, items: list[dict], hr: bool = False
     from ..dist import rank_device
 
     device = rank_device(settings.device)
-    count, limit = _token_counter(settings.base_model)
+    count, _ = _token_counter(settings.base_model)
+    limit = settings.max_caption_tokens
     # no remote code for the content model
     captioner = load_captioner(settings.model, settings.dtype, device, settings.generation(), False)
     quality_captioner = captioner
@@ -142,7 +148,7 @@ def caption_items(settings: CaptionSettings, items: list[dict], hr: bool = False
                 text = texts[i, kind]
                 tokens = count(text)
                 row.update({f"{kind}_caption": text, f"{kind}_clip_tokens": tokens,
-                            f"{kind}_truncated": tokens > limit})
+                            f"{kind}_truncated": caption_truncated(tokens, limit)})
             empty = [kind.replace("_", " ") for kind in kinds if not texts[i, kind]]
             if empty:
                 row.update(status=Status.EMPTY_GENERATION,
@@ -198,20 +204,55 @@ def _empty_row(item: dict, kinds: tuple[str, ...] = CAPTION_KINDS) -> dict:
 
 
 def manifest_stats(shard: int, rows: list[dict], kinds: tuple[str, ...] = CAPTION_KINDS) -> dict:
-    """A manifest's stats: images, captioned ones (samples), failures, and the truncated captions of each kind."""
+    """A manifest's stats: images, captioned ones (samples), failures, the truncated captions of each kind, the
+    limit they were counted against, and each kind's token counts as a histogram (count -> captions)."""
     truncated = {kind: sum(bool(r[f"{kind}_truncated"]) for r in rows) for kind in kinds}
     captioned = sum(r["status"] == Status.OK for r in rows)
-    return shard_stats(shard, (r["status"] for r in rows), captioned, truncated=truncated)
+    histograms = {}
+    for kind in kinds:
+        counts = Counter(int(r[f"{kind}_clip_tokens"]) for r in rows if r[f"{kind}_clip_tokens"] is not None)
+        histograms[kind] = {str(tokens): n for tokens, n in sorted(counts.items())}
+    limits = {r["clip_token_limit"] for r in rows if r.get("clip_token_limit") is not None}
+    return shard_stats(shard, (r["status"] for r in rows), captioned, truncated=truncated,
+                       clip_token_limit=limits.pop() if len(limits) == 1 else None, clip_tokens=histograms)
+
+
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+def histogram_quantiles(histogram: dict[int, int], quantiles=QUANTILES) -> list[int]:
+    """Nearest-rank quantiles (the smallest count with at least q of the captions at or below it)."""
+    total = sum(histogram.values())
+    values = []
+    for q in quantiles:
+        rank, seen = max(1, math.ceil(q * total)), 0
+        for tokens in sorted(histogram):
+            seen += histogram[tokens]
+            if seen >= rank:
+                values.append(tokens)
+                break
+    return values
 
 
 def caption_totals(report: dict, all_stats: list[dict]) -> dict:
-    """Truncation counts and shares, and captions/s (two captions per image, three with the HR's)."""
+    """Truncation counts and shares (captions over the limit), token-count quantiles p50/p90/p99 per kind
+    (BOS/EOS included), and captions/s (two captions per image, three with the HR's)."""
     images = sum(s["inputs"] for s in all_stats)
     kinds = CAPTION_KINDS + ((HR_KIND,) if all_stats and all(HR_KIND in s["truncated"] for s in all_stats) else ())
     truncated = {kind: sum(s["truncated"][kind] for s in all_stats) for kind in kinds}
+    quantiles = {}
+    for kind in kinds:
+        merged: Counter = Counter()
+        for s in all_stats:
+            merged.update({int(tokens): n for tokens, n in s.get("clip_tokens", {}).get(kind, {}).items()})
+        if merged:
+            quantiles[kind] = histogram_quantiles(merged)
+    limits = {s.get("clip_token_limit") for s in all_stats} - {None}
     return {
         "truncated": truncated,
         "truncated_share": {kind: round(n / max(images, 1), 4) for kind, n in truncated.items()},
+        "clip_token_limit": limits.pop() if len(limits) == 1 else None,
+        "clip_tokens_p50_p90_p99": quantiles,
         "captions_per_s": round(len(kinds) * report["samples_per_s"], 3) if report.get("samples_per_s") else None,
     }
 

@@ -48,7 +48,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as settings_dataclass
 
 from ..config import runtime_field
-from ..encoding import NEGATIVE_PROMPT, encode_prompts
+from ..encoding import NEGATIVE_PROMPT, encode_prompts, truncation_notices
 from ..errors import UserError
 from ..io.atomic import share_per_umask
 from .color import COLOR_FIXES, UINT8_COLOR_FIXES, adain_color_fix_uint8, color_fix
@@ -350,8 +350,21 @@ class XPSRPipeline:
         # a fresh object per run: multistep schedulers keep state between steps
         return make_scheduler(name, self.base_scheduler_config)
 
+    @property
+    def max_caption_tokens(self) -> int:
+        """The text conditioning's length the model was trained with (its settings, recorded in its folder)."""
+        return self.model.settings.max_caption_tokens
+
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        return encode_prompts(self.text_encoder, self.tokenizer, texts).to(self.device, self.dtype)
+        """[N, max_caption_tokens, D]: captions and the negative prompts alike, so guidance batches its branches."""
+        embeddings = encode_prompts(self.text_encoder, self.tokenizer, texts, self.max_caption_tokens)
+        return embeddings.to(self.device, self.dtype)
+
+    def truncation_notices(self, content: str, quality: str, settings: Optional[SRSettings] = None) -> list[str]:
+        """A line for each text of one image's sampling that is longer than the model reads (none: all of it)."""
+        names = ("content caption", "quality caption", "negative prompt", "negative quality prompt")
+        texts = dict(zip(names, self.prompts(content, quality, settings)))
+        return truncation_notices(self.tokenizer, texts, self.max_caption_tokens)
 
     def _vae_tiles(self, settings: SRSettings, decoder: bool = False) -> tuple[int, int]:
         size = (settings.vae_decode_tile_size if decoder else None) or settings.vae_tile_size or self.vae_native_size
