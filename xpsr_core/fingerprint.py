@@ -43,9 +43,9 @@ STAGE_SOURCES: dict[str, list[str]] = {
     "models": ["stages/models.py", "xpsr_core/zoo.py", *_CORE],
     "shard": ["stages/shard.py", "xpsr_core/hr_shards.py", "xpsr_core/crops.py", *_CORE],
     "degrade": ["stages/degrade.py", "xpsr_core/degrade", *_CORE],
-    "caption": ["stages/caption.py", "xpsr_core/caption", *_CORE],
+    "caption": ["stages/caption.py", "xpsr_core/caption", "xpsr_core/encoding.py", *_CORE],
     "embed": ["stages/embed.py", "xpsr_core/training_shards.py", *_MODELS, *_CORE],
-    "train": ["stages/train.py", "xpsr_core/train", *_MODELS, *_CORE],
+    "train": ["stages/train.py", "xpsr_core/train", "xpsr_core/training_shards.py", *_MODELS, *_CORE],
     "sr": ["stages/sr.py", "xpsr_core/caption", *_MODELS, *_CORE],
     "evaluate": [
         "stages/evaluate.py",
