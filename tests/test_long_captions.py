@@ -154,7 +154,8 @@ def test_shards_hold_the_longer_embeddings_in_fp16(long_shards, long_manifests):
         assert stats["caption_embedding"] == {"shape": [tokens, width], "dtype": "float16"}
         for name in ("negative.npy", "empty.npy"):
             assert np.load(folder / name).shape == (tokens, width)
-    assert long_report["caption_bytes_per_sample"] == 3 * short_report["caption_bytes_per_sample"] == 3 * 2 * 77 * 32 * 2
+    per_sample = long_report["caption_bytes_per_sample"]
+    assert per_sample == 3 * short_report["caption_bytes_per_sample"] == 3 * 2 * 77 * 32 * 2
     assert "3x the 77-token size" in long_report["caption_memory"]
     manifest = _manifest(long_manifests[231][0]).set_index("key")
     for kind in ("content", "quality"):
@@ -192,7 +193,7 @@ def fresh_accelerator_state():
 def test_training_refuses_shards_of_another_length(tiny_models, long_shards, tmp_path):
     from stages import train
 
-    with pytest.raises(UserError, match=r"caption embeddings of 231 tokens, but this run expects max_caption_tokens=77"):
+    with pytest.raises(UserError, match=r"embeddings of 231 tokens, but this run expects max_caption_tokens=77"):
         train.run(_train_config(tiny_models, long_shards[231][0], tmp_path / "run"))
     with pytest.raises(UserError, match=r"of 77 tokens, but this run expects max_caption_tokens=154"):
         train.run(_train_config(tiny_models, long_shards[77][0], tmp_path / "run154", max_caption_tokens=154))
@@ -225,7 +226,8 @@ def test_training_prints_caption_memory(tiny_models, long_shards, tmp_path, capf
 
     train.run(_train_config(tiny_models, long_shards[231][0], tmp_path / "run", max_caption_tokens=231,
                             max_train_steps=1))
-    assert "Caption embeddings: 2 x 231 x 32 fp16 = 28.9 KiB per sample (3x the 77-token size)" in capfd.readouterr().out
+    printed = capfd.readouterr().out
+    assert "Caption embeddings: 2 x 231 x 32 fp16 = 28.9 KiB per sample (3x the 77-token size)" in printed
 
 
 def test_sr_reads_the_whole_caption_up_to_the_model_limit(tiny_models, long_model, clip, tmp_path, capfd):
