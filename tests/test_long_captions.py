@@ -125,6 +125,14 @@ def test_manifests_count_against_the_limit_and_report_quantiles(long_manifests):
         counts = np.sort(at_77[f"{kind}_clip_tokens"].to_numpy())
         expected = [int(counts[int(np.ceil(q * len(counts))) - 1]) for q in (0.5, 0.9, 0.99)]
         assert report_77["clip_tokens_p50_p90_p99"][kind] == report_231["clip_tokens_p50_p90_p99"][kind] == expected
+        # how much of each caption reaches the model: all of it at 231 (none over 225 tokens), less at 77
+        words = at_77[f"{kind}_clip_tokens"] - 2
+        for report, limit in ((report_77, 77), (report_231, 231)):
+            kept = words.clip(upper=limit // 77 * 75).sum() / words.sum()
+            assert report["caption_tokens_kept"][kind] == round(kept, 4)
+    assert report_77["caption_tokens_kept"]["content"] < 1.0
+    if not at_231["content_truncated"].any():
+        assert report_231["caption_tokens_kept"]["content"] == 1.0
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from typing import Literal, Optional
 from pydantic import ConfigDict, Field
 
 from ..config import DeviceName, device_field, runtime_field
-from ..encoding import MaxCaptionTokens, caption_truncated, max_caption_tokens_field
+from ..encoding import MaxCaptionTokens, caption_capacity, caption_truncated, max_caption_tokens_field
 from ..io.shards import index_path, read_shard, tar_path, write_stats
 from ..sharded import Status, shard_stats, write_index
 from .captioner import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION, GenerationSettings
@@ -236,23 +236,30 @@ def histogram_quantiles(histogram: dict[int, int], quantiles=QUANTILES) -> list[
 
 def caption_totals(report: dict, all_stats: list[dict]) -> dict:
     """Truncation counts and shares (captions over the limit), token-count quantiles p50/p90/p99 per kind
-    (BOS/EOS included), and captions/s (two captions per image, three with the HR's)."""
+    (BOS/EOS included), the share of all caption tokens that reach the model, and captions/s (two captions per
+    image, three with the HR's)."""
     images = sum(s["inputs"] for s in all_stats)
     kinds = CAPTION_KINDS + ((HR_KIND,) if all_stats and all(HR_KIND in s["truncated"] for s in all_stats) else ())
     truncated = {kind: sum(s["truncated"][kind] for s in all_stats) for kind in kinds}
-    quantiles = {}
+    limits = {s.get("clip_token_limit") for s in all_stats} - {None}
+    limit = limits.pop() if len(limits) == 1 else None
+    quantiles, kept = {}, {}
     for kind in kinds:
         merged: Counter = Counter()
         for s in all_stats:
             merged.update({int(tokens): n for tokens, n in s.get("clip_tokens", {}).get(kind, {}).items()})
         if merged:
             quantiles[kind] = histogram_quantiles(merged)
-    limits = {s.get("clip_token_limit") for s in all_stats} - {None}
+        words = sum((tokens - 2) * n for tokens, n in merged.items())  # BOS/EOS are not the caption's
+        if limit is not None and words:
+            reach = sum(min(tokens - 2, caption_capacity(limit)) * n for tokens, n in merged.items())
+            kept[kind] = round(reach / words, 4)
     return {
         "truncated": truncated,
         "truncated_share": {kind: round(n / max(images, 1), 4) for kind, n in truncated.items()},
-        "clip_token_limit": limits.pop() if len(limits) == 1 else None,
+        "clip_token_limit": limit,
         "clip_tokens_p50_p90_p99": quantiles,
+        "caption_tokens_kept": kept,
         "captions_per_s": round(len(kinds) * report["samples_per_s"], 3) if report.get("samples_per_s") else None,
     }
 
