@@ -21,7 +21,10 @@ from xpsr_core.errors import UserError
 
 STAGE = "caption"
 # the report's stage figures, as the summary prints them
-NOTES = {"captions_per_s": "{:.2f} captions/s", "truncated_share": "share of captions over the CLIP token limit: {}"}
+NOTES = {"captions_per_s": "{:.2f} captions/s", "clip_token_limit": "CLIP token limit (max_caption_tokens): {}",
+         "truncated_share": "share of captions over the CLIP token limit: {}",
+         "clip_tokens_p50_p90_p99": "CLIP tokens per caption (BOS/EOS included), p50/p90/p99: {}",
+         "caption_tokens_kept": "share of the captions' tokens that reach the model: {}"}
 
 
 class CaptionConfig(StageConfig, CaptionSettings):

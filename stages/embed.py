@@ -10,9 +10,16 @@ import functools
 from pathlib import Path
 
 from xpsr_core.config import StageConfig, runtime_field
-from xpsr_core.training_shards import EmbedSettings, embed_shard, plan_join, write_prompt_embeddings
+from xpsr_core.training_shards import (
+    EmbedSettings,
+    embed_shard,
+    embedding_totals,
+    plan_join,
+    write_prompt_embeddings,
+)
 
 STAGE = "embed"
+NOTES = {"caption_memory": "caption embeddings: {}"}
 
 
 class EmbedConfig(StageConfig, EmbedSettings):
@@ -37,4 +44,5 @@ def run(config: EmbedConfig) -> dict:
     if not (out / "empty.npy").exists():
         write_prompt_embeddings(config, out)
     work = functools.partial(embed_shard, config, config.input_dir, config.captions_dir, out, plan=plan)
-    return run_stage(ShardedStage(name=STAGE, out=out, n_shards=len(sizes), work=work, unit="samples"))
+    stage = ShardedStage(name=STAGE, out=out, n_shards=len(sizes), work=work, unit="samples", totals=embedding_totals)
+    return run_stage(stage, NOTES)

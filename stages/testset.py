@@ -1,4 +1,4 @@
-"""Stage testset: the paper's test sets as pair shards that `xpsr evaluate --pairs` reads.
+"""Stage testset: the paper's test sets as pair shards that `xpsr evaluate --input-dir` reads.
 
 ``synthetic``: random HR crops of a folder of images (DIV2K-val in the paper: 3K crops of 512 px),
 degraded with the training degradation into LR at 1/scale. ``paired``: real LR/HR pairs (RealSR,

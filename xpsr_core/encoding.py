@@ -7,23 +7,61 @@ so both paths compute exactly the same tensors.
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-NEGATIVE_PROMPT = "blurry, dotted, noise, unclear, low-res, over-smoothed"
+from .text_conditioning import CLIP_WINDOW, WINDOW_TOKENS, caption_capacity, check_max_caption_tokens
 
 
-def encode_prompts(text_encoder, tokenizer, texts: Sequence[str]):
-    """CLIP last hidden states [N, 77, D] (float32) of ``texts``, padded and truncated to the model's limit."""
+def caption_token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The CLIP token ids of each text, whole (no BOS/EOS, no truncation)."""
+    return tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False).input_ids
+
+
+def window_token_ids(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """[N * windows] rows of 77 ids: each text cut into 75-token windows, each as BOS + tokens + EOS + padding.
+
+    A window past a text's end holds no tokens, which is exactly the empty prompt's window.
+    """
+    windows = max_tokens // CLIP_WINDOW
+    rows = []
+    for ids in caption_token_ids(tokenizer, texts):
+        for window in range(windows):
+            row = [tokenizer.bos_token_id, *ids[window * WINDOW_TOKENS : (window + 1) * WINDOW_TOKENS],
+                   tokenizer.eos_token_id]
+            rows.append(row + [tokenizer.pad_token_id] * (CLIP_WINDOW - len(row)))
+    return rows
+
+
+def encode_prompts(text_encoder, tokenizer, texts: Sequence[str], max_tokens: Optional[int] = None):
+    """CLIP last hidden states [N, max_tokens, D] (float32) of ``texts``.
+
+    At 77 (the default) each text is padded and truncated to one CLIP window. Above, every text becomes
+    ``max_tokens / 77`` windows (:func:`window_token_ids`), encoded independently in one batch and concatenated.
+    """
     import torch
 
-    tokens = tokenizer(
-        list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
+    if max_tokens is None or max_tokens == CLIP_WINDOW:
+        tokens = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+        input_ids = tokens.input_ids
+    else:
+        input_ids = torch.tensor(window_token_ids(tokenizer, texts, check_max_caption_tokens(max_tokens)))
     with torch.no_grad():
-        hidden = text_encoder(tokens.input_ids.to(text_encoder.device))[0]
-    return hidden.float()
+        hidden = text_encoder(input_ids.to(text_encoder.device))[0]
+    return hidden.reshape(len(texts), -1, hidden.shape[-1]).float()
+
+
+def truncation_notices(tokenizer, texts: dict[str, str], max_tokens: int) -> list[str]:
+    """One line per text (by name) longer than the model reads at ``max_tokens``, naming the counts."""
+    capacity = caption_capacity(max_tokens)
+    notices = []
+    for name, ids in zip(texts, caption_token_ids(tokenizer, list(texts.values()))):
+        if len(ids) > capacity:
+            notices.append(f"the {name} has {len(ids)} CLIP tokens; the model reads the first {capacity} "
+                           f"(max_caption_tokens {max_tokens}), {len(ids) - capacity} are dropped")
+    return notices
 
 
 def encode_latent_moments(vae, hr):

@@ -3,7 +3,7 @@
 Both builders write the folder format of the degrade stage: per shard ``{shard:05d}.tar`` with
 ``<key>.lr.png``, ``<key>.hr.png`` and ``<key>.json``, a Parquet index with a row per sample, and
 the stats file written last (the done marker); ``sizes.json`` once every shard is done. So
-``xpsr evaluate --pairs`` reads a test set as it reads validation pairs. The shards are built on the
+``xpsr evaluate --input-dir`` reads a test set as it reads validation pairs. The shards are built on the
 shard framework (:mod:`.sharded`: worker processes, ranks, a report with counts); finished shards
 made by the same config and code are kept on a rerun; every file is written to a temporary name first.
 

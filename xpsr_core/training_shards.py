@@ -9,10 +9,12 @@
 Per key a training shard holds the LR and HR images (copied bytes), the fp16 CLIP last hidden
 states of the content and quality captions, optionally the VAE posterior moments of the HR
 image (so training samples the latent exactly as online encoding would), and the JSON of the
-pair plus both captions. When the manifests hold the HR images' quality captions (caption_hr),
-each key also gets ``hr_quality.npy``, the c_l of the samples that training conditions on the HR
-image. ``negative.npy`` and ``empty.npy`` (the negative and the empty prompt's embeddings) are
-stored once beside the shards.
+pair plus both captions. The embeddings are ``max_caption_tokens x D`` (77 x 768 for SD-1.5 by
+default; longer in 75-token windows, see ``encoding.encode_prompts``); each shard's stats record
+that shape (``caption_embedding``), and training refuses shards of another length. When the
+manifests hold the HR images' quality captions (caption_hr), each key also gets ``hr_quality.npy``,
+the c_l of the samples that training conditions on the HR image. ``negative.npy`` and ``empty.npy``
+(the negative and the empty prompt's embeddings) are stored once beside the shards.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from typing import Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import DeviceName, device_field
-from .encoding import NEGATIVE_PROMPT
 from .errors import UserError
 from .io.shards import TarShardWriter, index_path, read_shard, tar_path, write_stats
 from .sharded import Status, shard_stats
+from .text_conditioning import CLIP_WINDOW, NEGATIVE_PROMPT, MaxCaptionTokens, max_caption_tokens_field
 
 LISTED_KEYS = 20  # keys named per problem when pairs and captions do not match
 
@@ -40,6 +42,7 @@ class EmbedSettings(BaseModel):
     base_model: str = Field("models/tiny/sd15", description="Base SD folder or hub id (text encoder, tokenizer, VAE).")
     encode_latents: bool = Field(True, description="Pre-encode the HR image's VAE posterior moments.")
     negative_prompt: str = Field(NEGATIVE_PROMPT, description="Encoded once, for the guidance's negative branch.")
+    max_caption_tokens: MaxCaptionTokens = max_caption_tokens_field()
     drop_missing: bool = Field(False, description="Drop keys without an image or an ok caption instead of failing.")
     batch_size: int = Field(16, ge=1, le=4096, description="Samples encoded together.")
     device: DeviceName = device_field()
@@ -115,7 +118,9 @@ def embed_shard(settings: EmbedSettings, pairs_dir: Path, captions_dir: Path, ou
                 writer.write(sample["__key__"], fields)
         written = writer.count
     statuses = [Status.OK if s["__key__"] in wanted else Status.DROPPED for s in pairs]
-    stats = shard_stats(shard, statuses, written, dropped=len(pairs) - written)
+    embedding = {"shape": [settings.max_caption_tokens, int(base.text_encoder.config.hidden_size)],
+                 "dtype": "float16"}
+    stats = shard_stats(shard, statuses, written, dropped=len(pairs) - written, caption_embedding=embedding)
     write_stats(out_dir, shard, stats)
     return stats
 
@@ -129,7 +134,8 @@ def _encode_batch(settings: EmbedSettings, base, batch: list[dict], rows: list[d
     from .io.images import decode_png
 
     def prompts(texts: list[str]) -> np.ndarray:
-        return encode_prompts(base.text_encoder, base.tokenizer, texts).cpu().numpy().astype(np.float16)
+        embeddings = encode_prompts(base.text_encoder, base.tokenizer, texts, settings.max_caption_tokens)
+        return embeddings.cpu().numpy().astype(np.float16)
 
     content = prompts([r["content_caption"] for r in rows])
     quality = prompts([r["quality_caption"] for r in rows])
@@ -166,7 +172,54 @@ def write_prompt_embeddings(settings: EmbedSettings, out_dir: Path) -> None:
 
     base = _encoders(settings.base_model, settings.device, settings.encode_latents)
     texts = [settings.negative_prompt, ""]
-    embeddings = encode_prompts(base.text_encoder, base.tokenizer, texts).cpu().numpy().astype(np.float16)
+    embeddings = encode_prompts(base.text_encoder, base.tokenizer, texts, settings.max_caption_tokens)
+    embeddings = embeddings.cpu().numpy().astype(np.float16)
     atomic_write_bytes(out_dir / "negative.npy", npy_bytes(embeddings[0]))
     atomic_write_bytes(out_dir / "empty.npy", npy_bytes(embeddings[1]))
     atomic_write_json(out_dir / "prompts.json", {"negative": settings.negative_prompt, "empty": ""})
+
+
+def embedding_totals(report: dict, all_stats: list[dict]) -> dict:
+    """The caption embeddings' shape and what they cost per sample (fp16, content + quality), against 77 tokens."""
+    shapes = {tuple(s["caption_embedding"]["shape"]) for s in all_stats if "caption_embedding" in s}
+    if len(shapes) != 1:
+        return {}
+    (tokens, width), = shapes
+    return {"caption_embedding_shape": [tokens, width], "caption_bytes_per_sample": caption_bytes(tokens, width),
+            "caption_memory": caption_memory(tokens, width)}
+
+
+def caption_bytes(tokens: int, width: int) -> int:
+    """Bytes of one sample's two caption embeddings in fp16."""
+    return 2 * tokens * width * 2
+
+
+def caption_memory(tokens: int, width: int) -> str:
+    """One sample's caption embeddings in words: shape, size, and how many times the 77-token size."""
+    return (f"2 x {tokens} x {width} fp16 = {caption_bytes(tokens, width) / 1024:.1f} KiB per sample "
+            f"({tokens / CLIP_WINDOW:g}x the {CLIP_WINDOW}-token size)")
+
+
+def embedding_length(train_dir: Path, shard: Path) -> int | None:
+    """The caption-embedding length of a training shard: from its stats, else from its first sample (None: empty)."""
+    stats_file = Path(train_dir) / f"{shard.name.partition('.')[0]}.stats.json"
+    if stats_file.is_file():
+        recorded = json.loads(stats_file.read_text()).get("caption_embedding")
+        if recorded:
+            return int(recorded["shape"][0])
+    from .encoding import npy_load
+
+    sample = next(read_shard(shard), None)
+    return None if sample is None or "content.npy" not in sample else int(npy_load(sample["content.npy"]).shape[0])
+
+
+def check_embedding_length(train_dir: Path, max_caption_tokens: int) -> None:
+    """Refuse training shards whose caption embeddings have another length than ``max_caption_tokens``."""
+    for shard in sorted(Path(train_dir).glob("*.tar")):
+        length = embedding_length(train_dir, shard)
+        if length is not None and length != max_caption_tokens:
+            raise UserError(
+                f"The training shard {shard} holds caption embeddings of {length} tokens, but this run expects "
+                f"max_caption_tokens={max_caption_tokens}. Rebuild the shards with `xpsr embed --set "
+                f"max_caption_tokens={max_caption_tokens} --overwrite`, or train with max_caption_tokens={length}."
+            )

@@ -25,11 +25,14 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import os
+from collections import Counter
 from pathlib import Path
 
 from ..io.shards import index_path, read_shard, tar_path, write_stats
 from ..sharded import Status, shard_stats, write_index
+from ..text_conditioning import caption_capacity, caption_truncated
 from .served import CaptionFailure
 from .settings import CAPTION_KINDS, HR_KIND, CaptionSettings, GenerationSettings
 
@@ -118,7 +121,8 @@ def caption_items(settings: CaptionSettings, items: list[dict], hr: bool = False
     from ..dist import rank_device
 
     kept = kept or {}
-    count, limit = _token_counter(settings.base_model)
+    count, _ = _token_counter(settings.base_model)
+    limit = settings.max_caption_tokens
     kinds = settings.kinds(hr)
     rows = {item["key"]: kept[item["key"]] for item in items if item["key"] in kept}
     todo = [item for item in items if item["key"] not in kept]
@@ -145,7 +149,7 @@ def caption_items(settings: CaptionSettings, items: list[dict], hr: bool = False
                 text = texts[i, kind]
                 tokens = count(text)
                 row.update({f"{kind}_caption": text, f"{kind}_clip_tokens": tokens,
-                            f"{kind}_truncated": tokens > limit})
+                            f"{kind}_truncated": caption_truncated(tokens, limit)})
             empty = [kind.replace("_", " ") for kind in kinds if not texts[i, kind]]
             if empty:
                 row.update(status=Status.EMPTY_GENERATION,
@@ -205,20 +209,62 @@ def _empty_row(item: dict, kinds: tuple[str, ...] = CAPTION_KINDS) -> dict:
 
 
 def manifest_stats(shard: int, rows: list[dict], kinds: tuple[str, ...] = CAPTION_KINDS) -> dict:
-    """A manifest's stats: images, captioned ones (samples), failures, and the truncated captions of each kind."""
+    """A manifest's stats: images, captioned ones (samples), failures, the truncated captions of each kind, the
+    limit they were counted against, and each kind's token counts as a histogram (count -> captions)."""
     truncated = {kind: sum(bool(r[f"{kind}_truncated"]) for r in rows) for kind in kinds}
     captioned = sum(r["status"] == Status.OK for r in rows)
-    return shard_stats(shard, (r["status"] for r in rows), captioned, truncated=truncated)
+    histograms = {}
+    for kind in kinds:
+        counts = Counter(int(r[f"{kind}_clip_tokens"]) for r in rows if r[f"{kind}_clip_tokens"] is not None)
+        histograms[kind] = {str(tokens): n for tokens, n in sorted(counts.items())}
+    limits = {r["clip_token_limit"] for r in rows if r.get("clip_token_limit") is not None}
+    return shard_stats(shard, (r["status"] for r in rows), captioned, truncated=truncated,
+                       clip_token_limit=limits.pop() if len(limits) == 1 else None, clip_tokens=histograms)
+
+
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+def histogram_quantiles(histogram: dict[int, int], quantiles=QUANTILES) -> list[int]:
+    """Nearest-rank quantiles (the smallest count with at least q of the captions at or below it)."""
+    total = sum(histogram.values())
+    values = []
+    for q in quantiles:
+        rank, seen = max(1, math.ceil(q * total)), 0
+        for tokens in sorted(histogram):
+            seen += histogram[tokens]
+            if seen >= rank:
+                values.append(tokens)
+                break
+    return values
 
 
 def caption_totals(report: dict, all_stats: list[dict]) -> dict:
-    """Truncation counts and shares, and captions/s (two captions per image, three with the HR's)."""
+    """Truncation counts and shares (captions over the limit), token-count quantiles p50/p90/p99 per kind
+    (BOS/EOS included), the share of all caption tokens that reach the model, and captions/s (two captions per
+    image, three with the HR's)."""
     images = sum(s["inputs"] for s in all_stats)
     kinds = CAPTION_KINDS + ((HR_KIND,) if all_stats and all(HR_KIND in s["truncated"] for s in all_stats) else ())
     truncated = {kind: sum(s["truncated"][kind] for s in all_stats) for kind in kinds}
+    limits = {s.get("clip_token_limit") for s in all_stats} - {None}
+    limit = limits.pop() if len(limits) == 1 else None
+    quantiles, kept = {}, {}
+    for kind in kinds:
+        merged: Counter = Counter()
+        for s in all_stats:
+            merged.update({int(tokens): n for tokens, n in s.get("clip_tokens", {}).get(kind, {}).items()})
+        if merged:
+            quantiles[kind] = histogram_quantiles(merged)
+        words = sum((tokens - 2) * n for tokens, n in merged.items())  # BOS/EOS are not the caption's
+        if limit is not None and words:
+            reach = sum(min(tokens - 2, caption_capacity(limit)) * n for tokens, n in merged.items())
+            kept[kind] = round(reach / words, 4)
     return {
         "truncated": truncated,
         "truncated_share": {kind: round(n / max(images, 1), 4) for kind, n in truncated.items()},
+        "clip_token_limit": limit,
+        "clip_tokens_p50_p90_p99": quantiles,
+        "caption_tokens_kept": kept,
         "captions_per_s": round(len(kinds) * report["samples_per_s"], 3) if report.get("samples_per_s") else None,
     }
 

@@ -11,6 +11,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import DeviceName, device_field, recipe_field, runtime_field
+from ..text_conditioning import MaxCaptionTokens, max_caption_tokens_field
 
 CAPTION_KINDS = ("content", "quality")
 HR_KIND = "hr_quality"  # the quality caption of the HR image (caption_hr)
@@ -106,6 +107,8 @@ class CaptionSettings(ServingSettings, GenerationSettings):
         "training with the HR image as the condition (train.hr_condition_probability). Pair shards only.")
     base_model: str = Field("models/tiny/sd15",
                             description="Base SD folder whose CLIP tokenizer counts caption tokens.")
+    # the limit the token counts are held against (clip_token_limit, *_truncated): the model's text conditioning
+    max_caption_tokens: MaxCaptionTokens = max_caption_tokens_field()
     content_instruction: str = recipe_field(CONTENT_INSTRUCTION, description="The instruction of the content captions.")
     quality_instruction: str = recipe_field(QUALITY_INSTRUCTION, description="The instruction of the quality captions.")
     batch_size: int = Field(8, ge=1, le=1024, description="Images per generate() call (two prompts each).")

@@ -66,9 +66,9 @@ def pairs_from_folders(lr_dir: Path, hr_dir: Path, limit: Optional[int] = None) 
 def pairs_from_shards(folder: Path, limit: Optional[int] = None) -> list[Pair]:
     """The pairs of a finished pair-shard folder, in shard and key order."""
     if folder is None:
-        raise UserError("No pairs: pass pair shards (--pairs) or an LR/HR folder pair (--lr-dir, --hr-dir).")
-    sizes = require_finished(Path(folder), "pair-shard", "Pass pair shards (--pairs; `xpsr testset` or `xpsr degrade` "
-                             "write them) or an LR/HR folder pair (--lr-dir, --hr-dir).")
+        raise UserError("No pairs: pass pair shards (--input-dir) or an LR/HR folder pair (--lr-dir, --hr-dir).")
+    sizes = require_finished(Path(folder), "pair-shard", "Pass pair shards (--input-dir; `xpsr testset` or "
+                             "`xpsr degrade` write them) or an LR/HR folder pair (--lr-dir, --hr-dir).")
     pairs: list[Pair] = []
     for shard in sorted(sizes):
         for sample in read_shard(tar_path(folder, shard)):

@@ -14,6 +14,7 @@ a resumed run restores the states of the images it skips, so it continues the sa
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -49,6 +50,10 @@ class BatchProgress:
 
     def image_finished(self, name: str, done: int, error: Optional[str] = None) -> None:
         """Image ``name`` is written (``done`` images so far), or failed with ``error``."""
+
+    def notice(self, name: str, text: str) -> None:
+        """A one-line notice about image ``name`` (a caption longer than the model reads); printed to stderr."""
+        print(f"{name}: {text}", file=sys.stderr, flush=True)
 
 
 def sidecar(result, extra: dict) -> dict:
@@ -140,6 +145,8 @@ def _sample_entries(
             progress.image_finished(item["name"], done, item["error"])
         else:
             progress.image_started(item["name"])
+            for notice in pipe.truncation_notices(item["content"], item["quality"]):
+                progress.notice(item["name"], notice)
             # a run generator carries on from the previous image; otherwise the image's own seed
             draw = {"generator": generator} if generator is not None else {"seed": config.image_seed(item["stem"])}
             result = pipe.upscale(item["image"], item["content"], item["quality"], step_callback=progress.step, **draw)

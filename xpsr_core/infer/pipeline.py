@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from ..conditioning import prepare_condition, resize_output, to_uint8
-from ..encoding import encode_prompts
+from ..encoding import encode_prompts, truncation_notices
 from ..errors import UserError
 from ..io.pipeline_folder import PIPELINE_FILE, XPSR_SUBFOLDER, write_pipeline_folder
 from .color import UINT8_COLOR_FIXES, adain_color_fix_uint8, color_fix
@@ -238,8 +238,21 @@ class XPSRPipeline:
         # a fresh object per run: multistep schedulers keep state between steps
         return make_scheduler(name, self.base_scheduler_config)
 
+    @property
+    def max_caption_tokens(self) -> int:
+        """The text conditioning's length the model was trained with (its settings, recorded in its folder)."""
+        return self.model.settings.max_caption_tokens
+
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        return encode_prompts(self.text_encoder, self.tokenizer, texts).to(self.device, self.dtype)
+        """[N, max_caption_tokens, D]: captions and the negative prompts alike, so guidance batches its branches."""
+        embeddings = encode_prompts(self.text_encoder, self.tokenizer, texts, self.max_caption_tokens)
+        return embeddings.to(self.device, self.dtype)
+
+    def truncation_notices(self, content: str, quality: str, settings: Optional[SRSettings] = None) -> list[str]:
+        """A line for each text of one image's sampling that is longer than the model reads (none: all of it)."""
+        names = ("content caption", "quality caption", "negative prompt", "negative quality prompt")
+        texts = dict(zip(names, self.prompts(content, quality, settings)))
+        return truncation_notices(self.tokenizer, texts, self.max_caption_tokens)
 
     def _vae_tiles(self, settings: SRSettings, decoder: bool = False) -> tuple[int, int]:
         size = (settings.vae_decode_tile_size if decoder else None) or settings.vae_tile_size or self.vae_native_size

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ..encoding import NEGATIVE_PROMPT
+from ..text_conditioning import NEGATIVE_PROMPT
 
 # the authors' prompts (configs/xpsr_test.yaml and pipelines/pipeline_xpsr.py)
 OFFICIAL_ADDED_PROMPT = "clean, high-resolution, 8k, high quality, clear text."

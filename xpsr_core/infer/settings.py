@@ -11,7 +11,7 @@ from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as settings_dataclass
 
 from ..config import recipe_field, runtime_field
-from ..encoding import NEGATIVE_PROMPT
+from ..text_conditioning import NEGATIVE_PROMPT
 
 SCHEDULERS = {
     "ddpm": "DDPMScheduler",

@@ -10,11 +10,13 @@ from pydantic import Field, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ..config import recipe_field
+from ..text_conditioning import MaxCaptionTokens, max_caption_tokens_field
 
 
 @pydantic_dataclass
 class XPSRSettings:
-    """Architecture switches: the paper's ablations, and the authors' released architecture.
+    """Architecture switches (the paper's ablations, and the authors' released architecture) and the length of
+    the text conditioning (``max_caption_tokens``).
 
     ``XPSRSettings.official()`` is the architecture of the authors' checkpoint. A pydantic dataclass: values are
     validated on construction, and ``dataclasses.asdict``/``replace`` work as on any dataclass.
@@ -46,6 +48,8 @@ class XPSRSettings:
         "authors').")
     init: Literal["zero", "official"] = recipe_field(
         "zero", description="zero: step 0 equals plain ControlNet + SD; official: the authors' initialisation.")
+    # the text conditioning: embed, training and inference encode captions to this length
+    max_caption_tokens: MaxCaptionTokens = max_caption_tokens_field()
 
     @classmethod
     def official(cls, **overrides) -> "XPSRSettings":

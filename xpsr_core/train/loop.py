@@ -30,7 +30,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -222,6 +222,8 @@ class Trainer:
             return XPSRModel.build(unet, config.xpsr_settings())
         folder = trainable_folder(config.init)
         model = XPSRModel.load_trainable(folder, unet, with_dfc=True, dtype=unet.dtype, device=unet.device)
+        # the text conditioning's length is the run's: the attention layers take any number of text tokens
+        model.settings = replace(model.settings, max_caption_tokens=config.max_caption_tokens)
         if model.dfc_heads is None:  # a folder saved for inference only: the heads start afresh
             model.dfc_heads = dfc_heads_for(model.controlnet, model.settings, unet.config.out_channels)
         if self.accelerator.is_main_process:
@@ -232,11 +234,14 @@ class Trainer:
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
 
-        from ..encoding import encode_prompts
         from ..models.loading import load_base_sd
 
         config, accelerator = self.config, self.accelerator
         self._check_hr_quality()
+        if not config.online_encoding:
+            from ..training_shards import check_embedding_length
+
+            check_embedding_length(config.input_dir, config.max_caption_tokens)
         self.weight_dtype = frozen_weight_dtype(config.mixed_precision)
         needs_vae = config.online_encoding or config.validation_steps > 0 or self._needs_vae()
         # the text encoder: captions encoded in the loop, validation, or the empty prompt of the
@@ -281,7 +286,12 @@ class Trainer:
         accelerator.register_load_state_pre_hook(self._load_hook)
         self.empty_prompt = None
         if not config.use_high_prompt:
-            self.empty_prompt = encode_prompts(base.text_encoder, base.tokenizer, [""])[0].to(accelerator.device)
+            self.empty_prompt = self.encode_texts([""])[0].to(accelerator.device)
+        if accelerator.is_main_process:  # grows linearly with max_caption_tokens
+            from ..training_shards import caption_memory
+
+            width = int(base.unet.config.cross_attention_dim)
+            print(f"Caption embeddings: {caption_memory(config.max_caption_tokens, width)}", flush=True)
 
     def _needs_vae(self) -> bool:
         first = sorted(Path(self.config.input_dir).glob("*.tar"))[:1]
@@ -348,12 +358,16 @@ class Trainer:
             moments.to(self.accelerator.device, non_blocking=True), self.base.vae_scaling_factor, generator
         )
 
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """CLIP embeddings [N, max_caption_tokens, D] of ``texts``, as the embed stage stores them."""
+        from ..encoding import encode_prompts
+
+        return encode_prompts(self.base.text_encoder, self.base.tokenizer, texts, self.config.max_caption_tokens)
+
     def _embeddings(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.online_encoding:
-            from ..encoding import encode_prompts
-
-            content = encode_prompts(self.base.text_encoder, self.base.tokenizer, batch["content_text"])
-            quality = encode_prompts(self.base.text_encoder, self.base.tokenizer, batch["quality_text"])
+            content = self.encode_texts(batch["content_text"])
+            quality = self.encode_texts(batch["quality_text"])
         else:
             content, quality = batch["content"], batch["quality"]
         device = self.accelerator.device
@@ -376,9 +390,7 @@ class Trainer:
     def _hr_quality(self, batch: dict) -> torch.Tensor:
         """The HR images' quality-caption embeddings (c_l of the HR-as-condition samples)."""
         if self.config.online_encoding:
-            from ..encoding import encode_prompts
-
-            return encode_prompts(self.base.text_encoder, self.base.tokenizer, batch["hr_quality_text"])
+            return self.encode_texts(batch["hr_quality_text"])
         return batch["hr_quality"].to(self.accelerator.device, non_blocking=True)
 
     def loss(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict]:

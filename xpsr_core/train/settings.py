@@ -13,8 +13,8 @@ from typing import Literal, Optional
 from pydantic import ConfigDict, Field, create_model, field_validator
 
 from ..config import StageConfig, recipe_field, runtime_field
-from ..encoding import NEGATIVE_PROMPT
 from ..models.settings import XPSRSettings
+from ..text_conditioning import NEGATIVE_PROMPT
 
 # not training options: a fresh model takes XPSRSettings' defaults for the conditioning embedding's channels and
 # CA_f's heads, a fine-tuned folder keeps its own
