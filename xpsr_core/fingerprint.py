@@ -35,7 +35,7 @@ _CORE = [
     "stages/__init__.py",
     "stages/common.py",
 ]
-_MODELS = ["xpsr_core/models", "xpsr_core/encoding.py", "xpsr_core/infer"]
+_MODELS = ["xpsr_core/models", "xpsr_core/encoding.py", "xpsr_core/compiling.py", "xpsr_core/infer"]
 
 # project sources (files, or folders whose *.py files all count) whose code computes each stage's outputs
 STAGE_SOURCES: dict[str, list[str]] = {

@@ -89,6 +89,17 @@ class XPSRSettings:
                                        f"(got {problem['input']!r})" for problem in error.errors())) from None
 
 
+def write_trainable_record(folder: Path, settings: XPSRSettings) -> Path:
+    """``xpsr.json`` of a folder of trained parts (its settings and the part folders it holds); the folder's files
+    get the umask's modes (safetensors writes 0600)."""
+    values = asdict(settings)
+    values["conditioning_embedding_out_channels"] = list(values["conditioning_embedding_out_channels"])
+    meta = {"settings": values, "parts": [p for p in PARTS if (folder / p).is_dir()]}
+    (folder / TRAINABLE_FILE).write_text(json.dumps(meta, indent=2))
+    share_per_umask(folder)
+    return folder
+
+
 def check_trainable_folder(folder: Path) -> XPSRSettings:
     """The settings of an XPSR folder (``save_trainable`` layout), after checking them and that its parts are there."""
     meta_file = Path(folder) / TRAINABLE_FILE
@@ -236,15 +247,7 @@ class XPSRModel(nn.Module):
             self.conditional_attention.save_pretrained(folder / "conditional_attention", safe_serialization=True)
         if include_dfc and self.dfc_heads is not None:
             self.dfc_heads.save_pretrained(folder / "dfc_heads", safe_serialization=True)
-        settings = asdict(self.settings)
-        settings["conditioning_embedding_out_channels"] = list(settings["conditioning_embedding_out_channels"])
-        meta = {
-            "settings": settings,
-            "parts": [p for p in PARTS if (folder / p).is_dir()],
-        }
-        (folder / TRAINABLE_FILE).write_text(json.dumps(meta, indent=2))
-        share_per_umask(folder)  # safetensors writes 0600
-        return folder
+        return write_trainable_record(folder, self.settings)
 
     @classmethod
     def load_trainable(

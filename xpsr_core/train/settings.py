@@ -12,6 +12,7 @@ from typing import Literal, Optional
 
 from pydantic import ConfigDict, Field, create_model, field_validator
 
+from ..compiling import TRAIN_COMPILE_MODES, compile_cache_field
 from ..config import StageConfig, runtime_field
 from ..encoding import NEGATIVE_PROMPT
 from ..models.xpsr import XPSRSettings
@@ -64,6 +65,13 @@ class TrainConfig(StageConfig, ModelOptions):
     max_train_steps: int = runtime_field(100_000, "Optimizer steps to train for (the paper: 100k).", ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    compile: Literal[TRAIN_COMPILE_MODES] = runtime_field(
+        "none",
+        "torch.compile of the model: none (eager), regional (each repeated transformer and resnet block once; compile "
+        "time does not grow with depth) or full (the whole XPSR model as one graph). Checkpoints and exports hold "
+        "the plain weights either way.",
+    )
+    compile_cache: Optional[Path] = compile_cache_field()
     seed: int = 0
     collective_timeout: int = runtime_field(
         1800,
