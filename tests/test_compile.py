@@ -38,7 +38,9 @@ def fresh_state():
 
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("inductor")
+    """A fresh inductor cache, or the one XPSR_TEST_INDUCTOR_CACHE names (kept between sessions: warm compiles)."""
+    kept = os.environ.get("XPSR_TEST_INDUCTOR_CACHE")
+    return Path(kept) if kept else tmp_path_factory.mktemp("inductor")
 
 
 def make_config(tiny_models, train_shards, out, **changes) -> train_stage.TrainConfig:

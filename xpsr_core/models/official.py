@@ -128,8 +128,27 @@ class LazyTensors(Mapping):
             return self._tensors[name]
         if name not in self._names:
             raise KeyError(name)
-        with loading_model("the weights", self.path, "Copy the authors' checkpoint again: the file is incomplete."):
-            return self._file.get_tensor(name)
+        # read with plain file reads, not through safe_open's memory map: the mapped pages of a 6.5 GB file would
+        # count as this process's resident memory once read
+        start, end = self._data_offsets(name)
+        data = bytearray(end - start)
+        with open(self.path, "rb") as handle:
+            handle.seek(start)
+            if handle.readinto(data) != len(data):
+                raise UserError(f"{self.path} is truncated. Copy the authors' checkpoint again: the file is "
+                                "incomplete.")
+        tensor = torch.frombuffer(data, dtype=self.dtype(name)) if data else torch.empty(0, dtype=self.dtype(name))
+        return tensor.reshape(self.shape(name))
+
+    def _data_offsets(self, name: str) -> tuple[int, int]:
+        """Where ``name``'s bytes lie in the file (safetensors: an 8-byte header length, the JSON header, data)."""
+        if not hasattr(self, "_header"):
+            with open(self.path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                self._header = json.loads(handle.read(length))
+                self._data_start = 8 + length
+        start, end = self._header[name]["data_offsets"]
+        return self._data_start + start, self._data_start + end
 
     def __iter__(self):
         return iter(self._names)
