@@ -154,7 +154,7 @@ def load_pipeline(config: SRModelConfig):
     from .pipeline import XPSRPipeline
 
     device = rank_device(config.device)  # auto: this rank's GPU when there is one, else the CPU
-    if config.compile == "reduce-overhead" and device.type != "cuda":
+    if config.compile == "reduce-overhead" and not str(device).startswith("cuda"):
         raise UserError(f"compile=reduce-overhead (CUDA graphs) needs a GPU; {device} has none. On the CPU use "
                         "compile=default (or none).")
     if config.pipeline:
