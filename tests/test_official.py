@@ -176,6 +176,27 @@ def test_malformed_checkpoints_are_refused_by_name(exported, tiny_models, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_the_streamed_import_writes_what_save_pretrained_writes_and_shards_large_parts(exported, tiny_models, unet,
+                                                                                     tmp_path):
+    """Unsharded, each part's weights file is byte for byte the one save_pretrained writes of the model assembled
+    from the checkpoint; with a small max_shard_size the parts come in shards with an index and load to the same
+    tensors."""
+    import_official(exported, tiny_models.sd, tmp_path / "whole")
+    reference = XPSRModel.load_trainable(tmp_path / "whole" / "xpsr", unet)
+    for name, module in reference.trainable_modules().items():
+        module.save_pretrained(tmp_path / "reference" / name, safe_serialization=True)
+        written = tmp_path / "whole" / "xpsr" / name / "diffusion_pytorch_model.safetensors"
+        assert written.read_bytes() == (tmp_path / "reference" / name / written.name).read_bytes(), name
+    import_official(exported, tiny_models.sd, tmp_path / "sharded", max_shard_size=200_000)
+    index = tmp_path / "sharded/xpsr/controlnet/diffusion_pytorch_model.safetensors.index.json"
+    assert len(set(json.loads(index.read_text())["weight_map"].values())) > 1
+    sharded = XPSRModel.load_trainable(tmp_path / "sharded" / "xpsr", unet)
+    for name, module in sharded.trainable_modules().items():
+        expected = reference.trainable_modules()[name].state_dict()
+        got = module.state_dict()
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), name
+
+
 def test_a_checkpoint_trained_on_another_base_is_refused_unless_allowed(exported, tiny_models, unet, tmp_path):
     folder = tmp_path / "ckpt"
     shutil.copytree(exported, folder)

@@ -121,9 +121,11 @@ def _write_result(out: Path, item: dict, result, pipe, generator) -> None:
 
 
 def _sample_entries(
-    config: SRModelConfig, entries: list[dict], out: Path, failures: dict[str, str], progress: BatchProgress
+    config: SRModelConfig, entries: list[dict], out: Path, failures: dict[str, str], progress: BatchProgress,
+    compile_report: dict,
 ) -> int:
     """Load the pipeline and super-resolve the decoded, captioned entries in input order; the number written.
+    With ``compile``, ``compile_report`` gets the mode, the compile seconds and the graphs compiled.
 
     A finished entry only restores the run generator's state after it; a caption failure joins ``failures``.
     """
@@ -153,6 +155,10 @@ def _sample_entries(
             _write_result(out, item, result, pipe, generator)
             done += 1
             progress.image_finished(item["name"], done)
+    if pipe.compile_clock is not None:
+        compile_report.update(mode=config.compile, **pipe.compile_clock.report())
+        print(f"sr: torch.compile ({config.compile}) took {compile_report['compile_seconds']:.1f} s "
+              f"({compile_report['compiled_graphs']} graphs)", flush=True)
     return done
 
 
@@ -184,16 +190,18 @@ def super_resolve_folder(
     skipped = sum(1 for entry in entries if entry.get("done"))
     failures: dict[str, str] = {entry["name"]: entry["error"] for entry in entries if "error" in entry}
     done = 0
+    compiled: dict = {}
     with progress:
         todo = [entry for entry in entries if "image" in entry]
         if todo:
             caption_images(config, todo, progress.captions_started() if config.captions == "captioner" else None)
-            done = _sample_entries(config, entries, out, failures, progress)
+            done = _sample_entries(config, entries, out, failures, progress, compiled)
     seconds = time.perf_counter() - started
-    return {
+    report = {
         "inputs": len(inputs), "done": done, "skipped": skipped, "failed": len(failures), "failures": failures,
         "seconds": round(seconds, 3), "images_per_s": round(done / seconds, 4) if done else None, "out": str(out),
     }
+    return report | ({"compile": compiled} if compiled else {})
 
 
 def _inside(path: Path, folder: Path) -> bool:

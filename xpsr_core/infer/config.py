@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, create_model, model_validator
 
 from ..caption.settings import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION, prefixed_serving_fields
+from ..compiling import SR_COMPILE_MODES, compile_cache_field
 from ..config import COMMAND_LINE, DeviceName, StageConfig, device_field, recipe_field, runtime_field
 from ..errors import UserError
 from .settings import SRSettings
@@ -54,6 +55,13 @@ class SRModelBase(StageConfig):
     quality_caption: str = Field("", description="Low-level caption c_l for every image (captions=given).")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="float16/bfloat16 on a GPU.")
     device: DeviceName = device_field()
+    compile: Literal[SR_COMPILE_MODES] = runtime_field(
+        "none",
+        "torch.compile of the denoiser (ControlNet + UNet, both guidance branches) and the VAE decoder, with static "
+        "tile shapes: none (eager), default (inductor) or reduce-overhead (inductor with CUDA graphs; GPUs only). "
+        "The first image pays the compile time.",
+    )
+    compile_cache: Optional[Path] = compile_cache_field()
 
 
 # every sampling field exactly as SRSettings defines it: type, default, range, description, runtime mark
@@ -149,16 +157,26 @@ def load_pipeline(config: SRModelConfig):
     from .pipeline import XPSRPipeline
 
     device = rank_device(config.device)  # auto: this rank's GPU when there is one, else the CPU
+    if config.compile == "reduce-overhead" and not str(device).startswith("cuda"):
+        raise UserError(f"compile=reduce-overhead (CUDA graphs) needs a GPU; {device} has none. On the CPU use "
+                        "compile=default (or none).")
     if config.pipeline:
-        return XPSRPipeline.from_pretrained(
+        pipe = XPSRPipeline.from_pretrained(
             config.pipeline, dtype=config.dtype, device=device, settings=config.sr_settings()
         )
-    if not config.xpsr:
+    elif not config.xpsr:
         raise UserError(
             "No trained XPSR folder is configured: pass --xpsr DIR (a training run's final/ folder) or --pipeline DIR."
         )
-    return XPSRPipeline.from_pretrained(base_model=config.base_model, xpsr=config.xpsr, dtype=config.dtype,
-                                        device=device, settings=config.sr_settings())
+    else:
+        pipe = XPSRPipeline.from_pretrained(base_model=config.base_model, xpsr=config.xpsr, dtype=config.dtype,
+                                            device=device, settings=config.sr_settings())
+    if config.compile != "none":
+        from ..compiling import inductor_cache_dir, use_inductor_cache
+
+        use_inductor_cache(inductor_cache_dir(config.compile_cache, Path(getattr(config, "out", "outputs/sr"))))
+        pipe.compile(config.compile)
+    return pipe
 
 
 def check_model_paths(config: SRModelConfig) -> None:

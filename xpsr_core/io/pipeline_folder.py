@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Mapping, Optional
 
 from .atomic import atomic_folder, share_per_umask
 
@@ -20,18 +20,20 @@ SD_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def write_pipeline_folder(
-    model,
     out: str | Path,
+    write_trained: Callable[[Path], object],
     sr_defaults: Optional[dict] = None,
     base_model: str | Path | None = None,
-    components: Optional[Sequence] = None,
-    write_unet: bool = False,
+    components: Optional[Mapping[str, object]] = None,
+    write_unet: Optional[Callable[[Path], object]] = None,
 ) -> Path:
     """Write ``out`` whole or not at all (filled under a temporary name, then renamed).
 
-    The SD parts come from ``base_model``, a local SD folder whose files are copied (its ``unet/`` replaced by
-    ``model.unet`` when ``write_unet``), or from ``components`` (vae, text encoder, tokenizer, scheduler in
-    memory), saved with ``model.unet`` through diffusers' ``StableDiffusionPipeline``.
+    The SD parts come from ``base_model``, a local SD folder whose files are copied (its ``unet/`` left out when
+    ``write_unet`` writes one), or from ``components`` (name -> vae, text encoder, tokenizer, scheduler in
+    memory, each saved with ``save_pretrained``, with a diffusers ``model_index.json``). ``write_unet(folder)``
+    writes the UNet, ``write_trained(folder)`` every trained part (``xpsr/``, the DFC heads included): an
+    in-memory model saves itself, an import streams its tensors from the checkpoint.
     """
     if (base_model is None) == (components is None):
         raise ValueError("pass exactly one of base_model (a local SD folder) and components")
@@ -40,17 +42,17 @@ def write_pipeline_folder(
         if components is None:
             shutil.copytree(base_model, tmp, ignore=shutil.ignore_patterns("unet") if write_unet else None,
                             dirs_exist_ok=True)
-            if write_unet:
-                model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         else:
-            from diffusers import StableDiffusionPipeline
-
-            vae, text_encoder, tokenizer, scheduler = components
-            StableDiffusionPipeline(
-                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=model.unet, scheduler=scheduler,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            ).save_pretrained(tmp, safe_serialization=True)
-        model.save_trainable(tmp / XPSR_SUBFOLDER)
+            index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
+                     "safety_checker": [None, None], "feature_extractor": [None, None]}
+            for name, component in components.items():
+                component.save_pretrained(tmp / name)
+                index[name] = [type(component).__module__.split(".")[0], type(component).__name__]
+            index["unet"] = ["diffusers", "UNet2DConditionModel"]
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        if write_unet is not None:
+            write_unet(tmp / "unet")
+        write_trained(tmp / XPSR_SUBFOLDER)
         (tmp / PIPELINE_FILE).write_text(json.dumps({"xpsr": XPSR_SUBFOLDER, "defaults": sr_defaults or {}},
                                                     indent=2))
         share_per_umask(tmp)  # safetensors writes 0600; copytree keeps the base folder's modes

@@ -32,7 +32,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -41,7 +41,7 @@ from ..io.atomic import share_per_umask
 from ..io.model_files import loading_model
 from ..io.pipeline_folder import SD_COMPONENTS, write_pipeline_folder
 from .loading import load_base_sd
-from .xpsr import XPSRModel
+from .xpsr import XPSRModel, write_trainable_record
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 AUTHORS_DIFFUSERS_VERSION = "0.21.4"
@@ -55,6 +55,14 @@ CONTROLNET_FIXED = {"encoder_hid_dim": None, "encoder_hid_dim_type": None, "clas
                     "global_pool_conditions": False}
 UNET_FLAGS = ("up_use_lowlevel_prompt", "mid_use_lowlevel_prompt", "down_use_lowlevel_prompt")
 SD_TOLERANCE = 0.0  # the checkpoint's SD-1.5 UNet tensors must equal the base model's exactly
+# parts larger than this are written in shards, as diffusers' save_pretrained(max_shard_size=...) does: an import
+# then holds one shard's tensors at a time
+MAX_SHARD_SIZE = "1GB"
+SHARD_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
+SHARD_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 
 _SFA = re.compile(r"^(down_blocks\.\d+|mid_block)\.attentions\.(\d+)\.(high|low|fusion)\.(.+)$")
 _BRANCH_TO_THEIRS = {"high": "attentions", "low": "attentions_lowlevel", "fusion": "attentions_connect"}
@@ -67,8 +75,8 @@ class OfficialCheckpoint:
     folder: Path
     controlnet_config: dict
     unet_config: dict
-    controlnet: dict = field(repr=False)
-    unet: dict = field(repr=False)
+    controlnet: Mapping = field(repr=False)  # name -> tensor, read on access (LazyTensors)
+    unet: Mapping = field(repr=False)
     files: dict = field(default_factory=dict)
 
 
@@ -93,6 +101,72 @@ def load_tensors(path: Path) -> dict:
 
             return load_file(str(path), device="cpu")
         return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+class LazyTensors(Mapping):
+    """The tensors of one weights file by name, each read when asked for: a safetensors file through
+    ``safe_open`` (names and shapes from its header), a torch pickle memory-mapped where its format allows. An
+    import then holds one tensor of the checkpoint at a time, not the whole file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = None
+        self._tensors: dict = {}
+        with loading_model("the weights", self.path, "Copy the authors' checkpoint again: the file is incomplete."):
+            if self.path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                self._file = safe_open(str(self.path), framework="pt", device="cpu")
+                self._names = list(self._file.keys())
+            else:
+                try:
+                    self._tensors = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+                    self._tensors = torch.load(str(self.path), map_location="cpu", weights_only=True)
+                self._names = list(self._tensors)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._file is None:
+            return self._tensors[name]
+        if name not in self._names:
+            raise KeyError(name)
+        # read with plain file reads, not through safe_open's memory map: the mapped pages of a 6.5 GB file would
+        # count as this process's resident memory once read
+        start, end = self._data_offsets(name)
+        data = bytearray(end - start)
+        with open(self.path, "rb") as handle:
+            handle.seek(start)
+            if handle.readinto(data) != len(data):
+                raise UserError(f"{self.path} is truncated. Copy the authors' checkpoint again: the file is "
+                                "incomplete.")
+        tensor = torch.frombuffer(data, dtype=self.dtype(name)) if data else torch.empty(0, dtype=self.dtype(name))
+        return tensor.reshape(self.shape(name))
+
+    def _data_offsets(self, name: str) -> tuple[int, int]:
+        """Where ``name``'s bytes lie in the file (safetensors: an 8-byte header length, the JSON header, data)."""
+        if not hasattr(self, "_header"):
+            with open(self.path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                self._header = json.loads(handle.read(length))
+                self._data_start = 8 + length
+        start, end = self._header[name]["data_offsets"]
+        return self._data_start + start, self._data_start + end
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._file is None:
+            return tuple(self._tensors[name].shape)
+        return tuple(self._file.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        if self._file is None:
+            return self._tensors[name].dtype
+        return SAFETENSORS_DTYPES[self._file.get_slice(name).get_dtype()]
 
 
 def _read_config(folder: Path) -> dict:
@@ -125,8 +199,8 @@ def read_checkpoint(folder: str | Path) -> OfficialCheckpoint:
         folder=folder,
         controlnet_config=parts["controlnet"][0],
         unet_config=parts["unet"][0],
-        controlnet=load_tensors(parts["controlnet"][1]),
-        unet=load_tensors(parts["unet"][1]),
+        controlnet=LazyTensors(parts["controlnet"][1]),
+        unet=LazyTensors(parts["unet"][1]),
         files={name: str(weights) for name, (_, weights) in parts.items()},
     )
 
@@ -317,8 +391,9 @@ class ImportSummary:
 
 
 def map_checkpoint(checkpoint: OfficialCheckpoint, unet, empty: dict) -> tuple[dict, dict]:
-    """Our parts' state dicts and the checkpoint's SD-1.5 UNet tensors, or a refusal naming every
-    checkpoint tensor left unused, every one of ours left unfilled, and every shape that differs.
+    """Our parts' state dicts and the checkpoint's SD-1.5 UNet tensors, as (tensors, their name) references
+    into the checkpoint (read from the file's header: no tensor is loaded), or a refusal naming every checkpoint
+    tensor left unused, every one of ours left unfilled, and every shape that differs.
 
     ``empty``: our parts on the meta device (``XPSRModel.empty_parts``), for their names and shapes."""
     mapping = name_map(empty, unet)
@@ -326,18 +401,17 @@ def map_checkpoint(checkpoint: OfficialCheckpoint, unet, empty: dict) -> tuple[d
     filled: dict[str, dict] = {part: {} for part in wanted}
     unused, shapes = [], []
     for folder, tensors in (("controlnet", checkpoint.controlnet), ("unet", checkpoint.unet)):
-        for name, tensor in tensors.items():
+        for name in tensors:
             target = mapping.get((folder, name))
             if target is None:
                 unused.append(f"{folder}/{name}")
                 continue
             part, key = target
-            if tuple(wanted[part][key].shape) != tuple(tensor.shape):
-                shapes.append(
-                    f"{folder}/{name}: checkpoint {list(tensor.shape)}, expected {list(wanted[part][key].shape)}"
-                )
+            shape = tensors.shape(name) if hasattr(tensors, "shape") else tuple(tensors[name].shape)
+            if tuple(wanted[part][key].shape) != shape:
+                shapes.append(f"{folder}/{name}: checkpoint {list(shape)}, expected {list(wanted[part][key].shape)}")
                 continue
-            filled[part][key] = tensor
+            filled[part][key] = (tensors, name)
     unfilled = [f"{part}.{key}" for part, keys in wanted.items() for key in keys if key not in filled[part]]
     problems = []
     for title, names in (("checkpoint tensors with no place in the model", unused),
@@ -355,14 +429,36 @@ def map_checkpoint(checkpoint: OfficialCheckpoint, unet, empty: dict) -> tuple[d
     return filled, sd_unet
 
 
-def compare_base(sd_unet: dict, unet) -> tuple[float, int]:
-    """Largest absolute difference between the checkpoint's SD UNet tensors and the base model's."""
+def compare_base(sd_unet: dict, base_tensors: Mapping) -> tuple[float, int]:
+    """Largest absolute difference between the checkpoint's SD UNet tensors (references, see map_checkpoint) and
+    the base model's (``base_tensors``: its UNet's tensors by name), one pair of tensors at a time."""
     largest = 0.0
-    own = unet.state_dict()
-    for key, tensor in sd_unet.items():
-        diff = (tensor.float() - own[key].detach().float().cpu()).abs().max().item() if tensor.numel() else 0.0
+    for key, (tensors, name) in sd_unet.items():
+        tensor = tensors[name]
+        diff = (tensor.float() - base_tensors[key].detach().float()).abs().max().item() if tensor.numel() else 0.0
         largest = max(largest, diff)
     return largest, len(sd_unet)
+
+
+def _base_unet(base_model: str | Path):
+    """The base model's UNet for the import: (a module for its structure and config, its tensors by name).
+
+    A local folder with one safetensors UNet file gives a module on the meta device (no memory) and the file read
+    tensor by tensor; anything else (a hub id, sharded weights) is loaded whole in float32."""
+    from diffusers import UNet2DConditionModel
+
+    from .loading import check_base_model, load_base_sd
+
+    weights = Path(base_model) / "unet" / WEIGHT_FILES[0]
+    if not weights.is_file():
+        unet = load_base_sd(base_model, components=("unet",)).unet
+        return unet, unet.state_dict()
+    check_base_model(base_model, ("unet",))
+    with loading_model("the base UNet", weights.parent, "Rebuild or copy the base model folder again."):
+        config = UNet2DConditionModel.load_config(weights.parent)
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+    return unet, LazyTensors(weights)
 
 
 def import_official(
@@ -372,38 +468,54 @@ def import_official(
     allow_base_mismatch: bool = False,
     sr_defaults: Optional[dict] = None,
     log: Callable[[str], None] = lambda message: None,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
 ) -> ImportSummary:
     """Convert the authors' checkpoint into a pipeline folder that ``xpsr sr --pipeline`` loads and
     whose ``xpsr/`` folder ``xpsr train`` can start from (DFC heads included).
 
     ``sr_defaults``: the :class:`~xpsr_core.infer.pipeline.SRSettings` values stored as the folder's
-    defaults (the authors' inference recipe, normally).
+    defaults (the authors' inference recipe, normally). The checkpoint and the base UNet are read tensor by
+    tensor and each part is written in shards of at most ``max_shard_size``, so the import holds about one shard
+    of tensors at a time, not the checkpoint.
     """
     start = time.perf_counter()
     out = Path(out)
     log(f"Reading {checkpoint_dir}")
     checkpoint = read_checkpoint(checkpoint_dir)
     log(f"Loading the base model {base_model}")
-    base = load_base_sd(base_model, components=("unet",))
-    check_base_matches(checkpoint.unet_config, base.unet)
+    unet, base_tensors = _base_unet(base_model)
+    check_base_matches(checkpoint.unet_config, unet)
     settings = settings_for(checkpoint.controlnet_config)
     log("Mapping tensors")
-    empty = XPSRModel.empty_parts(base.unet, settings)
-    parts, sd_unet = map_checkpoint(checkpoint, base.unet, empty)
+    empty = XPSRModel.empty_parts(unet, settings)  # our parts on the meta device: names and shapes, built once
+    parts, sd_unet = map_checkpoint(checkpoint, unet, empty)
     counts = {"controlnet": len(checkpoint.controlnet), "unet": len(checkpoint.unet)}
-    largest, checked = compare_base(sd_unet, base.unet)
+    largest, checked = compare_base(sd_unet, base_tensors)
     log(f"SD-1.5 UNet tensors: {checked}, largest difference from the base model {largest:.3g}")
     mismatch = largest > SD_TOLERANCE
-    if mismatch:
-        _adopt_checkpoint_unet(base.unet, sd_unet, base_model, largest, allow_base_mismatch)
-    del sd_unet, checkpoint
-    model = _assemble_model(base.unet, settings, empty, parts)
+    if mismatch and not allow_base_mismatch:
+        _refuse_base_mismatch(base_model, largest)
     log(f"Writing {out}")
+    # the UNet written: the checkpoint's own (in the base UNet's float32, as the base model loads) on a mismatch,
+    # else (a hub id: a folder with no SD files to copy) the base model's
+    unet_tensors = ({key: (tensors, name, torch.float32) for key, (tensors, name) in sd_unet.items()} if mismatch
+                    else {key: (base_tensors, key) for key in unet.state_dict()})
+
+    def write_trained(folder: Path) -> None:
+        for name, module in empty.items():
+            save_part(folder / name, module, parts[name], max_shard_size)
+        write_trainable_record(folder, settings)
+
+    def write_unet(folder: Path) -> None:
+        save_part(folder, unet, unet_tensors, max_shard_size)
+
     if Path(base_model).is_dir():
-        write_pipeline_folder(model, out, sr_defaults, base_model=base_model, write_unet=mismatch)
+        write_pipeline_folder(out, write_trained, sr_defaults, base_model=base_model,
+                              write_unet=write_unet if mismatch else None)
     else:  # a hub id: the components travel through save_pretrained
         loaded = load_base_sd(base_model, components=SD_COMPONENTS)
-        write_pipeline_folder(model, out, sr_defaults, components=[getattr(loaded, name) for name in SD_COMPONENTS])
+        write_pipeline_folder(out, write_trained, sr_defaults, write_unet=write_unet,
+                              components={name: getattr(loaded, name) for name in SD_COMPONENTS})
     summary = ImportSummary(
         out=out,
         controlnet_tensors=counts["controlnet"],
@@ -413,7 +525,7 @@ def import_official(
         base_checked_tensors=checked,
         used_checkpoint_unet=mismatch,
         seconds=round(time.perf_counter() - start, 2),
-        settings=asdict(model.settings)
+        settings=asdict(settings)
         | {"conditioning_embedding_out_channels": list(settings.conditioning_embedding_out_channels)},
     )
     (out / "import_report.json").write_text(
@@ -422,25 +534,51 @@ def import_official(
     return summary
 
 
-def _adopt_checkpoint_unet(unet, sd_unet: dict, base_model: str | Path, largest: float,
-                           allow_base_mismatch: bool) -> None:
-    """Put the checkpoint's own SD UNet tensors (which differ from the base model's) into ``unet``, or refuse
-    unless ``allow_base_mismatch``."""
-    if not allow_base_mismatch:
-        raise UserError(
-            f"The checkpoint's SD UNet tensors differ from the base model {base_model} (largest absolute difference "
-            f"{largest:.3g}): it was trained on another base. "
-            "Point --base-model at the SD-1.5 folder it was trained on, "
-            "or pass --allow-base-mismatch to use the checkpoint's own UNet weights (as the authors' test.py does)."
-        )
-    unet.load_state_dict(sd_unet, strict=True)
+def _refuse_base_mismatch(base_model: str | Path, largest: float) -> None:
+    """The checkpoint's SD UNet tensors differ from the base model's and ``allow_base_mismatch`` is off."""
+    raise UserError(
+        f"The checkpoint's SD UNet tensors differ from the base model {base_model} (largest absolute difference "
+        f"{largest:.3g}): it was trained on another base. "
+        "Point --base-model at the SD-1.5 folder it was trained on, "
+        "or pass --allow-base-mismatch to use the checkpoint's own UNet weights (as the authors' test.py does)."
+    )
 
 
-def _assemble_model(unet, settings, empty: dict, parts: dict):
-    """An XPSR model on ``unet`` whose ``empty`` parts take the mapped state dicts' tensors (no initialisation)."""
-    for name, module in empty.items():
-        module.load_state_dict(parts[name], strict=True, assign=True)
-    return XPSRModel(unet, settings=settings, **empty)
+def _reference_meta(reference: tuple) -> torch.Tensor:
+    """A meta tensor with the shape and dtype a tensor reference (tensors, name[, dtype]) will load as."""
+    tensors, name, *cast = reference
+    if isinstance(tensors, LazyTensors):
+        shape, dtype = tensors.shape(name), tensors.dtype(name)
+    else:
+        shape, dtype = tuple(tensors[name].shape), tensors[name].dtype
+    return torch.empty(shape, dtype=cast[0] if cast else dtype, device="meta")
+
+
+def _load_reference(reference: tuple) -> torch.Tensor:
+    tensors, name, *cast = reference
+    tensor = tensors[name]
+    return (tensor.to(cast[0]) if cast else tensor).contiguous()
+
+
+def save_part(folder: Path, module, tensors: dict, max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
+    """Writes ``module``'s config and the tensors of its state dict's names (``tensors``: name -> reference, see
+    map_checkpoint) as diffusers' ``save_pretrained`` does (file names, shards above ``max_shard_size`` with their
+    index, metadata), reading only one shard's tensors at a time. ``module`` may be on the meta device."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    module.save_config(folder)
+    names = list(module.state_dict())
+    split = split_torch_state_dict_into_shards({name: _reference_meta(tensors[name]) for name in names},
+                                               max_shard_size=max_shard_size, filename_pattern=SHARD_PATTERN)
+    for filename, shard_names in split.filename_to_tensors.items():
+        shard = {name: _load_reference(tensors[name]) for name in shard_names}
+        save_file(shard, str(folder / filename), metadata={"format": "pt"})
+        del shard
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}
+        (folder / SHARD_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------- export

@@ -36,6 +36,17 @@ TRAINABLE_FILE = "xpsr.json"
 PARTS = ("controlnet", "conditional_attention", "dfc_heads")
 
 
+def write_trainable_record(folder: Path, settings: XPSRSettings) -> Path:
+    """``xpsr.json`` of a folder of trained parts (its settings and the part folders it holds); the folder's files
+    get the umask's modes (safetensors writes 0600)."""
+    values = asdict(settings)
+    values["conditioning_embedding_out_channels"] = list(values["conditioning_embedding_out_channels"])
+    meta = {"settings": values, "parts": [p for p in PARTS if (folder / p).is_dir()]}
+    (folder / TRAINABLE_FILE).write_text(json.dumps(meta, indent=2))
+    share_per_umask(folder)
+    return folder
+
+
 def check_trainable_folder(folder: Path) -> XPSRSettings:
     """The settings of an XPSR folder (``save_trainable`` layout), after checking them and that its parts are there."""
     meta_file = Path(folder) / TRAINABLE_FILE
@@ -180,14 +191,7 @@ class XPSRModel(nn.Module):
                 self.conditional_attention.save_pretrained(tmp / "conditional_attention", safe_serialization=True)
             if self.dfc_heads is not None:
                 self.dfc_heads.save_pretrained(tmp / "dfc_heads", safe_serialization=True)
-            settings = asdict(self.settings)
-            settings["conditioning_embedding_out_channels"] = list(settings["conditioning_embedding_out_channels"])
-            meta = {
-                "settings": settings,
-                "parts": [p for p in PARTS if (tmp / p).is_dir()],
-            }
-            (tmp / TRAINABLE_FILE).write_text(json.dumps(meta, indent=2))
-            share_per_umask(tmp)  # safetensors writes 0600
+            write_trainable_record(tmp, self.settings)
         return folder
 
     @classmethod

@@ -263,6 +263,7 @@ class Trainer:
             module.to(accelerator.device).float()
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+        self._compile(model)
         self.use_dfc = model.dfc_heads is not None and config.dfc_weight > 0
         # fused: one kernel over all parameters instead of a loop of small ops (CPU and CUDA alike)
         self.optimizer = torch.optim.AdamW(
@@ -292,6 +293,18 @@ class Trainer:
 
             width = int(base.unet.config.cross_attention_dim)
             print(f"Caption embeddings: {caption_memory(config.max_caption_tokens, width)}", flush=True)
+
+    def _compile(self, model) -> None:
+        """``compile``: the model compiled in place (before DDP wraps it), its kernels cached where
+        ``compile_cache`` says; the clock counts the compile time of the whole run."""
+        from ..compiling import CompileClock, compile_training_model, inductor_cache_dir, use_inductor_cache
+
+        self.compile_clock = None
+        if self.config.compile == "none":
+            return
+        use_inductor_cache(inductor_cache_dir(self.config.compile_cache, self.run_dir))
+        self.compile_clock = CompileClock()
+        compile_training_model(model, self.config.compile)
 
     def _needs_vae(self) -> bool:
         first = sorted(Path(self.config.input_dir).glob("*.tar"))[:1]
@@ -711,20 +724,14 @@ class Trainer:
 
     def validate(self, step: int) -> Path | None:
         """Super-resolve the validation samples with the current weights; save and log the grid."""
-        import dataclasses
-
         import numpy as np
-        from diffusers import DDPMScheduler
 
-        from ..infer.pipeline import XPSRPipeline, validation_grid
+        from ..compiling import eager
 
         path = None
         if self.accelerator.is_main_process:
-            # a scheduler of its own: sampling sets timesteps that training must not see
-            base = dataclasses.replace(self.base, scheduler=DDPMScheduler.from_config(self.scheduler.config))
-            pipe = XPSRPipeline.from_model(self._trainable(), base)
-            grid = validation_grid(pipe, self.validation_samples(), steps=self.config.validation_inference_steps,
-                                   negative_prompt=self.config.negative_prompt)
+            with eager():  # compiled blocks run eagerly: the sampling shapes would only add graphs
+                grid = self._validation_grid()
             path = self.run_dir / "validation" / f"step-{step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)
@@ -734,6 +741,19 @@ class Trainer:
                 )
         self.accelerator.wait_for_everyone()
         return path
+
+    def _validation_grid(self):
+        import dataclasses
+
+        from diffusers import DDPMScheduler
+
+        from ..infer.pipeline import XPSRPipeline, validation_grid
+
+        # a scheduler of its own: sampling sets timesteps that training must not see
+        base = dataclasses.replace(self.base, scheduler=DDPMScheduler.from_config(self.scheduler.config))
+        pipe = XPSRPipeline.from_model(self._trainable(), base)
+        return validation_grid(pipe, self.validation_samples(), steps=self.config.validation_inference_steps,
+                               negative_prompt=self.config.negative_prompt)
 
     def _progress_line(self, done: int, start_step: int, loss: float, elapsed: float, samples_per_step: int) -> str:
         from ..progress import format_duration
@@ -794,6 +814,11 @@ class Trainer:
             "bad_samples_skipped": sum(int(s["skipped"]) for s in getattr(self, "stream_state", {}).values()),
             "final_export": str(final),
         }
+        if self.compile_clock is not None:
+            report["compile"] = {"mode": self.config.compile, **self.compile_clock.report()}
+            if accelerator.is_main_process:
+                print(f"train: torch.compile ({self.config.compile}) took {report['compile']['compile_seconds']:.1f} s "
+                      f"({report['compile']['compiled_graphs']} graphs)", flush=True)
         if self.config.tensorboard:
             accelerator.end_training()
         return report

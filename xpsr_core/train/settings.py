@@ -12,6 +12,7 @@ from typing import Literal, Optional
 
 from pydantic import ConfigDict, Field, create_model, field_validator
 
+from ..compiling import TRAIN_COMPILE_MODES, compile_cache_field
 from ..config import StageConfig, recipe_field, runtime_field
 from ..models.settings import XPSRSettings
 from ..text_conditioning import NEGATIVE_PROMPT
@@ -70,6 +71,13 @@ class TrainConfig(StageConfig, ModelOptions):
                                                            "(accelerate); fp16/bf16 on a GPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, "
                                          "slower).")
+    compile: Literal[TRAIN_COMPILE_MODES] = runtime_field(
+        "none",
+        "torch.compile of the model: none (eager), regional (each repeated transformer and resnet block once; compile "
+        "time does not grow with depth) or full (the whole XPSR model as one graph). Checkpoints and exports hold "
+        "the plain weights either way.",
+    )
+    compile_cache: Optional[Path] = compile_cache_field()
     seed: int = Field(0, description="Seed of the model initialisation, the data order and every random draw.")
     collective_timeout: int = runtime_field(
         1800,
