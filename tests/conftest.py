@@ -1,4 +1,6 @@
-"""Shared fixtures: small real photographs and a corpus of bad image files built on the fly."""
+"""Shared fixtures and helpers: small real photographs, a corpus of bad image files, the tiny model zoo and the
+shards built from them (once per session), and the helpers several test modules use (import them with
+``from conftest import ...``; test modules never import each other)."""
 
 from __future__ import annotations
 
@@ -109,6 +111,42 @@ def bad_corpus(tmp_path, monkeypatch) -> Path:
         monkeypatch.setattr(Path, "read_bytes", read_bytes)
     yield root
     locked.chmod(0o644)
+
+
+def output_bytes(folder: Path) -> dict[str, bytes]:
+    """Every deterministic output file of a shard folder (not the config record or the timing report)."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(Path(folder).iterdir())
+        if p.suffix in (".tar", ".parquet") or p.name.endswith("stats.json") or p.name == "sizes.json"
+    }
+
+
+def train_config(tiny_models, train_shards, out, **changes):
+    """A short CPU training run on the tiny zoo: six steps of batch 2, a checkpoint every three."""
+    from stages import train as train_stage
+
+    values = dict(
+        train_dir=train_shards, out=out, base_model=str(tiny_models.sd), batch_size=2, max_train_steps=6,
+        checkpointing_steps=3, shuffle_buffer=4, tensorboard=False, metrics_file=None, device="cpu",
+    )
+    values.update(changes)
+    return train_stage.TrainConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each training run builds its own Accelerator, and accelerate keeps one global state per process: reset it
+    around every test once accelerate is loaded."""
+    import sys
+
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")

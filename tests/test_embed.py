@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_shard import output_bytes
 
+from conftest import output_bytes
 from stages import caption as caption_stage
 from stages import embed as embed_stage
 from xpsr_core.encoding import NEGATIVE_PROMPT, encode_latent_moments, encode_prompts, npy_load, sample_latent
