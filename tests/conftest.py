@@ -285,31 +285,38 @@ def pair_shards(hr_shards, tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "pairs", build)
 
 
+def _captioned(tiny_models, pair_shards, out: Path, **changes) -> Path:
+    """Caption manifests of the test pairs by the tiny captioner (six new tokens) in ``out``."""
+    from stages import caption
+
+    values = dict(model=str(tiny_models.captioner), base_model=str(tiny_models.sd), max_new_tokens=6, batch_size=4)
+    caption.run(caption.CaptionConfig(input_dir=pair_shards, out=out, **{**values, **changes}))
+    return out
+
+
+def _embedded(tiny_models, pair_shards, captions: Path, out: Path) -> Path:
+    """Training shards of the test pairs, embedded from ``captions`` in ``out``."""
+    from stages import embed
+
+    embed.run(
+        embed.EmbedConfig(pairs_dir=pair_shards, captions_dir=captions, out=out, base_model=str(tiny_models.sd),
+                          batch_size=4)
+    )
+    return out
+
+
 @pytest.fixture(scope="session")
-def train_shards(tiny_models, pair_shards, tmp_path_factory) -> Path:
-    """Training shards (pre-encoded prompts and latents) of the six test pairs."""
-    from stages import caption, embed
+def pair_captions(tiny_models, pair_shards, tmp_path_factory) -> Path:
+    """Caption manifests of the six test pairs (tiny captioner, six new tokens). Read-only."""
+    return built_once(tmp_path_factory, "pair-captions", lambda out: _captioned(tiny_models, pair_shards, out))
 
-    def build(folder: Path) -> Path:
-        captions, out = folder / "captions", folder / "shards"
-        caption.run(
-            caption.CaptionConfig(
-                input_dir=pair_shards,
-                out=captions,
-                model=str(tiny_models.captioner),
-                base_model=str(tiny_models.sd),
-                max_new_tokens=6,
-                batch_size=4,
-            )
-        )
-        embed.run(
-            embed.EmbedConfig(
-                pairs_dir=pair_shards, captions_dir=captions, out=out, base_model=str(tiny_models.sd), batch_size=4
-            )
-        )
-        return out
 
-    return built_once(tmp_path_factory, "train-shards", build)
+@pytest.fixture(scope="session")
+def train_shards(tiny_models, pair_shards, pair_captions, tmp_path_factory) -> Path:
+    """Training shards (pre-encoded prompts and latents) of the six test pairs, embedded from ``pair_captions``."""
+    return built_once(
+        tmp_path_factory, "train-shards", lambda out: _embedded(tiny_models, pair_shards, pair_captions, out)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -327,40 +334,21 @@ def quality_captioner(tiny_models, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hr_captions(tiny_models, quality_captioner, pair_shards, tmp_path_factory) -> Path:
     """Caption manifests in the authors' recipe: a separate quality captioner, and the HR images captioned too."""
-    from stages import caption
-
-    def build(out: Path) -> Path:
-        caption.run(
-            caption.CaptionConfig(
-                input_dir=pair_shards,
-                out=out,
-                model=str(tiny_models.captioner),
-                quality_model=str(quality_captioner),
-                caption_hr=True,
-                base_model=str(tiny_models.sd),
-                max_new_tokens=6,
-                batch_size=2,
-            )
-        )
-        return out
-
-    return built_once(tmp_path_factory, "hr-captions", build)
+    return built_once(
+        tmp_path_factory,
+        "hr-captions",
+        lambda out: _captioned(
+            tiny_models, pair_shards, out, quality_model=str(quality_captioner), caption_hr=True, batch_size=2
+        ),
+    )
 
 
 @pytest.fixture(scope="session")
 def train_shards_hr(tiny_models, pair_shards, hr_captions, tmp_path_factory) -> Path:
     """Training shards of the six test pairs with the HR images' quality embeddings (hr_quality.npy)."""
-    from stages import embed
-
-    def build(out: Path) -> Path:
-        embed.run(
-            embed.EmbedConfig(
-                pairs_dir=pair_shards, captions_dir=hr_captions, out=out, base_model=str(tiny_models.sd), batch_size=4
-            )
-        )
-        return out
-
-    return built_once(tmp_path_factory, "train-shards-hr", build)
+    return built_once(
+        tmp_path_factory, "train-shards-hr", lambda out: _embedded(tiny_models, pair_shards, hr_captions, out)
+    )
 
 
 # ---- the bad-input tables: the real CLI, its exit code, its one-line message, and the files it must not touch ----
