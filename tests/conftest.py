@@ -1,4 +1,6 @@
-"""Shared fixtures: small real photographs and a corpus of bad image files built on the fly."""
+"""Shared fixtures and helpers: small real photographs, a corpus of bad image files, the tiny model zoo and the
+shards built from them (once per session), and the helpers several test modules use (import them with
+``from conftest import ...``; test modules never import each other)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,22 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the workers share the cores: one OpenMP thread each (and in the commands they start), or the spin-waiting
+    # threads of one stall the others. Set before anything imports torch.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core this process may use, at most four (each holds torch and the tiny zoo)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Modules marked ``slow`` run first (in file order, then the rest in file order): with the tests spread over
+    workers a module at a time, the long ones then overlap instead of one of them running alone at the end."""
+    slow = {item.module.__name__ for item in items if item.module is not None and item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module is None or item.module.__name__ not in slow)
 
 
 def photo(name: str, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -26,15 +44,46 @@ def photo(name: str, size: tuple[int, int] | None = None) -> np.ndarray:
     return pixels
 
 
+def built_once(tmp_path_factory, name: str, build):
+    """``build(folder)``'s result, built once for the whole test run into ``folder`` and shared read-only.
+
+    pytest-xdist gives every worker process its own session, so a session fixture would build its data once per
+    worker. Here the first worker to ask builds it, under a lock, in the temporary folder all workers of the run
+    share; the others wait for it and reuse it. The result (paths, small records) is kept beside it as a pickle."""
+    import fcntl
+    import pickle
+    import shutil
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above the per-worker ones
+    shared = root / "built-once"
+    shared.mkdir(exist_ok=True)
+    folder, result_file = shared / name, shared / f"{name}.result.pickle"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the worker dies
+        if result_file.exists():
+            return pickle.loads(result_file.read_bytes())
+        if folder.exists():  # left half-built by a worker that failed
+            shutil.rmtree(folder)
+        folder.mkdir()
+        result = build(folder)
+        result_file.write_bytes(pickle.dumps(result))
+        return result
+
+
 @pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory) -> Path:
     """Six small real photographs in a nested folder, as a user's dataset would be."""
-    root = tmp_path_factory.mktemp("photos")
-    (root / "sub").mkdir()
-    for i, name in enumerate(["astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry"]):
-        target = root / ("sub" if i % 2 else "") / f"{name}.png"
-        Image.fromarray(photo(name, (96 + 8 * i, 80 + 4 * i))).save(target)
-    return root
+
+    def build(root: Path) -> Path:
+        (root / "sub").mkdir()
+        for i, name in enumerate(["astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry"]):
+            target = root / ("sub" if i % 2 else "") / f"{name}.png"
+            Image.fromarray(photo(name, (96 + 8 * i, 80 + 4 * i))).save(target)
+        return root
+
+    return built_once(tmp_path_factory, "photos", build)
 
 
 def _png_with_claimed_size(width: int, height: int) -> bytes:
@@ -111,6 +160,61 @@ def bad_corpus(tmp_path, monkeypatch) -> Path:
     locked.chmod(0o644)
 
 
+def output_bytes(folder: Path) -> dict[str, bytes]:
+    """Every deterministic output file of a shard folder (not the config record or the timing report)."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(Path(folder).iterdir())
+        if p.suffix in (".tar", ".parquet") or p.name.endswith("stats.json") or p.name == "sizes.json"
+    }
+
+
+def train_config(tiny_models, train_shards, out, **changes):
+    """A short CPU training run on the tiny zoo: six steps of batch 2, a checkpoint every three."""
+    from stages import train as train_stage
+
+    values = dict(
+        input_dir=train_shards, out=out, base_model=str(tiny_models.sd), batch_size=2, max_train_steps=6,
+        checkpointing_steps=3, shuffle_buffer=4, tensorboard=False, metrics_file=None, device="cpu",
+    )
+    values.update(changes)
+    return train_stage.TrainConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each training run builds its own Accelerator, and accelerate keeps one global state per process: reset it
+    around every test once accelerate is loaded."""
+    import sys
+
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """A stage run in this process may set torch's thread count for its work (the degrade stage sets one per core)
+    and keep it: put it back after each test, so that the next one runs as configured (with pytest-xdist, one
+    thread per worker)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    if before is None:
+        before = int(os.environ.get("OMP_NUM_THREADS") or 0) or torch.get_num_threads()
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one thread; with other processes on the 2 cores, OpenMP's
@@ -150,7 +254,7 @@ def tiny_models(tmp_path_factory):
     """The tiny model zoo (SD-1.5 layout + llava-hf captioner), built once per test session."""
     from xpsr_core.zoo import write_zoo
 
-    return write_zoo(tmp_path_factory.mktemp("zoo") / "tiny", "tiny", seed=0)
+    return built_once(tmp_path_factory, "zoo", lambda folder: write_zoo(folder / "tiny", "tiny", seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -158,13 +262,15 @@ def hr_shards(photo_dir, tmp_path_factory) -> Path:
     """HR shards of the six test photographs (one 96 px crop each), three shards of two. Read-only."""
     from stages import shard
 
-    hr = tmp_path_factory.mktemp("hr")
-    shard.run(
-        shard.ShardConfig(
-            inputs=[{"path": str(photo_dir), "dataset": "photos"}], out=hr, crop_size=96, images_per_shard=2
+    def build(hr: Path) -> Path:
+        shard.run(
+            shard.ShardConfig(
+                inputs=[{"path": str(photo_dir), "dataset": "photos"}], out=hr, crop_size=96, images_per_shard=2
+            )
         )
-    )
-    return hr
+        return hr
+
+    return built_once(tmp_path_factory, "hr", build)
 
 
 @pytest.fixture(scope="session")
@@ -172,34 +278,45 @@ def pair_shards(hr_shards, tmp_path_factory) -> Path:
     """LR/HR pair shards of the six test photographs (96 px HR, 24 px LR), three shards of two."""
     from stages import degrade
 
-    pairs = tmp_path_factory.mktemp("pairs")
-    degrade.run(degrade.DegradeConfig(input_dir=hr_shards, out=pairs, batch_size=2))
-    return pairs
+    def build(pairs: Path) -> Path:
+        degrade.run(degrade.DegradeConfig(input_dir=hr_shards, out=pairs, batch_size=2))
+        return pairs
+
+    return built_once(tmp_path_factory, "pairs", build)
+
+
+def _captioned(tiny_models, pair_shards, out: Path, **changes) -> Path:
+    """Caption manifests of the test pairs by the tiny captioner (six new tokens) in ``out``."""
+    from stages import caption
+
+    values = dict(captioner=str(tiny_models.captioner), base_model=str(tiny_models.sd), max_new_tokens=6, batch_size=4)
+    caption.run(caption.CaptionConfig(input_dir=pair_shards, out=out, **{**values, **changes}))
+    return out
+
+
+def _embedded(tiny_models, pair_shards, captions: Path, out: Path) -> Path:
+    """Training shards of the test pairs, embedded from ``captions`` in ``out``."""
+    from stages import embed
+
+    embed.run(
+        embed.EmbedConfig(input_dir=pair_shards, captions_dir=captions, out=out, base_model=str(tiny_models.sd),
+                          batch_size=4)
+    )
+    return out
 
 
 @pytest.fixture(scope="session")
-def train_shards(tiny_models, pair_shards, tmp_path_factory) -> Path:
-    """Training shards (pre-encoded prompts and latents) of the six test pairs."""
-    from stages import caption, embed
+def pair_captions(tiny_models, pair_shards, tmp_path_factory) -> Path:
+    """Caption manifests of the six test pairs (tiny captioner, six new tokens). Read-only."""
+    return built_once(tmp_path_factory, "pair-captions", lambda out: _captioned(tiny_models, pair_shards, out))
 
-    captions = tmp_path_factory.mktemp("train-captions")
-    caption.run(
-        caption.CaptionConfig(
-            input_dir=pair_shards,
-            out=captions,
-            captioner=str(tiny_models.captioner),
-            base_model=str(tiny_models.sd),
-            max_new_tokens=6,
-            batch_size=4,
-        )
+
+@pytest.fixture(scope="session")
+def train_shards(tiny_models, pair_shards, pair_captions, tmp_path_factory) -> Path:
+    """Training shards (pre-encoded prompts and latents) of the six test pairs, embedded from ``pair_captions``."""
+    return built_once(
+        tmp_path_factory, "train-shards", lambda out: _embedded(tiny_models, pair_shards, pair_captions, out)
     )
-    out = tmp_path_factory.mktemp("train-shards")
-    embed.run(
-        embed.EmbedConfig(
-            input_dir=pair_shards, captions_dir=captions, out=out, base_model=str(tiny_models.sd), batch_size=4
-        )
-    )
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -207,47 +324,31 @@ def quality_captioner(tiny_models, tmp_path_factory) -> Path:
     """A second tiny captioner (other weights, another folder) standing in for a separate quality model (Q-Instruct)."""
     from xpsr_core.zoo import get_preset, write_captioner
 
-    return write_captioner(
-        tmp_path_factory.mktemp("quality-captioner") / "captioner",
-        get_preset("tiny"),
-        tiny_models.sd / "tokenizer",
-        seed=7,
+    return built_once(
+        tmp_path_factory,
+        "quality-captioner",
+        lambda folder: write_captioner(folder / "captioner", get_preset("tiny"), tiny_models.sd / "tokenizer", seed=7),
     )
 
 
 @pytest.fixture(scope="session")
 def hr_captions(tiny_models, quality_captioner, pair_shards, tmp_path_factory) -> Path:
     """Caption manifests in the authors' recipe: a separate quality captioner, and the HR images captioned too."""
-    from stages import caption
-
-    out = tmp_path_factory.mktemp("hr-captions")
-    caption.run(
-        caption.CaptionConfig(
-            input_dir=pair_shards,
-            out=out,
-            captioner=str(tiny_models.captioner),
-            quality_model=str(quality_captioner),
-            caption_hr=True,
-            base_model=str(tiny_models.sd),
-            max_new_tokens=6,
-            batch_size=2,
-        )
+    return built_once(
+        tmp_path_factory,
+        "hr-captions",
+        lambda out: _captioned(
+            tiny_models, pair_shards, out, quality_model=str(quality_captioner), caption_hr=True, batch_size=2
+        ),
     )
-    return out
 
 
 @pytest.fixture(scope="session")
 def train_shards_hr(tiny_models, pair_shards, hr_captions, tmp_path_factory) -> Path:
     """Training shards of the six test pairs with the HR images' quality embeddings (hr_quality.npy)."""
-    from stages import embed
-
-    out = tmp_path_factory.mktemp("train-shards-hr")
-    embed.run(
-        embed.EmbedConfig(
-            input_dir=pair_shards, captions_dir=hr_captions, out=out, base_model=str(tiny_models.sd), batch_size=4
-        )
+    return built_once(
+        tmp_path_factory, "train-shards-hr", lambda out: _embedded(tiny_models, pair_shards, hr_captions, out)
     )
-    return out
 
 
 # ---- the bad-input tables: the real CLI, its exit code, its one-line message, and the files it must not touch ----

@@ -119,24 +119,16 @@ def _command(command: str, kind: str, model: Path, tiny_models, xpsr_folder, ima
             "--metric", "psnr"]
 
 
-@pytest.fixture(scope="module")
-def caption_dir(train_shards) -> Path:
-    """The caption manifests the train_shards fixture was embedded from (its embed config records them)."""
-    import json
-
-    return Path(json.loads((train_shards / "config.json").read_text())["config"]["captions_dir"])
-
-
 @pytest.mark.parametrize("case", WEIGHT_CASES, ids=[case[0] for case in WEIGHT_CASES])
 def test_broken_model_files_are_one_line_errors(case, tiny_models, xpsr_folder, small_images, pair_shards,
-                                               train_shards, caption_dir, tmp_path):
+                                               train_shards, pair_captions, tmp_path):
     _, kind, broken, breaks, command, fragments = case
     model = _copy_model(kind, tiny_models, xpsr_folder, tmp_path)
     if kind == "realesrgan":
         (model / broken).write_bytes(b"")
     breaks(model / broken)
     args = _command(command, kind, model, tiny_models, xpsr_folder, small_images, pair_shards, train_shards,
-                    caption_dir, tmp_path / "out")
+                    pair_captions, tmp_path / "out")
     before = tree_digest(model, small_images, pair_shards)
     result = run_xpsr(*args, cwd=tmp_path, env=ONLINE)
     assert_one_line_error(result, *fragments)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import photo
+from conftest import photo
 from xpsr_core.errors import UserError
 from xpsr_core.evaluation.baselines import RealESRGANUpscaler, RRDBNetShape, bicubic_upscale, load_rrdbnet
 

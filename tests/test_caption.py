@@ -135,7 +135,10 @@ def test_empty_generation_is_a_status(tiny_models, tmp_path, monkeypatch):
 def test_out_of_memory_splits_the_batch(tiny_models, monkeypatch):
     import torch
 
-    captioner = Captioner(tiny_models.captioner)
+    from xpsr_core.caption import GenerationSettings
+
+    # the splitting does not depend on the captions' length: 12 tokens, not the default 128, keep it quick
+    captioner = Captioner(tiny_models.captioner, settings=GenerationSettings(max_new_tokens=12))
     images = [Image.fromarray(photo(name, (32, 32))) for name in ("astronaut", "coffee", "chelsea", "rocket")]
     expected = captioner.caption(images, [CONTENT_INSTRUCTION, QUALITY_INSTRUCTION])
     real_generate = captioner.model.generate

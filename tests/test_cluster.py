@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import fresh_accelerator_state, make_config  # noqa: F401 (the autouse fixture)
 
-from conftest import assert_one_line_error, run_xpsr
+from conftest import assert_one_line_error, run_xpsr, train_config
 from stages import train as train_stage
 from xpsr_core.dist import rank_and_world
 from xpsr_core.errors import UserError
@@ -177,7 +176,7 @@ def test_written_files_follow_the_umask(tiny_models, train_shards, photo_dir, tm
     previous = os.umask(umask)
     try:
         run_dir = tmp_path / "run"
-        train_stage.run(make_config(tiny_models, train_shards, run_dir, max_train_steps=2, checkpointing_steps=1,
+        train_stage.run(train_config(tiny_models, train_shards, run_dir, max_train_steps=2, checkpointing_steps=1,
                                     metrics_file=tmp_path / "metrics" / "train.json"))
         hr = tmp_path / "hr"
         shard.run(shard.ShardConfig(inputs=[{"path": str(photo_dir), "dataset": "photos"}], out=hr, crop_size=96,
@@ -198,7 +197,7 @@ def test_written_files_follow_the_umask(tiny_models, train_shards, photo_dir, tm
 
 def test_metrics_record_their_run_and_refuse_another_runs(tiny_models, train_shards, tmp_path):
     metrics = tmp_path / "metrics" / "train.json"
-    first = make_config(tiny_models, train_shards, tmp_path / "a", max_train_steps=2, metrics_file=metrics)
+    first = train_config(tiny_models, train_shards, tmp_path / "a", max_train_steps=2, metrics_file=metrics)
     train_stage.run(first)
     record = json.loads(metrics.read_text())
     assert record["steps"] == 2
@@ -207,7 +206,7 @@ def test_metrics_record_their_run_and_refuse_another_runs(tiny_models, train_sha
     header, *rows = [line.split("\t") for line in metrics.with_name("train_log.tsv").read_text().splitlines()]
     assert header[-1] == "config_hash" and {row[-1] for row in rows} == {first.output_hash()}
     # the same run, extended and resumed: its own record, updated
-    train_stage.run(make_config(tiny_models, train_shards, tmp_path / "a", max_train_steps=3, metrics_file=metrics,
+    train_stage.run(train_config(tiny_models, train_shards, tmp_path / "a", max_train_steps=3, metrics_file=metrics,
                                 resume="latest"))
     assert json.loads(metrics.read_text())["steps"] == 3
     before = metrics.read_bytes()
@@ -233,7 +232,7 @@ def test_each_task_of_an_array_of_training_runs_prepares_its_own_folder(tiny_mod
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
     assert rank_and_world() == (1, 2)
-    config = make_config(tiny_models, train_shards, tmp_path / "run-1", max_train_steps=1)
+    config = train_config(tiny_models, train_shards, tmp_path / "run-1", max_train_steps=1)
     started = time.monotonic()
     train_stage.prepare_run_dir(config)
     assert time.monotonic() - started < 30

@@ -19,7 +19,7 @@ from stages import train as train_stage
 from xpsr_core.compiling import compiled_graph_count, graph_break_count, inductor_cache_dir
 from xpsr_core.train.loop import Trainer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.compile]
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +45,7 @@ def compile_cache(tmp_path_factory) -> Path:
 
 def make_config(tiny_models, train_shards, out, **changes) -> train_stage.TrainConfig:
     values = dict(
-        train_dir=train_shards, out=out, base_model=str(tiny_models.sd), batch_size=2, max_train_steps=5,
+        input_dir=train_shards, out=out, base_model=str(tiny_models.sd), batch_size=2, max_train_steps=5,
         checkpointing_steps=5, shuffle_buffer=4, tensorboard=False, metrics_file=None, device="cpu",
     )
     values.update(changes)
@@ -129,7 +129,7 @@ def test_regional_compile_on_two_gloo_ranks(tiny_models, train_shards, tmp_path,
     run_dir = tmp_path / "run"
     command = [
         str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--no-python", str(bin_dir / "xpsr"), "train",
-        "--data", str(train_shards), "--out", str(run_dir), "--base-model", str(tiny_models.sd),
+        "--input-dir", str(train_shards), "--out", str(run_dir), "--base-model", str(tiny_models.sd),
         "--max-train-steps", "2", "--batch-size", "1",
         "--set", "shuffle_buffer=2", "--set", "tensorboard=false", "--set", "device=cpu", "--set", "metrics_file=null",
         "--set", "compile=regional", "--set", f"compile_cache={compile_cache}",

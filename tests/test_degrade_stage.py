@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_shard import output_bytes
 
+from conftest import output_bytes
 from stages import degrade as degrade_stage
 from xpsr_core.errors import UserError
 from xpsr_core.io.images import decode_png

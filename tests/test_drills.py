@@ -13,9 +13,11 @@ import zlib
 from pathlib import Path
 
 import pytest
-from test_shard import output_bytes
+
+from conftest import output_bytes
 
 XPSR = str(Path(sys.executable).parent / "xpsr")
+STOP_BEFORE_MARKER = Path(__file__).with_name("stop_before_done_marker.py")
 
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -23,22 +25,29 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def kill_midway(args: list[str], cwd: Path, out: Path, total: int, seed: int) -> int:
-    """Start the command, SIGKILL it once a random number (>= 1, < total) of shards is done."""
-    target = random.Random(seed).randint(1, total - 1)
-    process = subprocess.Popen(
-        [XPSR, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.monotonic() + 300
+    """Run the command and SIGKILL it once a random number (>= 1, < total) of shards is done, with the next shard's
+    data written but not yet marked done. The child says when it got there (a signal file), so the kill lands
+    at that point however fast or loaded the machine is."""
+    done = random.Random(seed).randint(1, total - 1)
+    signal_file, log = cwd / "stopped-before-marker", cwd / "killed.stderr"
+    root = str(Path(__file__).resolve().parents[1])
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, str(STOP_BEFORE_MARKER), str(done + 1), str(signal_file), *args],
+            cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))},
+        )
     try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if len(list(out.glob("*.stats.json"))) >= target:
-                os.killpg(process.pid, signal.SIGKILL)
-                break
-            time.sleep(0.005)
+        while not signal_file.exists():
+            assert process.poll() is None, f"the command ended before the kill point: {log.read_text()[-2000:]}"
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGKILL)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    unmarked = Path(signal_file.read_text().strip())
+    assert unmarked.parent == out and not unmarked.exists()
     return len(list(out.glob("*.stats.json")))
 
 

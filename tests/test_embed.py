@@ -6,9 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_shard import output_bytes
 
-from stages import caption as caption_stage
+from conftest import output_bytes
 from stages import embed as embed_stage
 from xpsr_core.encoding import NEGATIVE_PROMPT, encode_latent_moments, encode_prompts, npy_load, sample_latent
 from xpsr_core.errors import UserError
@@ -17,20 +16,10 @@ from xpsr_core.io.shards import read_shard
 from xpsr_core.models.loading import load_base_sd
 
 
-@pytest.fixture(scope="module")
-def captions(tiny_models, pair_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("captions")
-    caption_stage.run(
-        caption_stage.CaptionConfig(
-            input_dir=pair_shards,
-            out=out,
-            captioner=str(tiny_models.captioner),
-            base_model=str(tiny_models.sd),
-            max_new_tokens=6,
-            batch_size=4,
-        )
-    )
-    return out
+@pytest.fixture
+def captions(pair_captions):
+    """The caption manifests of the test pairs (shared with the training shards' fixture)."""
+    return pair_captions
 
 
 def make_config(tiny_models, pair_shards, captions, out, **changes):

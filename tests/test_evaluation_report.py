@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import photo
+from conftest import photo
 from xpsr_core.errors import UserError
 from xpsr_core.evaluation.report import MetricColumn, comparison_grid, format_value, rank_marks, write_report
 

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_shard import output_bytes
 
+from conftest import output_bytes
 from stages import degrade as degrade_stage
 from xpsr_core import fingerprint
 from xpsr_core.errors import UserError

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import BAD_CORPUS_EXPECTED
+from conftest import BAD_CORPUS_EXPECTED, output_bytes
 from stages import shard as shard_stage
 from xpsr_core.errors import FailureRatioExceeded, UserError
 from xpsr_core.io.atomic import HOST
@@ -25,15 +25,6 @@ def make_config(inputs, out: Path, **changes) -> shard_stage.ShardConfig:
     )
     values.update(changes)
     return shard_stage.ShardConfig(**values)
-
-
-def output_bytes(folder: Path) -> dict[str, bytes]:
-    """Every deterministic output file (not the config record or the timing report)."""
-    return {
-        p.name: p.read_bytes()
-        for p in sorted(folder.iterdir())
-        if p.suffix in (".tar", ".parquet") or p.name.endswith("stats.json") or p.name == "sizes.json"
-    }
 
 
 def index_rows(folder: Path) -> pd.DataFrame:

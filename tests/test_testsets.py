@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import photo
+from conftest import output_bytes, photo
 from stages import testset as testset_stage
 from stages.cli import app
 from xpsr_core.degrade.settings import DegradationSettings
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY_DEGRADATION = {"kernel_sizes": [7, 9, 11]}
 HR_SIZE = 64
 SCALE = 4
-
-
-def output_bytes(folder: Path) -> dict[str, bytes]:
-    """Every deterministic output file (not the config record or the timing report)."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
-            if p.suffix in (".tar", ".parquet") or p.name.endswith("stats.json") or p.name == "sizes.json"}
 
 
 def read_pairs(folder: Path) -> list[dict]:

@@ -12,28 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import train_config
 from stages import train as train_stage
 from xpsr_core.errors import UserError
 from xpsr_core.train.loop import TrainingDiverged, list_checkpoints
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each run builds its own Accelerator; accelerate keeps one global state per process."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def make_config(tiny_models, train_shards, out, **changes) -> train_stage.TrainConfig:
-    values = dict(
-        input_dir=train_shards, out=out, base_model=str(tiny_models.sd), batch_size=2, max_train_steps=6,
-        checkpointing_steps=3, shuffle_buffer=4, tensorboard=False, metrics_file=None, device="cpu",
-    )
-    values.update(changes)
-    return train_stage.TrainConfig(**values)
 
 
 def exported(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -45,10 +27,10 @@ def exported(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_continues_bit_for_bit(tiny_models, train_shards, tmp_path):
-    straight = train_stage.run(make_config(tiny_models, train_shards, tmp_path / "straight"))
-    first = train_stage.run(make_config(tiny_models, train_shards, tmp_path / "resumed", max_train_steps=3))
+    straight = train_stage.run(train_config(tiny_models, train_shards, tmp_path / "straight"))
+    first = train_stage.run(train_config(tiny_models, train_shards, tmp_path / "resumed", max_train_steps=3))
     assert first["steps_this_run"] == 3
-    second = train_stage.run(make_config(tiny_models, train_shards, tmp_path / "resumed", resume="latest"))
+    second = train_stage.run(train_config(tiny_models, train_shards, tmp_path / "resumed", resume="latest"))
     assert second["resumed_from"] == 3 and second["steps_this_run"] == 3
     assert second["parameter_digest"] == straight["parameter_digest"]
     a, b = exported(tmp_path / "straight"), exported(tmp_path / "resumed")
@@ -66,7 +48,7 @@ def test_frozen_parameters_unchanged_and_trainable_ones_trained(tiny_models, tra
 
     from xpsr_core.models import XPSRModel
 
-    train_stage.run(make_config(tiny_models, train_shards, tmp_path / "run", max_train_steps=2))
+    train_stage.run(train_config(tiny_models, train_shards, tmp_path / "run", max_train_steps=2))
     base_unet = UNet2DConditionModel.from_pretrained(tiny_models.sd, subfolder="unet")
     fresh = XPSRModel.build(base_unet)
     trained = XPSRModel.from_base(tiny_models.sd, trainable=tmp_path / "run/final", with_dfc=False)
@@ -85,7 +67,7 @@ def test_after_step_hook_runs_once_per_optimizer_step(tiny_models, train_shards,
     from xpsr_core.train.loop import Trainer
 
     seen = []
-    config = make_config(tiny_models, train_shards, tmp_path / "run", max_train_steps=3, gradient_accumulation_steps=2)
+    config = train_config(tiny_models, train_shards, tmp_path / "run", max_train_steps=3, gradient_accumulation_steps=2)
     Trainer(config).train(after_step=seen.append)
     assert seen == [1, 2, 3]
 
@@ -93,13 +75,13 @@ def test_after_step_hook_runs_once_per_optimizer_step(tiny_models, train_shards,
 def test_checkpoint_rotation_keeps_the_newest(tiny_models, train_shards, tmp_path):
     run_dir = tmp_path / "run"
     train_stage.run(
-        make_config(
+        train_config(
             tiny_models, train_shards, run_dir, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2
         )
     )
     assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-3", "checkpoint-4"]
     with pytest.raises(UserError, match="--resume latest"):
-        train_stage.run(make_config(tiny_models, train_shards, run_dir, max_train_steps=4))
+        train_stage.run(train_config(tiny_models, train_shards, run_dir, max_train_steps=4))
 
 
 def test_nan_loss_stops_with_a_good_checkpoint(tiny_models, train_shards, tmp_path, monkeypatch):
@@ -117,7 +99,7 @@ def test_nan_loss_stops_with_a_good_checkpoint(tiny_models, train_shards, tmp_pa
 
     monkeypatch.setattr(models, "training_loss", poisoned)
     with pytest.raises(TrainingDiverged, match="step 3"):
-        train_stage.run(make_config(tiny_models, train_shards, tmp_path / "run", checkpointing_steps=100))
+        train_stage.run(train_config(tiny_models, train_shards, tmp_path / "run", checkpointing_steps=100))
     checkpoints = list_checkpoints(tmp_path / "run")
     assert [p.name for p in checkpoints] == ["checkpoint-2"]
     for file in checkpoints[0].rglob("*.safetensors"):
@@ -176,7 +158,7 @@ def test_loss_falls_on_a_tiny_overfit_run(tiny_models, train_shards, tmp_path):
 
     run_dir = tmp_path / "overfit"
     train_stage.run(
-        make_config(
+        train_config(
             tiny_models, train_shards, run_dir, max_train_steps=60, learning_rate=1e-3, checkpointing_steps=1000
         )
     )
@@ -200,7 +182,7 @@ def test_loss_falls_on_a_tiny_overfit_run(tiny_models, train_shards, tmp_path):
 def test_ablation_switches_reach_the_model_and_the_loss(tiny_models, train_shards, tmp_path, switches):
     run_dir = tmp_path / "ablation"
     train_stage.run(
-        make_config(tiny_models, train_shards, run_dir, max_train_steps=2, checkpointing_steps=1000, **switches)
+        train_config(tiny_models, train_shards, run_dir, max_train_steps=2, checkpointing_steps=1000, **switches)
     )
     header = (run_dir / "train_log.tsv").read_text().splitlines()[0].split("\t")
     assert ("dfc_latent_0" in header) == switches.get("dfc_latent", True)
@@ -215,9 +197,9 @@ def test_validation_grids_are_written_and_do_not_perturb_training(tiny_models, t
     from PIL import Image
 
     plain = train_stage.run(
-        make_config(tiny_models, train_shards, tmp_path / "plain", max_train_steps=2, checkpointing_steps=1000)
+        train_config(tiny_models, train_shards, tmp_path / "plain", max_train_steps=2, checkpointing_steps=1000)
     )
-    validated = train_stage.run(make_config(
+    validated = train_stage.run(train_config(
         tiny_models, train_shards, tmp_path / "validated", max_train_steps=2, checkpointing_steps=1000,
         validation_steps=1, validation_samples=2, validation_inference_steps=2,
     ))
@@ -231,7 +213,7 @@ def test_validation_grids_are_written_and_do_not_perturb_training(tiny_models, t
 
 
 def test_bf16_mixed_precision_with_gradient_checkpointing_trains_in_fp32(tiny_models, train_shards, tmp_path):
-    report = train_stage.run(make_config(
+    report = train_stage.run(train_config(
         tiny_models, train_shards, tmp_path / "bf16", max_train_steps=2, checkpointing_steps=1000,
         mixed_precision="bf16", gradient_checkpointing=True,
     ))
@@ -249,7 +231,7 @@ def test_unquoted_yaml_no_means_no_mixed_precision(tmp_path):
 
 def test_fp16_on_the_cpu_is_refused_before_any_model_loads(tiny_models, train_shards, tmp_path):
     with pytest.raises(UserError, match="fp16 mixed precision needs a GPU"):
-        train_stage.run(make_config(tiny_models, train_shards, tmp_path / "fp16", mixed_precision="fp16"))
+        train_stage.run(train_config(tiny_models, train_shards, tmp_path / "fp16", mixed_precision="fp16"))
     assert not list((tmp_path / "fp16").glob("checkpoint-*"))
 
 
@@ -325,7 +307,7 @@ def test_hr_condition_feeds_the_hr_image_and_its_quality_caption(tiny_models, tr
     run_dir = tmp_path / "run"
     shards = distinct_hr_quality(train_shards_hr, tmp_path / "shards")
     train_stage.run(
-        make_config(
+        train_config(
             tiny_models, shards, run_dir, max_train_steps=4, checkpointing_steps=1000, hr_condition_probability=0.5
         )
     )
@@ -357,9 +339,11 @@ def test_hr_condition_feeds_the_hr_image_and_its_quality_caption(tiny_models, tr
 
 def test_resume_with_hr_condition_continues_bit_for_bit(tiny_models, train_shards_hr, tmp_path):
     recipe = dict(hr_condition_probability=0.5, use_high_prompt=False)
-    straight = train_stage.run(make_config(tiny_models, train_shards_hr, tmp_path / "straight", **recipe))
-    train_stage.run(make_config(tiny_models, train_shards_hr, tmp_path / "resumed", max_train_steps=3, **recipe))
-    second = train_stage.run(make_config(tiny_models, train_shards_hr, tmp_path / "resumed", resume="latest", **recipe))
+    straight = train_stage.run(train_config(tiny_models, train_shards_hr, tmp_path / "straight", **recipe))
+    train_stage.run(train_config(tiny_models, train_shards_hr, tmp_path / "resumed", max_train_steps=3, **recipe))
+    second = train_stage.run(
+        train_config(tiny_models, train_shards_hr, tmp_path / "resumed", resume="latest", **recipe)
+    )
     assert second["resumed_from"] == 3 and second["parameter_digest"] == straight["parameter_digest"]
     a, b = exported(tmp_path / "straight"), exported(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -370,13 +354,13 @@ def test_resume_with_hr_condition_continues_bit_for_bit(tiny_models, train_shard
         for name in ("straight", "resumed")
     ]
     assert shares[0] == shares[1] and 0 < sum(shares[0]) < len(shares[0]), shares
-    plain = train_stage.run(make_config(tiny_models, train_shards_hr, tmp_path / "plain", use_high_prompt=False))
+    plain = train_stage.run(train_config(tiny_models, train_shards_hr, tmp_path / "plain", use_high_prompt=False))
     assert plain["parameter_digest"] != straight["parameter_digest"], "the recipe changes what the model learns from"
 
 
 def test_hr_condition_needs_hr_quality_captions(tiny_models, train_shards, tmp_path):
     with pytest.raises(UserError, match="caption_hr=true"):
-        train_stage.run(make_config(tiny_models, train_shards, tmp_path / "run", hr_condition_probability=0.1))
+        train_stage.run(train_config(tiny_models, train_shards, tmp_path / "run", hr_condition_probability=0.1))
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 
 

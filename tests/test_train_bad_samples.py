@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_train import fresh_accelerator_state, make_config  # noqa: F401 (the autouse fixture)
 
+from conftest import train_config
 from stages import train as train_stage
 from xpsr_core.errors import UserError
 from xpsr_core.io.shards import TarShardWriter, read_shard
@@ -36,7 +36,7 @@ def damaged_shards(train_shards, tmp_path_factory) -> tuple[Path, str]:
 
 def test_bad_samples_are_logged_counted_skipped_and_resume_is_exact(tiny_models, damaged_shards, tmp_path, capfd):
     shards, bad_key = damaged_shards
-    straight = train_stage.run(make_config(tiny_models, shards, tmp_path / "straight"))
+    straight = train_stage.run(train_config(tiny_models, shards, tmp_path / "straight"))
     said = capfd.readouterr().err
     assert f"sample {bad_key} in shard {shards / '00000.tar'}" in said
     assert "00002.tar" in said
@@ -44,8 +44,8 @@ def test_bad_samples_are_logged_counted_skipped_and_resume_is_exact(tiny_models,
     keys = (tmp_path / "straight/logs/keys.rank0.tsv").read_text()
     assert bad_key not in keys
 
-    train_stage.run(make_config(tiny_models, shards, tmp_path / "resumed", max_train_steps=3))
-    resumed = train_stage.run(make_config(tiny_models, shards, tmp_path / "resumed", resume="latest"))
+    train_stage.run(train_config(tiny_models, shards, tmp_path / "resumed", max_train_steps=3))
+    resumed = train_stage.run(train_config(tiny_models, shards, tmp_path / "resumed", resume="latest"))
     assert resumed["resumed_from"] == 3
     assert resumed["parameter_digest"] == straight["parameter_digest"]
     assert resumed["bad_samples_skipped"] == straight["bad_samples_skipped"]
@@ -55,4 +55,4 @@ def test_bad_samples_are_logged_counted_skipped_and_resume_is_exact(tiny_models,
 def test_too_many_bad_samples_stop_the_run_with_a_clear_message(tiny_models, damaged_shards, tmp_path):
     shards, _ = damaged_shards
     with pytest.raises(UserError, match="max_bad_samples=0"):
-        train_stage.run(make_config(tiny_models, shards, tmp_path / "run", max_bad_samples=0))
+        train_stage.run(train_config(tiny_models, shards, tmp_path / "run", max_bad_samples=0))

@@ -15,22 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import train_config
 from stages import train as train_stage
 from xpsr_core.train.loop import STATE_FILE, Trainer, TrainingDiverged, list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = 6
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each run builds its own Accelerator; accelerate keeps one global state per process."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def host_read_counter():
@@ -43,12 +34,7 @@ def host_read_counter():
 
 def make_config(tiny_models, train_shards, out, **changes) -> train_stage.TrainConfig:
     # a warm-up, so that the learning rate differs from step to step
-    values = dict(
-        input_dir=train_shards, out=out, base_model=str(tiny_models.sd), batch_size=2, max_train_steps=STEPS,
-        checkpointing_steps=1000, warmup_steps=3, shuffle_buffer=4, tensorboard=False, metrics_file=None, device="cpu",
-    )
-    values.update(changes)
-    return train_stage.TrainConfig(**values)
+    return train_config(tiny_models, train_shards, out, **{"checkpointing_steps": 1000, "warmup_steps": 3, **changes})
 
 
 def exported(run_dir: Path) -> dict[str, torch.Tensor]:
