@@ -1,7 +1,7 @@
 """engine=openai against a real vLLM server of the tiny captioner, on this CPU.
 
 Runs when a vLLM virtual environment built by ``tools/vllm_cpu.sh build`` exists (``XPSR_VLLM_VENV``, default
-``~/.cache/xpsr-vllm``); the test starts the server itself on the session's tiny captioner. It shows the served
+``~/.cache/xpsr-vllm``); the test starts the server itself on the test run's tiny captioner. It shows the served
 prompts identical to the transformers engine's (token ids, image tokens included), the first generated token's
 log-probabilities within 1e-4 of transformers' for every prompt, and prints the share of identical greedy captions.
 """

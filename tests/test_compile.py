@@ -38,7 +38,7 @@ def fresh_state():
 
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory) -> Path:
-    """A fresh inductor cache, or the one XPSR_TEST_INDUCTOR_CACHE names (kept between sessions: warm compiles)."""
+    """A fresh inductor cache, or the one XPSR_TEST_INDUCTOR_CACHE names (kept between test runs: warm compiles)."""
     kept = os.environ.get("XPSR_TEST_INDUCTOR_CACHE")
     return Path(kept) if kept else tmp_path_factory.mktemp("inductor")
 

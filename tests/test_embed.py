@@ -9,11 +9,12 @@ import torch
 
 from conftest import output_bytes
 from stages import embed as embed_stage
-from xpsr_core.encoding import NEGATIVE_PROMPT, encode_latent_moments, encode_prompts, npy_load, sample_latent
+from xpsr_core.encoding import encode_latent_moments, encode_prompts, npy_load, sample_latent
 from xpsr_core.errors import UserError
 from xpsr_core.io.images import decode_png
 from xpsr_core.io.shards import read_shard
 from xpsr_core.models.loading import load_base_sd
+from xpsr_core.text_conditioning import NEGATIVE_PROMPT
 
 
 @pytest.fixture

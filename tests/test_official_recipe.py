@@ -50,8 +50,8 @@ def official(**overrides):
 
 
 def test_presets_are_complete_and_keep_todays_defaults():
-    from xpsr_core.encoding import NEGATIVE_PROMPT
     from xpsr_core.infer import PRESETS, SRSettings, preset_values
+    from xpsr_core.text_conditioning import NEGATIVE_PROMPT
 
     assert PRESETS == ("default", "paper", "official")
     defaults = SRSettings()

@@ -62,8 +62,8 @@ def test_64px_lr_becomes_256px(pipe):
 
 
 def test_paper_defaults():
-    from xpsr_core.encoding import NEGATIVE_PROMPT
     from xpsr_core.infer import SRSettings
+    from xpsr_core.text_conditioning import NEGATIVE_PROMPT
 
     settings = SRSettings()
     assert (settings.steps, settings.scheduler, settings.guidance_scale, settings.scale) == (20, "ddpm", 5.5, 4)
