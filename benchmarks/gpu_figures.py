@@ -130,7 +130,7 @@ def built_models(work: Path, bundle: Path, smoke: bool) -> dict:
     embed.run(embed.EmbedConfig(pairs_dir=bundle / "pairs", captions_dir=bundle / "captions", out=work / "train",
                                 base_model=str(sd), batch_size=8, device=device))
     torch.manual_seed(0)
-    XPSRModel.build(load_base_sd(sd, components=("unet",)).unet).save_trainable(work / "xpsr", include_dfc=False)
+    XPSRModel.build(load_base_sd(sd, components=("unet",)).unet).save_trainable(work / "xpsr")
     models = {"sd": str(sd), "train": str(work / "train"), "xpsr": str(work / "xpsr")}
     record.write_text(json.dumps(models))
     return models

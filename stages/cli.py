@@ -97,13 +97,15 @@ SHORT_NAMES = {
     "metrics": ("--metric",),
     "hr_dirs": ("--hr-dir",),
 }
+# structured fields given as text on the command line, one value per use (their validators parse the text)
+TEXT_OPTIONS = {"methods"}
 # options for nested settings: section -> {option: dotted field path}
 NESTED_OPTIONS = {"testset_synthetic": {"--scale": "degradation.scale"}}
 # old option names, hidden and kept for one release with a deprecation line: section -> {old option: field}
 DEPRECATED_OPTIONS = {
     "degrade": {"--in": "input_dir", "--usm/--no-usm": "usm_hr"},
     "caption": {"--in": "input_dir", "--model": "captioner"},
-    "embed": {"--pairs": "input_dir", "--latents/--no-latents": "encode_latents"},
+    "embed": {"--pairs": "input_dir", "--captions": "captions_dir", "--latents/--no-latents": "encode_latents"},
     "evaluate": {"--pairs": "input_dir"},
     "train": {"--data": "input_dir", "--lr": "learning_rate"},
 }
@@ -299,7 +301,7 @@ def derive_parameters(section: str, config_cls, fixed: dict) -> tuple[list, dict
     for name, info in config_cls.model_fields.items():
         if name in fixed:
             continue  # set by the command itself
-        kind = option_kind(info.annotation)
+        kind = (str, (), True) if name in TEXT_OPTIONS else option_kind(info.annotation)
         if name == positional:
             repeatable = get_origin(_unwrap(info.annotation)) is list
             value_type = kind[0] if kind else str  # a structured value is given as its text (e.g. NAME=PATH)

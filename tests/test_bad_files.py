@@ -108,7 +108,7 @@ def _command(command: str, kind: str, model: Path, tiny_models, xpsr_folder, ima
         xpsr = model if kind == "xpsr" else xpsr_folder / "xpsr"
         return ["sr", images, "--out", out, "--base-model", sd, "--xpsr", xpsr, *given, "--steps", "2"]
     if command == "embed":
-        return ["embed", "--input-dir", pairs, "--captions", captions, "--out", out, "--base-model", sd]
+        return ["embed", "--input-dir", pairs, "--captions-dir", captions, "--out", out, "--base-model", sd]
     if command == "train":
         return ["train", "--input-dir", train_shards, "--out", out, "--base-model", sd, "--max-train-steps", "1",
                 "--batch-size", "2", "--set", "tensorboard=false", "--set", "metrics_file=null"]
@@ -151,7 +151,7 @@ def test_unreadable_caption_manifests_are_one_line_errors(tiny_models, pair_shar
     for shard in range(3):
         (captions / f"{shard:05d}.stats.json").write_text("{}")
         (captions / f"{shard:05d}.parquet").write_bytes(b"PAR1 but not really")
-    result = run_xpsr("embed", "--input-dir", pair_shards, "--captions", captions, "--out", tmp_path / "out",
+    result = run_xpsr("embed", "--input-dir", pair_shards, "--captions-dir", captions, "--out", tmp_path / "out",
                       "--base-model", tiny_models.sd, cwd=tmp_path)
     assert_one_line_error(result, "Cannot read the caption manifest", "00000.parquet")
 

@@ -113,14 +113,17 @@ def test_full_compile_trains_like_eager(tiny_models, train_shards, tmp_path, com
                                                            max_train_steps=3, checkpointing_steps=3))
     torch._dynamo.reset()
     counters.clear()
-    report, rows, graphs = run_counting(make_config(tiny_models, train_shards, tmp_path / "full", compile="full",
-                                                    compile_cache=compile_cache, max_train_steps=3,
-                                                    checkpointing_steps=3))
+    config = make_config(tiny_models, train_shards, tmp_path / "full", compile="full", compile_cache=compile_cache,
+                         max_train_steps=3, checkpointing_steps=3)
+    report, rows, graphs = run_counting(config)
     for compiled, plain in zip(rows, eager_rows, strict=True):
         assert compiled["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert graphs[0] > 0 and graphs == [graphs[0]] * 3 and graph_break_count() == 0
+    # AdamW moves a weight by up to about the learning rate per step whatever its gradient's size, so a weight
+    # whose gradient is near zero may take another step from float rounding: weights agree to steps x lr
     for name, value in exported(tmp_path / "eager").items():
-        assert torch.allclose(exported(tmp_path / "full")[name], value, rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(exported(tmp_path / "full")[name], value, rtol=1e-4,
+                              atol=3 * config.learning_rate), name
     assert not any("_orig_mod" in k for k in checkpoint_keys(tmp_path / "full", 3))
 
 
@@ -159,7 +162,7 @@ def trained_parts(tiny_models, perturbed_xpsr, tmp_path_factory) -> Path:
     from xpsr_core.models.loading import load_base_sd
 
     model = perturbed_xpsr(load_base_sd(tiny_models.sd), seed=0)
-    return model.save_trainable(tmp_path_factory.mktemp("xpsr") / "final", include_dfc=False)
+    return model.save_trainable(tmp_path_factory.mktemp("xpsr") / "final")
 
 
 def sr_config(tiny_models, trained_parts, image: Path, out: Path, **changes):

@@ -85,7 +85,7 @@ STAGES = {
         "embed",
         "--input-dir",
         str(d["pairs"]),
-        "--captions",
+        "--captions-dir",
         str(d["captions"]),
         "--out",
         str(out),
