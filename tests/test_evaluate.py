@@ -33,9 +33,7 @@ def folder_pairs(tmp_path):
 
 def _rrdbnet_weights(path, seed=0):
     """A small random RRDBNet in the state-dict layout of RealESRGAN_x4plus.pth."""
-    from basicsr.archs.rrdbnet_arch import RRDBNet
-
-    import xpsr_core.degrade.compat  # noqa: F401  (basicsr 1.4.2's torchvision import)
+    from xpsr_core.degrade.compat import RRDBNet  # basicsr 1.4.2 needs its torchvision alias first
 
     torch.manual_seed(seed)
     network = RRDBNet(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=1, num_grow_ch=4, scale=4)

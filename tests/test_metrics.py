@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+import xpsr_core.degrade.compat  # noqa: F401  (the torchvision alias basicsr 1.4.2 needs, before basicsr)
 from conftest import photo
 from xpsr_core.errors import UserError
 from xpsr_core.metrics import (
@@ -69,9 +70,7 @@ def _backbone_state(model: torch.nn.Module, generator: torch.Generator) -> dict:
 
 
 def _basicsr_metrics():
-    from basicsr.metrics.psnr_ssim import calculate_psnr, calculate_ssim
-
-    import xpsr_core.degrade.compat  # noqa: F401  (installs the torchvision alias basicsr 1.4.2 needs)
+    from basicsr.metrics.psnr_ssim import calculate_psnr, calculate_ssim  # after compat (module level)
 
     return calculate_psnr, calculate_ssim
 

@@ -26,6 +26,7 @@ def _alias_functional_tensor() -> None:
 
 _alias_functional_tensor()
 
+from basicsr.archs.rrdbnet_arch import RRDBNet  # noqa: E402
 from basicsr.data.degradations import (  # noqa: E402
     bivariate_Gaussian,
     bivariate_generalized_Gaussian,
@@ -37,6 +38,7 @@ from basicsr.utils.img_process_util import USMSharp, filter2D  # noqa: E402
 
 __all__ = [
     "DiffJPEG",
+    "RRDBNet",
     "USMSharp",
     "bivariate_Gaussian",
     "bivariate_generalized_Gaussian",

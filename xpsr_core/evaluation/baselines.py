@@ -105,9 +105,7 @@ class RRDBNetShape:
                    num_block=max(blocks) + 1, num_grow_ch=int(growth.shape[0]))
 
     def build(self) -> torch.nn.Module:
-        from basicsr.archs.rrdbnet_arch import RRDBNet
-
-        import xpsr_core.degrade.compat  # noqa: F401  (basicsr needs its torchvision alias before the first import)
+        from ..degrade.compat import RRDBNet  # basicsr needs its torchvision alias before the first import
 
         return RRDBNet(num_in_ch=3, num_out_ch=3, scale=self.scale, num_feat=self.num_feat, num_block=self.num_block,
                        num_grow_ch=self.num_grow_ch)
