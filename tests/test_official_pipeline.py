@@ -31,9 +31,8 @@ BIN = Path(sys.executable).parent
 #   512 would quadruple the sampled area (about 35 s per image on one CPU thread instead of 5-8 s);
 #   320 still runs the enlarge-then-resize-back path of the preset.
 TINY_OVERRIDES = {"caption": {"quality_model": "models/tiny/captioner"}, "evaluate": {"process_size": 320}}
-# The run's length is not the recipe: 30 steps (60 samples, so the 10 % HR conditioning still shows) instead of the
-# default's 100 make training, most of this test's time, a third as long; a checkpoint and a validation grid each
-# still come twice.
+# The run's length is not the recipe: 30 training steps instead of the default's 100 (training was most of this
+# test's time); 60 samples still show the 10 % HR conditioning, and checkpoints and validation grids still come twice.
 SHORT_RUN = {"max_train_steps": 30, "checkpointing_steps": 15, "validation_steps": 15}
 
 pytestmark = pytest.mark.slow
