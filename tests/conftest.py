@@ -196,25 +196,6 @@ def fresh_accelerator_state():
         state.AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.fixture(autouse=True)
-def torch_threads_restored():
-    """A stage run in this process may set torch's thread count for its work (the degrade stage sets one per core)
-    and keep it: put it back after each test, so that the next one runs as configured (with pytest-xdist, one
-    thread per worker)."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    before = torch.get_num_threads() if torch is not None else None
-    yield
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return
-    if before is None:
-        before = int(os.environ.get("OMP_NUM_THREADS") or 0) or torch.get_num_threads()
-    if torch.get_num_threads() != before:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one thread; with other processes on the 2 cores, OpenMP's
@@ -411,6 +392,38 @@ def run_xpsr(*args, cwd: Path | None = None, env: dict | None = None, timeout: f
     )
     decode = lambda raw: raw.decode("utf-8", errors="backslashreplace")  # noqa: E731
     return CliResult(process.returncode, decode(process.stdout), decode(process.stderr))
+
+
+def xpsr_here(*args, cwd: Path | None = None, env: dict | None = None) -> CliResult:
+    """Run the ``xpsr`` command in this test process (typer's ``CliRunner``), from ``cwd``, output captured as a
+    pipe would take it.
+
+    A new interpreter spends about 6 s of CPU importing torch, diffusers and transformers before a command starts:
+    tests of what a command does or refuses run it here, on the modules this process has loaded. ``run_xpsr`` stays
+    for what only a new process shows: output at import time, environment read at import (the hub's offline
+    switch), the bytes of a file name printed to a real pipe, signals. An exception the command lets through comes
+    back as the traceback a process would print, so ``assert_one_line_error`` still sees it."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    environment = {"COLUMNS": "80", "XPSR_DEBUG": None, **(env or {})}
+    before_cwd, before_environ = os.getcwd(), dict(os.environ)
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        result = CliRunner().invoke(app, [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args],
+                                    env=environment)
+    finally:
+        os.chdir(before_cwd)
+        os.environ.clear()  # a command may set variables for the libraries it loads (quiet.py): not for later tests
+        os.environ.update(before_environ)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return CliResult(result.exit_code, result.stdout, stderr)
 
 
 def assert_one_line_error(result: CliResult, *fragments: str) -> None:

@@ -45,6 +45,20 @@ def test_pairs_have_lr_hr_and_parameters(hr_shards, tmp_path):
     assert any(c.startswith("deg.") for c in index.columns), "degradation parameters are columns of the index"
 
 
+def test_the_callers_torch_thread_count_is_kept(hr_shards, tmp_path):
+    """A shard runs on its share of the cores and gives the count back: the bytes of a later stage's float outputs
+    (embeddings) depend on it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        degrade(hr_shards, tmp_path / "pairs")  # one worker: every core for its shards
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_no_usm_keeps_hr_as_is(hr_shards, tmp_path):
     out = tmp_path / "plain"
     degrade(hr_shards, out, usm_hr=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import output_bytes
+from conftest import output_bytes, xpsr_here
 
 XPSR = str(Path(sys.executable).parent / "xpsr")
 STOP_BEFORE_MARKER = Path(__file__).with_name("stop_before_done_marker.py")
@@ -104,23 +104,24 @@ def one_per_shard(photo_dir, tiny_models, tmp_path_factory):
     folders = {"photos": photo_dir}
     for stage, name in (("shard", "hr"), ("degrade", "pairs"), ("caption", "captions")):
         folders[name] = root / name
-        result = run_cli(STAGES[stage](folders, folders[name], tiny_models), root)
-        assert result.returncode == 0, result.stderr[-2000:]
+        result = xpsr_here(*STAGES[stage](folders, folders[name], tiny_models), cwd=root)
+        assert result.code == 0, result.stderr[-2000:]
     return folders
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_kill_9_then_rerun_gives_identical_outputs(stage, one_per_shard, tiny_models, tmp_path):
     reference = tmp_path / "reference"
-    assert run_cli(STAGES[stage](one_per_shard, reference, tiny_models), tmp_path).returncode == 0
+    assert xpsr_here(*STAGES[stage](one_per_shard, reference, tiny_models), cwd=tmp_path).code == 0
     out = tmp_path / "killed"
     done_at_kill = kill_midway(
         STAGES[stage](one_per_shard, out, tiny_models), tmp_path, out, total=6, seed=zlib.crc32(stage.encode())
     )
     assert 1 <= done_at_kill < 6, f"the kill landed after {done_at_kill} of 6 shards"
     assert not (out / "sizes.json").exists()
-    result = run_cli(STAGES[stage](one_per_shard, out, tiny_models), tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # the rerun reads what the killed process left on disk: run it here, not in a third new interpreter
+    result = xpsr_here(*STAGES[stage](one_per_shard, out, tiny_models), cwd=tmp_path)
+    assert result.code == 0, result.stderr[-2000:]
     assert output_bytes(out) == output_bytes(reference)
     if stage == "embed":
         assert (out / "negative.npy").read_bytes() == (reference / "negative.npy").read_bytes()
@@ -128,11 +129,12 @@ def test_kill_9_then_rerun_gives_identical_outputs(stage, one_per_shard, tiny_mo
 
 def test_changed_params_refuse_to_mix_unless_overwrite(one_per_shard, tiny_models, tmp_path):
     out = tmp_path / "pairs"
-    assert run_cli(STAGES["degrade"](one_per_shard, out, tiny_models), tmp_path).returncode == 0
-    refused = run_cli(STAGES["degrade"](one_per_shard, out, tiny_models) + ["--seed", "7"], tmp_path)
-    assert refused.returncode != 0 and "different configuration" in refused.stderr and "Traceback" not in refused.stderr
-    accepted = run_cli(STAGES["degrade"](one_per_shard, out, tiny_models) + ["--seed", "7", "--overwrite"], tmp_path)
-    assert accepted.returncode == 0, accepted.stderr[-2000:]
+    assert xpsr_here(*STAGES["degrade"](one_per_shard, out, tiny_models), cwd=tmp_path).code == 0
+    refused = xpsr_here(*STAGES["degrade"](one_per_shard, out, tiny_models), "--seed", "7", cwd=tmp_path)
+    assert refused.code != 0 and "different configuration" in refused.stderr and "Traceback" not in refused.stderr
+    accepted = xpsr_here(*STAGES["degrade"](one_per_shard, out, tiny_models), "--seed", "7", "--overwrite",
+                         cwd=tmp_path)
+    assert accepted.code == 0, accepted.stderr[-2000:]
 
 
 def small_filesystem(path: Path, size: str) -> bool:

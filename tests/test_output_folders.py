@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, photo, run_xpsr, tree_digest
+from conftest import assert_one_line_error, photo, run_xpsr, tree_digest, xpsr_here
 from stages import shard as shard_stage
 from xpsr_core.errors import UserError
 from xpsr_core.io.atomic import atomic_write_bytes
@@ -193,7 +193,7 @@ def test_sr_cli_refuses_output_folders_that_overlap_the_inputs(case, tiny_models
     for relative in photos:
         small_photo(tmp_path / relative)
     before = tree_digest(tmp_path)
-    result = run_xpsr("sr", *inputs, "--out", out, *sr_args(tiny_models, checkpoint), cwd=tmp_path)
+    result = xpsr_here("sr", *inputs, "--out", out, *sr_args(tiny_models, checkpoint), cwd=tmp_path)
     assert_one_line_error(result, *fragments)
     assert tree_digest(tmp_path) == before
 
@@ -203,7 +203,7 @@ def test_sr_cli_gives_clashing_inputs_distinct_outputs(tiny_models, checkpoint, 
     small_photo(tmp_path / "in" / "x.jpg", "coffee")
     small_photo(tmp_path / "in" / "y.png", "rocket")
     before = tree_digest(tmp_path / "in")
-    result = run_xpsr("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint), cwd=tmp_path)
+    result = xpsr_here("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint), cwd=tmp_path)
     assert result.code == 0, result.output
     written = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert written == ["x.jpg.png", "x.png.png", "y.png"]
@@ -220,17 +220,17 @@ def test_sr_cli_overwrite_keeps_foreign_files_and_a_failed_run_reruns(tiny_model
     foreign = tree_digest(out / "notes.txt", out / "b.png")
     inputs = tree_digest(tmp_path / "in")
     # fails after preparing the folder: the manifest is read once the images are decoded
-    failed = run_xpsr("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint, captions=()),
-                      "--captions", "manifest", "--manifest", "missing.parquet", cwd=tmp_path)
+    failed = xpsr_here("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint, captions=()),
+                       "--captions", "manifest", "--manifest", "missing.parquet", cwd=tmp_path)
     assert_one_line_error(failed, "missing.parquet")
-    corrected = run_xpsr("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint), cwd=tmp_path)
+    corrected = xpsr_here("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint), cwd=tmp_path)
     assert corrected.code == 0, corrected.output
     assert "did not finish and left no finished output" in corrected.output
     first_seed = json.loads((out / "a.json").read_text())["seed"]
-    again = run_xpsr("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint), "--seed", "3", cwd=tmp_path)
+    again = xpsr_here("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint), "--seed", "3", cwd=tmp_path)
     assert_one_line_error(again, "1 finished outputs", "--overwrite")
-    replaced = run_xpsr("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint), "--seed", "3",
-                        "--overwrite", cwd=tmp_path)
+    replaced = xpsr_here("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint), "--seed", "3",
+                         "--overwrite", cwd=tmp_path)
     assert replaced.code == 0, replaced.output
     assert "removing the 2 files xpsr wrote there; the 2 other files there are kept" in replaced.output
     assert tree_digest(out / "notes.txt", out / "b.png") == foreign and tree_digest(tmp_path / "in") == inputs
@@ -242,6 +242,6 @@ def test_sr_cli_never_writes_over_a_file_it_did_not_write(tiny_models, checkpoin
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "a.png").write_bytes(b"a user's picture")
     before = tree_digest(tmp_path)
-    result = run_xpsr("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint), cwd=tmp_path)
+    result = xpsr_here("sr", "in", "--out", "out", *sr_args(tiny_models, checkpoint), cwd=tmp_path)
     assert_one_line_error(result, "did not write", "a.png")
     assert tree_digest(tmp_path) == before

@@ -5,6 +5,7 @@ fixtures in the importer (an autouse fixture then silently applies there too).""
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -55,3 +56,25 @@ def test_the_check_finds_each_kind_of_import(tmp_path):
         "test_e.py:1 imports the test module tests.test_a",
         "test_e.py:2 imports tests.conftest (a second copy of conftest; use `conftest`)",
     ]
+
+
+def test_the_in_process_cli_shows_what_a_process_would(tmp_path, monkeypatch):
+    """``xpsr_here``: the exit code and the one Error line of a user error; the traceback of an exception the command
+    lets through (a process prints it), and the test process's folder and environment as they were."""
+    from conftest import assert_one_line_error, xpsr_here
+    from stages import cli, shard  # noqa: F401 (importing the CLI quiets third-party libraries: once, not per command)
+
+    cwd, environ = os.getcwd(), dict(os.environ)
+    refused = xpsr_here("shard", "missing-folder", "--out", "out", "--set", "crop_sise=32", cwd=tmp_path)
+    assert_one_line_error(refused, "crop_sise")
+
+    def broken(config):
+        os.environ["XPSR_SET_BY_THE_COMMAND"] = "1"
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(shard, "run", broken)
+    (tmp_path / "photos").mkdir()
+    crashed = xpsr_here("shard", "photos", "--out", "out", cwd=tmp_path)
+    assert crashed.code not in (0, None)
+    assert "Traceback" in crashed.stderr and "RuntimeError: a bug, not a user error" in crashed.stderr
+    assert os.getcwd() == cwd and dict(os.environ) == environ

@@ -46,12 +46,18 @@ def degrade_shard(settings: PairShardSettings, in_dir: Path, out_dir: Path, shar
 
     from ..dist import rank_device
 
+    # this shard's share of the cores, for its duration only: a caller's later torch work keeps its own count (the
+    # bytes of float outputs such as embeddings depend on it)
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    device = rank_device(settings.device)
-    rows, ready = _read_hr_samples(in_dir, shard, settings.degradation)
-    with TarShardWriter(tar_path(out_dir, shard)) as writer:
-        rows += _degrade_into(writer, ready, settings, device)
-        samples = writer.count
+    try:
+        device = rank_device(settings.device)
+        rows, ready = _read_hr_samples(in_dir, shard, settings.degradation)
+        with TarShardWriter(tar_path(out_dir, shard)) as writer:
+            rows += _degrade_into(writer, ready, settings, device)
+            samples = writer.count
+    finally:
+        torch.set_num_threads(previous_threads)
     rows.sort(key=lambda row: row["key"])
     columns = list(INDEX_FIRST) + sorted({c for row in rows for c in row} - set(INDEX_FIRST))
     write_index(index_path(out_dir, shard), [{c: row.get(c) for c in columns} for row in rows])
