@@ -119,7 +119,7 @@ def test_kill_9_then_rerun_gives_identical_outputs(stage, one_per_shard, tiny_mo
     )
     assert 1 <= done_at_kill < 6, f"the kill landed after {done_at_kill} of 6 shards"
     assert not (out / "sizes.json").exists()
-    # the rerun reads what the killed process left on disk: run it here, not in a third new interpreter
+    # the rerun reads only what the killed process left on disk, so it runs in this process
     result = xpsr_here(*STAGES[stage](one_per_shard, out, tiny_models), cwd=tmp_path)
     assert result.code == 0, result.stderr[-2000:]
     assert output_bytes(out) == output_bytes(reference)
