@@ -14,10 +14,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from stages.common import print_summary, run_stage
 from xpsr_core.caption.manifests import caption_folder, caption_shard, caption_totals, check_servers, needs_retry
 from xpsr_core.caption.settings import CaptionSettings
 from xpsr_core.config import StageConfig, runtime_field
+from xpsr_core.dist import rank_device
 from xpsr_core.errors import UserError
+from xpsr_core.io.shards import require_finished
 
 STAGE = "caption"
 # the report's stage figures, as the summary prints them
@@ -39,7 +42,6 @@ class CaptionConfig(StageConfig, CaptionSettings):
 
 def run_on_folder(config: CaptionConfig) -> dict:
     """Caption every image below ``config.images`` into the one Parquet file ``config.out``."""
-    from stages.common import print_summary
     from xpsr_core.io.outputs import ensure_writable_dir
     from xpsr_core.sharded import check_failure_ratio, summarize
 
@@ -60,10 +62,7 @@ def run_on_folder(config: CaptionConfig) -> dict:
 
 
 def run(config: CaptionConfig) -> dict:
-    from stages.common import run_stage
-    from xpsr_core.dist import rank_device
     from xpsr_core.io.outputs import prepare_output_dir
-    from xpsr_core.io.shards import require_finished
     from xpsr_core.sharded import ShardedStage
 
     if config.images is not None:

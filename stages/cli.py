@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import functools
+import importlib
+import inspect
 import json
 import os
 import sys
@@ -28,6 +30,8 @@ from typing import Annotated, Any, Callable, List, Literal, Optional, Union, get
 import typer
 from typer.core import TyperGroup
 
+from xpsr_core.dist import rank_device
+from xpsr_core.errors import UserError
 from xpsr_core.quiet import quiet_third_party
 
 quiet_third_party()  # before any command imports torch, transformers or diffusers
@@ -128,8 +132,6 @@ def user_command(function: Callable) -> Callable:
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        from xpsr_core.errors import UserError
-
         try:
             return function(*args, **kwargs)
         except typer.Exit:
@@ -160,8 +162,6 @@ def user_command(function: Callable) -> Callable:
 
 def start_line(section: str, resolution) -> str:
     """'sr: params params.yaml, preset official, device cpu (auto), config 3f2a... (full config: OUT/config.json)'."""
-    from xpsr_core.dist import rank_device
-
     config = resolution.config
     parts = [f"params {resolution.params}" if resolution.params else "no params file"]
     if "preset" in type(config).model_fields:
@@ -272,8 +272,6 @@ METAVARS = {int: "INT", float: "FLOAT", str: "TEXT", Path: "PATH"}
 
 def _parameter(name: str, decls: list[str], kind: tuple, help_text: str, hidden: bool = False):
     """An ``inspect.Parameter`` whose default is the typer option (the value None when not given)."""
-    import inspect
-
     value_type, choices, repeatable = kind
     if value_type is bool:
         decls = decls if "/" in decls[0] else [f"{decls[0]}/--no-{decls[0][2:]}", *decls[1:]]
@@ -294,8 +292,6 @@ def _field_info(config_cls, dotted: str):
 def derive_parameters(section: str, config_cls, fixed: dict) -> tuple[list, dict[str, _Route]]:
     """The command's parameters from ``config_cls``'s fields (and the listed positional, nested and old names),
     and where each one's value goes in the config."""
-    import inspect
-
     parameters, routes = [], {}
     positional = POSITIONAL.get(section)
     for name, info in config_cls.model_fields.items():
@@ -372,9 +368,6 @@ def _get(target: dict, path: tuple[str, ...]) -> Any:
 
 def build_command(words: tuple[str, ...]):
     """The command ``COMMANDS[words]``, its parameters derived from its config class."""
-    import importlib
-    import inspect
-
     spec = COMMANDS[words]
     stage = importlib.import_module(f"stages.{spec.stage}")
     config_cls = getattr(stage, spec.config)

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Callable, Mapping
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from xpsr_core.dist import process_rank_and_world
+from xpsr_core.progress import PeriodicReporter, progress_text
+
 if TYPE_CHECKING:
     from xpsr_core.sharded import ShardedStage, ShardProgress
 
@@ -28,8 +31,6 @@ class LoggedProgress(Progress):
 
     def __init__(self, *columns, describe: Callable[[], str] | None = None, defer_report: bool = False, **kwargs):
         """``defer_report``: the plain lines start at ``start_report()`` (after forking workers, not before)."""
-        from xpsr_core.dist import process_rank_and_world
-
         self.plain = not console.is_terminal
         super().__init__(*columns, disable=self.plain, **kwargs)
         self._describe = describe
@@ -38,8 +39,6 @@ class LoggedProgress(Progress):
         self._defer = defer_report
 
     def plain_lines(self) -> str:
-        from xpsr_core.progress import progress_text
-
         if self._describe is not None:
             return self._describe()
         lines = []
@@ -59,8 +58,6 @@ class LoggedProgress(Progress):
 
     def start_report(self) -> None:
         if self._report and self._reporter is None:
-            from xpsr_core.progress import PeriodicReporter
-
             self._reporter = PeriodicReporter(self.plain_lines).__enter__()
 
     def __exit__(self, *exc) -> None:
@@ -86,8 +83,6 @@ def progress_bar(describe: Callable[[], str] | None = None, defer_report: bool =
 
 def shard_progress(label: str, out: Path, n_shards: int) -> Callable[[], str]:
     """A progress line with every rank's figures: the done markers in ``out`` (all ranks write there)."""
-    from xpsr_core.progress import progress_text
-
     started = time.perf_counter()
     seen: dict[str, int] = {}
 

@@ -10,9 +10,12 @@ import functools
 import os
 from pathlib import Path
 
+from stages.common import run_stage
 from xpsr_core.config import StageConfig, runtime_field
 from xpsr_core.degrade.pair_shards import PairShardSettings, degrade_shard
+from xpsr_core.dist import rank_device
 from xpsr_core.errors import UserError
+from xpsr_core.io.shards import require_finished
 
 STAGE = "degrade"
 
@@ -39,10 +42,7 @@ def _check_crop_size(config: DegradeConfig, in_dir: Path) -> None:
 
 
 def run(config: DegradeConfig) -> dict:
-    from stages.common import run_stage
-    from xpsr_core.dist import rank_device
     from xpsr_core.io.outputs import prepare_output_dir
-    from xpsr_core.io.shards import require_finished
     from xpsr_core.sharded import ShardedStage
 
     in_dir = Path(config.input_dir)

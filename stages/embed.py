@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from stages.common import run_stage
 from xpsr_core.config import StageConfig, runtime_field
+from xpsr_core.io.shards import require_finished
 from xpsr_core.training_shards import (
     EmbedSettings,
     embed_shard,
@@ -32,9 +34,7 @@ class EmbedConfig(StageConfig, EmbedSettings):
 
 
 def run(config: EmbedConfig) -> dict:
-    from stages.common import run_stage
     from xpsr_core.io.outputs import prepare_output_dir
-    from xpsr_core.io.shards import require_finished
     from xpsr_core.sharded import ShardedStage
 
     sizes = require_finished(config.input_dir, "pair-shard", "Run `xpsr degrade` to completion first.")

@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from stages.common import console, progress_bar, progress_task
 from xpsr_core.config import runtime_field
+from xpsr_core.dist import rank_device
 from xpsr_core.errors import UserError
-from xpsr_core.evaluation.methods import MethodSpec
+from xpsr_core.evaluation.methods import MethodSpec, ablation_methods, check_unique
 from xpsr_core.evaluation.settings import EvaluationSettings
-from xpsr_core.infer.config import SRModelConfig
+from xpsr_core.infer.config import SRModelConfig, check_model_paths, load_pipeline
 
 STAGE = "evaluate"
 
@@ -39,8 +41,6 @@ class EvaluateConfig(SRModelConfig, EvaluationSettings):
 
 
 def _methods(config: EvaluateConfig) -> list[MethodSpec]:
-    from xpsr_core.evaluation.methods import ablation_methods, check_unique
-
     methods = list(config.methods)
     if config.ablations:
         base = next((m for m in methods if m.kind == "xpsr" and m.ablation == "none"), None)
@@ -72,9 +72,7 @@ def _xpsr_inputs(config: EvaluateConfig, pairs, progress):
     """Caption the usable pairs' LR images, then load the pipeline (the captioner's memory goes first)."""
     from PIL import Image
 
-    from stages.common import progress_task
     from xpsr_core.evaluation.compare import XPSRInputs
-    from xpsr_core.infer.config import load_pipeline
     from xpsr_core.infer.inputs import caption_images
 
     items = [{"key": p.key, "name": p.name, "image": Image.fromarray(p.lr)} for p in pairs if p.error is None]
@@ -89,10 +87,7 @@ def _xpsr_inputs(config: EvaluateConfig, pairs, progress):
 
 
 def run(config: EvaluateConfig) -> dict:
-    from stages.common import console, progress_bar, progress_task
-    from xpsr_core.dist import rank_device
     from xpsr_core.evaluation.compare import evaluate_methods, write_evaluation
-    from xpsr_core.infer.config import check_model_paths
     from xpsr_core.io.images import readable_name
     from xpsr_core.io.outputs import mark_finished, prepare_output_dir
     from xpsr_core.metrics import prepare_metrics

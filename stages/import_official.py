@@ -13,8 +13,10 @@ from pathlib import Path
 
 from pydantic import Field
 
+from stages.common import console
 from xpsr_core.config import StageConfig, runtime_field
 from xpsr_core.errors import UserError
+from xpsr_core.infer.presets import preset_values
 
 
 class ImportOfficialConfig(StageConfig):
@@ -30,8 +32,6 @@ class ImportOfficialConfig(StageConfig):
 
 
 def run(config: ImportOfficialConfig) -> dict:
-    from stages.common import console
-    from xpsr_core.infer.presets import preset_values
     from xpsr_core.io.outputs import claim_contents, refuse_foreign
     from xpsr_core.models.official import import_official
 

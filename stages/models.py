@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from stages.common import console
 from xpsr_core.config import StageConfig, runtime_field
 from xpsr_core.errors import UserError
 
@@ -29,7 +30,6 @@ class ModelsConfig(StageConfig):
 
 
 def run(config: ModelsConfig) -> dict:
-    from stages.common import console
     from xpsr_core.io.outputs import mark_finished, prepare_output_dir
     from xpsr_core.zoo import CAPTIONER_SUBFOLDER, SD_SUBFOLDER, parameter_counts, write_zoo
 

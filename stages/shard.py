@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
+from stages.common import run_stage
 from xpsr_core.config import StageConfig, runtime_field
 from xpsr_core.hr_shards import HRShardSettings, ShardInput, build_shard, list_inputs
 
@@ -54,7 +55,6 @@ def parse_input_spec(spec: str) -> dict:
 
 
 def run(config: ShardConfig) -> dict:
-    from stages.common import run_stage
     from xpsr_core.io.outputs import prepare_output_dir
     from xpsr_core.sharded import ShardedStage
 

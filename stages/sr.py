@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from stages.common import console, progress_bar, progress_task
 from xpsr_core.config import runtime_field
-from xpsr_core.errors import UserError
-from xpsr_core.infer.batch import BatchProgress, super_resolve_folder
-from xpsr_core.infer.config import SRModelConfig
+from xpsr_core.errors import FailureRatioExceeded, UserError
+from xpsr_core.infer.batch import BatchProgress, check_output_folder, super_resolve_folder
+from xpsr_core.infer.config import SRModelConfig, check_model_paths
 
 STAGE = "sr"
 
@@ -47,8 +48,6 @@ class RichBatchProgress(BatchProgress):
         self.advance_steps = self.reset_steps = None
 
     def __enter__(self) -> "RichBatchProgress":
-        from stages.common import progress_bar
-
         self.bar = progress_bar().__enter__()
         return self
 
@@ -56,13 +55,9 @@ class RichBatchProgress(BatchProgress):
         return self.bar.__exit__(*exc)
 
     def captions_started(self) -> Callable[[int, int], None]:
-        from stages.common import progress_task
-
         return progress_task(self.bar, "captions")[0]
 
     def images_started(self, total: int) -> None:
-        from stages.common import progress_task
-
         self.images_task = self.bar.add_task("images", total=total, rate="")
         self.advance_steps, self.reset_steps = progress_task(self.bar, "steps")
 
@@ -82,8 +77,6 @@ class RichBatchProgress(BatchProgress):
 
 def print_report(report: dict) -> None:
     """The summary line and the first failures."""
-    from stages.common import console
-
     done, failures = report["done"], report["failures"]
     console.print(
         f"[bold green]sr[/] done: {done} images, {report['skipped']} already done, "
@@ -96,8 +89,6 @@ def print_report(report: dict) -> None:
 
 def check_failure_ratio(report: dict, max_failure_ratio: float) -> None:
     """Fail the run (after its summary) when more than the allowed share of its inputs failed."""
-    from xpsr_core.errors import FailureRatioExceeded
-
     inputs, failures = report["inputs"], report["failures"]
     if inputs and len(failures) / inputs > max_failure_ratio:
         raise FailureRatioExceeded(
@@ -108,8 +99,6 @@ def check_failure_ratio(report: dict, max_failure_ratio: float) -> None:
 
 
 def run(config: SRConfig) -> dict:
-    from xpsr_core.infer.batch import check_output_folder
-    from xpsr_core.infer.config import check_model_paths
     from xpsr_core.infer.inputs import collect_inputs
     from xpsr_core.io.outputs import mark_finished, prepare_output_dir
 

@@ -13,8 +13,10 @@ from typing import Callable, Literal
 
 from pydantic import Field
 
+from stages.common import console, progress_bar
 from xpsr_core.config import StageConfig, runtime_field
 from xpsr_core.degrade.pair_shards import PairShardSettings
+from xpsr_core.dist import rank_device
 from xpsr_core.io.images import DEFAULT_MAX_PIXELS
 from xpsr_core.testsets import MAX_SYNTHETIC_COUNT, PAIRED_STAGE, SYNTHETIC_STAGE
 
@@ -64,8 +66,6 @@ class PairedTestsetConfig(StageConfig):
 
 
 def _with_progress(label: str, build: Callable[[Callable[[str, int, int], None]], dict]) -> dict:
-    from stages.common import progress_bar
-
     with progress_bar() as bar:
         task = bar.add_task(label, total=None, rate="")
         current = {"phase": None}
@@ -81,8 +81,6 @@ def _with_progress(label: str, build: Callable[[Callable[[str, int, int], None]]
 
 
 def _finish(stage: str, report: dict, lines: list[str]) -> dict:
-    from stages.common import console
-
     shards = (f"{report['shards']} shards ({report['shards_processed']} built, {report['shards_skipped']} already "
               "done)")
     summary = ", ".join([shards, *lines, f"{report['seconds']:.1f} s"])
@@ -91,7 +89,6 @@ def _finish(stage: str, report: dict, lines: list[str]) -> dict:
 
 
 def run_synthetic(config: SyntheticTestsetConfig) -> dict:
-    from xpsr_core.dist import rank_device
     from xpsr_core.io.outputs import prepare_output_dir
     from xpsr_core.testsets import build_synthetic_testset
 

@@ -15,7 +15,12 @@ import shutil
 import time
 from pathlib import Path
 
+from stages.common import console
+from xpsr_core.dist import process_rank_and_world, slurm_step_tasks
 from xpsr_core.errors import UserError
+from xpsr_core.fingerprint import stage_fingerprint
+from xpsr_core.io.atomic import PARTIAL_FOLDER, atomic_write_json
+from xpsr_core.io.shards import require_finished
 from xpsr_core.train.settings import TrainConfig
 
 STAGE = "train"
@@ -25,8 +30,6 @@ __all__ = ["TrainConfig", "run"]
 
 def prepare_run_dir(config: TrainConfig) -> None:
     """Refuse to mix runs of different configs; refuse to silently restart over checkpoints."""
-    from xpsr_core.dist import process_rank_and_world
-    from xpsr_core.io.atomic import PARTIAL_FOLDER
     from xpsr_core.io.outputs import prepare_output_dir
     from xpsr_core.train.loop import LOG_FILE, list_checkpoints
 
@@ -52,8 +55,6 @@ def prepare_run_dir(config: TrainConfig) -> None:
 
 def run_record(config: TrainConfig, started: float) -> dict:
     """Which run the metrics are of: its folder, config hash, code fingerprint and start time (UTC)."""
-    from xpsr_core.fingerprint import stage_fingerprint
-
     return {"out": str(config.out), "config_hash": config.output_hash(), "code": stage_fingerprint(STAGE)["code"],
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))}
 
@@ -78,8 +79,6 @@ def check_metrics_owner(config: TrainConfig) -> None:
 
 def refuse_srun_without_launcher() -> None:
     """Training needs one process group: srun's tasks alone would each train by themselves into one folder."""
-    from xpsr_core.dist import slurm_step_tasks
-
     step = slurm_step_tasks(os.environ)
     if step is not None and step[1] > 1 and "RANK" not in os.environ:
         raise UserError(
@@ -104,11 +103,7 @@ def train_summary(report: dict) -> str:
 
 
 def run(config: TrainConfig) -> dict:
-    from stages.common import console
-    from xpsr_core.dist import process_rank_and_world
-    from xpsr_core.io.atomic import atomic_write_json
     from xpsr_core.io.outputs import mark_finished
-    from xpsr_core.io.shards import require_finished
     from xpsr_core.train.loop import LOG_FILE, train
 
     refuse_srun_without_launcher()

@@ -27,6 +27,9 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from .infer.settings import RESIZES
 
@@ -108,10 +111,6 @@ def prepare_condition(lr, scale: int, resize: str = "torch-bicubic", process_siz
 
 
 def _pil_chain(lr, scale: int, process_size: Optional[int], multiple: int) -> Condition:
-    from PIL import Image
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
     pixels = _as_uint8_rgb(lr)
     height, width = pixels.shape[:2]
     up = Image.fromarray(pixels).resize((width * scale, height * scale), Image.Resampling.BICUBIC)
@@ -132,8 +131,6 @@ def resize_output(image: np.ndarray, size: tuple[int, int], resize: str = "torch
     if tuple(image.shape[:2]) == tuple(size):
         return image
     if resize == "pil-bicubic":
-        from PIL import Image
-
         return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BICUBIC)).copy()
     x = to_tensor(image)
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]

@@ -10,6 +10,8 @@ import io
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .text_conditioning import CLIP_WINDOW, WINDOW_TOKENS, caption_capacity, check_max_caption_tokens
 
@@ -40,8 +42,6 @@ def encode_prompts(text_encoder, tokenizer, texts: Sequence[str], max_tokens: Op
     At 77 (the default) each text is padded and truncated to one CLIP window. Above, every text becomes
     ``max_tokens / 77`` windows (:func:`window_token_ids`), encoded independently in one batch and concatenated.
     """
-    import torch
-
     if max_tokens is None or max_tokens == CLIP_WINDOW:
         tokens = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                            return_tensors="pt")
@@ -70,17 +70,12 @@ def encode_latent_moments(vae, hr):
     Storing the moments rather than one sampled latent lets training draw a fresh latent each step,
     exactly as encoding online would.
     """
-    import torch
-
     with torch.no_grad():
         return vae.encode(hr.to(vae.device, dtype=vae.dtype)).latent_dist.parameters.float()
 
 
 def sample_latent(moments, scaling_factor: float, generator=None):
     """A scaled latent drawn from stored moments, as ``vae.encode(x).latent_dist.sample() * scale``."""
-    import torch
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
     distribution = DiagonalGaussianDistribution(moments)
     if generator is None:
         return distribution.sample() * scaling_factor

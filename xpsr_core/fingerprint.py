@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 
 from .import_graph import loaded_files, stage_module
@@ -58,13 +60,9 @@ def stage_files(stage: str, root: Path | None = None) -> list[str]:
 
 def library_versions(stage: str) -> dict[str, str]:
     """name -> installed version (or "absent") of the libraries that shape ``stage``'s outputs."""
-    from importlib import metadata
-
     versions = {}
     for name in sorted(set(STAGE_LIBRARIES.get(stage, [])) | {"python"}):
         if name == "python":
-            import sys
-
             versions[name] = "{}.{}".format(*sys.version_info[:2])
             continue
         try:

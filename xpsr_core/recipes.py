@@ -27,7 +27,11 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping, Optional
 
+from .caption.settings import CaptionSettings
 from .config import deep_merge, recipe_fields
+from .evaluation.settings import EvaluationSettings
+from .infer.config import SRModelConfig
+from .train.settings import TrainConfig
 
 
 def _recipe_keys() -> dict[str, tuple[str, ...]]:
@@ -42,11 +46,6 @@ def _recipe_keys() -> dict[str, tuple[str, ...]]:
     preset, the captioner's instructions and every sampling value, the seed included (explicit values override
     a preset). evaluate: the same and the metric protocol (crop_border).
     """
-    from .caption.settings import CaptionSettings
-    from .evaluation.settings import EvaluationSettings
-    from .infer.config import SRModelConfig
-    from .train.settings import TrainConfig
-
     return {"caption": recipe_fields(CaptionSettings), "train": recipe_fields(TrainConfig),
             "sr": recipe_fields(SRModelConfig), "evaluate": recipe_fields(SRModelConfig, EvaluationSettings)}
 

@@ -24,8 +24,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from .dist import rank_and_world, shards_for_rank
 from .errors import FailureRatioExceeded
 from .io import images
+from .io.atomic import atomic_path, atomic_write_json
+from .io.shards import is_done, read_stats, write_sizes
 
 
 class Status(StrEnum):
@@ -69,8 +72,6 @@ def write_index(path: Path, rows: list[dict], schema=None) -> None:
     """A Parquet file of ``rows`` (a shard's index or manifest) that appears under its name only when complete."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from .io.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
@@ -145,10 +146,7 @@ def run_sharded(stage: ShardedStage, progress: Callable[[ShardProgress], None] |
     last writes it; the content is the same). Raises FailureRatioExceeded after writing the report
     when more than ``stage.max_failure_ratio`` of the inputs failed.
     """
-    from .dist import rank_and_world, shards_for_rank
-    from .io.atomic import atomic_write_json
     from .io.outputs import produced_by, read_record
-    from .io.shards import is_done, read_stats, write_sizes
 
     started = time.perf_counter()
     tell = progress or (lambda update: None)

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import functools
 import json
+import tarfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import DeviceName, device_field
+from .dist import rank_device
 from .errors import UserError
+from .io.atomic import atomic_write_bytes, atomic_write_json
 from .io.shards import TarShardWriter, index_path, read_shard, tar_path, write_stats
 from .sharded import Status, shard_stats
 from .text_conditioning import CLIP_WINDOW, NEGATIVE_PROMPT, MaxCaptionTokens, max_caption_tokens_field
@@ -49,8 +52,6 @@ class EmbedSettings(BaseModel):
 
 
 def _tar_keys(path: Path) -> list[str]:
-    import tarfile
-
     with tarfile.open(path) as tar:
         return sorted({name.partition(".")[0] for name in tar.getnames()})
 
@@ -95,7 +96,6 @@ def plan_join(settings: EmbedSettings, pairs_dir: Path, captions_dir: Path, n_sh
 
 @functools.lru_cache(maxsize=1)
 def _encoders(base_model: str, device: str, with_vae: bool):
-    from .dist import rank_device
     from .models.loading import load_base_sd
 
     components = ("text_encoder", "tokenizer") + (("vae",) if with_vae else ())
@@ -168,7 +168,6 @@ def write_prompt_embeddings(settings: EmbedSettings, out_dir: Path) -> None:
     import numpy as np
 
     from .encoding import encode_prompts, npy_bytes
-    from .io.atomic import atomic_write_bytes, atomic_write_json
 
     base = _encoders(settings.base_model, settings.device, settings.encode_latents)
     texts = [settings.negative_prompt, ""]

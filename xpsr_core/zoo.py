@@ -25,6 +25,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict
 
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders
+from tokenizers.models import BPE
+from tokenizers.processors import TemplateProcessing
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
 from .errors import UserError
 from .io.atomic import share_per_umask
 
@@ -108,8 +129,6 @@ def clip_vocab_and_merges() -> tuple[dict, list[str]]:
 
 def write_clip_tokenizer(folder: Path, max_length: int = 77) -> Path:
     """Write vocab.json + merges.txt + tokenizer config for a real CLIP tokenizer and check it loads."""
-    from transformers import CLIPTokenizer
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab_and_merges()
@@ -155,11 +174,6 @@ def build_caption_tokenizer(clip_folder: Path, base_vocab: int = CAPTION_BASE_VO
     Same normaliser and pre-tokeniser as CLIP (lower-cases), byte-exact decoding; only BOS is
     prepended (prompts get no EOS); left padding for batched generation.
     """
-    from tokenizers import Tokenizer, decoders
-    from tokenizers.models import BPE
-    from tokenizers.processors import TemplateProcessing
-    from transformers import CLIPTokenizer, PreTrainedTokenizerFast
-
     clip = CLIPTokenizer.from_pretrained(clip_folder)
     vocab, merges = clip_vocab_and_merges()
     keep = base_vocab - 2
@@ -363,15 +377,11 @@ def get_preset(name: str) -> ZooPreset:
 
 
 def _dtype(name: str):
-    import torch
-
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 @contextlib.contextmanager
 def _default_dtype(dtype):
-    import torch
-
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -382,10 +392,6 @@ def _default_dtype(dtype):
 
 def build_sd_components(preset: ZooPreset, seed: int = 0, device: str = "cpu"):
     """Random SD-1.5-layout components (unet, vae, text_encoder, scheduler) for ``preset``."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(seed)
     with torch.device(device), _default_dtype(_dtype(preset.dtype)):
         unet = UNet2DConditionModel(**preset.unet)
@@ -404,9 +410,6 @@ def write_sd(
     ``device="cuda"`` draws the random weights on the GPU (SD-1.5 shapes: 12-14 s, saving included, on an H200).
     ``tokenizer_from`` reuses a CLIP tokenizer folder instead of building one from open_clip's vocabulary.
     """
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
     folder = Path(folder)
     if tokenizer_from is None:
         tokenizer_dir = write_clip_tokenizer(folder / "tokenizer")
@@ -427,8 +430,6 @@ def write_sd(
 
 def captioner_configs(preset: ZooPreset, vocab_size: int, image_token_id: int, bos_id: int, eos_id: int, pad_id: int):
     """(LlavaConfig, image_seq_length) for ``preset``."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
     vision = CLIPVisionConfig(**preset.vision)
     text = LlamaConfig(
         vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, **preset.llm
@@ -449,9 +450,6 @@ def captioner_configs(preset: ZooPreset, vocab_size: int, image_token_id: int, b
 
 def write_captioner(folder: Path, preset: ZooPreset, clip_tokenizer_dir: Path, seed: int = 0) -> Path:
     """Write a llava-hf style folder: config, weights, processor (image processor + tokenizer + chat template)."""
-    import torch
-    from transformers import CLIPImageProcessor, GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_caption_tokenizer(clip_tokenizer_dir)
@@ -508,9 +506,6 @@ LLAVA_HF_VISION_TOWER = "vision_tower.vision_model."
 
 def _write_llava_hf_names(folder: Path) -> None:
     """Rename the saved weights of ``folder`` to llava-hf's names, shard by shard (and in the shard index)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     def renamed(key: str) -> str:
         if key.startswith(VISION_TOWER) and not key.startswith(LLAVA_HF_VISION_TOWER):
             return LLAVA_HF_VISION_TOWER + key[len(VISION_TOWER):]
@@ -564,10 +559,6 @@ def write_zoo(out: Path, preset_name: "str | ZooPreset" = "tiny", seed: int = 0,
 
 def parameter_counts(preset_name: str) -> Dict[str, int]:
     """Parameter counts of every model of a preset, built on the meta device (no memory, no weights)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, LlavaForConditionalGeneration
-
     preset = get_preset(preset_name)
     with torch.device("meta"):
         models = {

@@ -13,7 +13,11 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPTokenizer, LogitsProcessorList
+
 from ..errors import UserError
+from ..io.model_files import is_local_source, loading_model
 from .settings import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION, GenerationSettings  # noqa: F401 (re-exported)
 
 
@@ -24,14 +28,10 @@ class SeededSampler:
     that follows takes it."""
 
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device="cpu"):
-        import torch
-
         self.temperature, self.top_p = temperature, top_p
         self.generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
 
     def __call__(self, input_ids, scores):
-        import torch
-
         logits = scores.float().cpu() / max(self.temperature, 1e-6)
         chosen = []
         for row, generator in zip(logits, self.generators):
@@ -48,8 +48,6 @@ class SeededSampler:
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    import torch
-
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
@@ -81,11 +79,6 @@ class Captioner:
         trust_remote_code: bool = False,
     ):
         """``trust_remote_code`` runs the model folder's own Python code (only for models that need it)."""
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        from ..io.model_files import is_local_source, loading_model
-
         self.model_id = str(model)
         self.settings = settings or GenerationSettings()
         self.device = device
@@ -138,12 +131,8 @@ class Captioner:
         return self._generate(items, list(seeds))
 
     def _generate(self, items: list, seeds: list[int] | None = None) -> list[str]:
-        import torch
-
         kwargs = self.settings.generate_kwargs()
         if seeds is not None and self.settings.do_sample and self.settings.num_beams == 1:
-            from transformers import LogitsProcessorList
-
             kwargs = {k: v for k, v in kwargs.items() if k not in ("temperature", "top_p")}
             kwargs.update(do_sample=False, logits_processor=LogitsProcessorList(
                 [SeededSampler(seeds, self.settings.temperature, self.settings.top_p)]))
@@ -169,8 +158,6 @@ class Captioner:
 
 def clip_token_counter(base_model: str | Path) -> tuple[Callable[[str], int], int]:
     """(count, limit): the base model's CLIP tokenizer's token count of a text (BOS/EOS included) and its limit."""
-    from transformers import CLIPTokenizer
-
     folder = Path(base_model)
     source = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
     try:

@@ -30,10 +30,11 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from ..io.shards import index_path, read_shard, tar_path, write_stats
+from ..dist import rank_device
+from ..io.shards import index_path, is_done, read_shard, tar_path, write_stats
 from ..sharded import Status, shard_stats, write_index
 from ..text_conditioning import caption_capacity, caption_truncated
-from .served import CaptionFailure
+from .served import CaptionFailure, ServedCaptioner, check_endpoint, endpoints
 from .settings import CAPTION_KINDS, HR_KIND, CaptionSettings, GenerationSettings
 
 SEED_STREAM = "caption"  # a sampled caption's seed comes from (seed, this, key/kind); the quality model's: this-quality
@@ -73,8 +74,6 @@ def load_captioner(model: str, dtype: str, device: str, generation: GenerationSe
 @functools.lru_cache(maxsize=2)
 def load_served_captioner(endpoint, generation: GenerationSettings, concurrency: int):
     """A served captioner per endpoint (checked against the server's /models once per process)."""
-    from .served import ServedCaptioner
-
     return ServedCaptioner(endpoint, generation, concurrency)
 
 
@@ -82,8 +81,6 @@ def captioners(settings: CaptionSettings, device: str) -> tuple:
     """(content captioner, quality captioner): the same one unless ``quality_model`` is set."""
     generation = settings.generation()
     if settings.served:
-        from .served import endpoints
-
         captioner = load_served_captioner(endpoints(settings), generation, settings.concurrency)
         if not settings.separate_quality:
             return captioner, captioner
@@ -100,7 +97,6 @@ def check_servers(settings: CaptionSettings) -> None:
     """With engine=openai: a one-line UserError now when a server is down or does not serve its model."""
     if not settings.served:
         return
-    from .served import check_endpoint, endpoints
 
     check_endpoint(endpoints(settings))
     if settings.separate_quality:
@@ -118,8 +114,6 @@ def caption_items(settings: CaptionSettings, items: list[dict], hr: bool = False
                   kept: dict[str, dict] | None = None) -> list[dict]:
     """Caption decoded items ({"key", "shard", "dataset", "source", "image" [and "hr_image" with ``hr``] or
     "status"/"error"}) into manifest rows, in the items' order; ``kept`` (key -> row) are rows made before, kept."""
-    from ..dist import rank_device
-
     kept = kept or {}
     count, _ = _token_counter(settings.base_model)
     limit = settings.max_caption_tokens
@@ -306,7 +300,6 @@ def kept_rows(out_dir: Path, shard: int) -> dict[str, dict]:
     import pyarrow.parquet as pq
 
     from ..io.outputs import produced_by, read_record
-    from ..io.shards import is_done
 
     record = read_record(out_dir)
     if not record or not is_done(out_dir, shard, produced_by(record)) or not index_path(out_dir, shard).is_file():

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from ..seeding import numpy_rng
+from . import pipeline
+from .sampling import sample_degradation
 from .settings import DegradationSettings
 
 
@@ -45,10 +47,6 @@ def degrade_crops(
     size run as one ``degrade_batch`` call, sizes in the order they first appear. Results are yielded
     in that processing order (the given order when all crops have one size), one chunk at a time.
     """
-    # looked up on the package when called, so that a replaced xpsr_core.degrade.degrade_batch takes effect
-    from .pipeline import degrade_batch
-    from .sampling import sample_degradation
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     for start in range(0, len(crops), batch_size):
@@ -60,6 +58,7 @@ def degrade_crops(
             pixels = torch.from_numpy(np.stack([hr for _, hr in group])).permute(0, 3, 1, 2)
             hr_batch = pixels.to(device, dtype=torch.float32) / 255.0
             with torch.no_grad():
-                target, lr = degrade_batch(hr_batch, params, settings, usm_hr=usm_hr)
+                # looked up when called, so that a replaced pipeline.degrade_batch takes effect
+                target, lr = pipeline.degrade_batch(hr_batch, params, settings, usm_hr=usm_hr)
             for (key, _), sampled, hr_out, lr_out in zip(group, params, _to_uint8(target), _to_uint8(lr)):
                 yield DegradedCrop(key, hr_out, lr_out, sampled.to_record())

@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import DeviceName, device_field, runtime_field
+from ..dist import rank_device
 from ..io.images import decode_png, encode_png
 from ..io.shards import TarShardWriter, index_path, read_shard, tar_path, write_stats
 from ..sharded import Status, shard_stats, write_index
@@ -43,8 +44,6 @@ class PairShardSettings(BaseModel):
 def degrade_shard(settings: PairShardSettings, in_dir: Path, out_dir: Path, shard: int, *, threads: int = 1) -> dict:
     """Degrade every sample of HR shard ``shard``; write the pair shard, its index, then its stats (returned)."""
     import torch
-
-    from ..dist import rank_device
 
     # this shard's share of the cores, for its duration only: a caller's later torch work keeps its own count (the
     # bytes of float outputs such as embeddings depend on it)

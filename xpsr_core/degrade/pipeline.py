@@ -29,6 +29,7 @@ import copy
 import threading
 from functools import lru_cache
 
+import cv2  # basicsr's USMSharp builds its kernel with cv2 as well (sigma 0: derived from size)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -89,8 +90,6 @@ def filter2d(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- USM
 @lru_cache(maxsize=8)
 def _gaussian_kernel_1d_np(size: int) -> np.ndarray:
-    import cv2  # basicsr's USMSharp builds its kernel with cv2 as well (sigma 0: derived from size)
-
     return cv2.getGaussianKernel(size, 0).reshape(-1)
 
 

@@ -23,6 +23,9 @@ from PIL import Image
 
 from xpsr_core.errors import UserError
 
+from ..degrade.compat import RRDBNet  # basicsr needs its torchvision alias before the first import
+from ..io.model_files import loading_model
+
 __all__ = ["RRDBNetShape", "RealESRGANUpscaler", "bicubic_upscale", "load_rrdbnet", "read_rrdbnet_state"]
 
 # RRDBNet's first conv sees 3 channels at x4, pixel-unshuffled 3 x 2 x 2 at x2 and 3 x 4 x 4 at x1
@@ -60,7 +63,6 @@ def read_rrdbnet_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"Real-ESRGAN checkpoint {path} does not exist; put RealESRGAN_x4plus.pth (or another RRDBNet "
                         "checkpoint) there or point the configuration at it.")
-    from ..io.model_files import loading_model
 
     with loading_model("the Real-ESRGAN checkpoint", path, "Is it a complete .pth download?"):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -105,8 +107,6 @@ class RRDBNetShape:
                    num_block=max(blocks) + 1, num_grow_ch=int(growth.shape[0]))
 
     def build(self) -> torch.nn.Module:
-        from ..degrade.compat import RRDBNet  # basicsr needs its torchvision alias before the first import
-
         return RRDBNet(num_in_ch=3, num_out_ch=3, scale=self.scale, num_feat=self.num_feat, num_block=self.num_block,
                        num_grow_ch=self.num_grow_ch)
 

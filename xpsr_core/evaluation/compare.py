@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..io import images as image_io
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_path, atomic_write_json
 from .methods import MethodSpec, ablated_prompts, unavailable_reason
 from .pairs import Pair, match_images
 
@@ -202,7 +202,6 @@ def evaluate_methods(pairs: list[Pair], methods: list[MethodSpec], metric_runs, 
 
 def write_evaluation(out: Path, evaluation: Evaluation, metric_runs, title: str = "", crop_border: int = 0) -> dict:
     """The report files, the grids and ``metric_details.json``; returns the run's summary."""
-    from ..io.atomic import atomic_write_json
     from .report import MetricColumn, comparison_grid, write_report
 
     out = Path(out)

@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from xpsr_core.errors import UserError
@@ -180,8 +183,6 @@ def _per_image_columns(rows: Sequence[Mapping], metrics: Sequence[MetricColumn])
 
 def _per_image_table(rows: Sequence[Mapping], metrics: Sequence[MetricColumn]):
     """The per-image rows as an Arrow table, and the columns that ``per_image.csv`` keeps."""
-    import pyarrow as pa
-
     for index, row in enumerate(rows):
         if "key" not in row or "method" not in row:
             raise UserError(f"Per-image row {index} lacks 'key' or 'method' ({sorted(row)}); every row needs both.")
@@ -210,9 +211,6 @@ def write_report(out: Path, methods: list[str], metrics: list[MetricColumn],
     metric that has no value. Non-finite means (PSNR of identical images) stay in the tables but not in
     ``metrics.json``, which holds only JSON numbers.
     """
-    import pyarrow.csv as pa_csv
-    import pyarrow.parquet as pq
-
     text = markdown_table(methods, metrics, values, not_computed, title)
     per_image_table, per_image_csv_columns = _per_image_table(per_image, metrics)
     out = Path(out)

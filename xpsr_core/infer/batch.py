@@ -13,13 +13,17 @@ a resumed run restores the states of the images it skips, so it continues the sa
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .config import SRModelConfig
+from ..errors import UserError
+from ..io.atomic import atomic_path, atomic_write_json
+from .config import SRModelConfig, load_pipeline
 
 
 class BatchProgress:
@@ -103,7 +107,6 @@ def _write_result(out: Path, item: dict, result, pipe, generator) -> None:
     """The SR PNG, then its sidecar (written last: it marks the image finished), each replaced atomically."""
     from PIL import Image
 
-    from ..io.atomic import atomic_path, atomic_write_json
     from ..io.images import readable_name
     from .inputs import generator_state
 
@@ -129,7 +132,6 @@ def _sample_entries(
 
     A finished entry only restores the run generator's state after it; a caption failure joins ``failures``.
     """
-    from .config import load_pipeline
     from .inputs import set_generator_state
 
     pipe = load_pipeline(config)
@@ -211,8 +213,6 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _pattern_matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
     """A path's components against a glob's, ``**`` standing for any number of components."""
-    import fnmatch
-
     if not pattern:
         return not parts
     if pattern[0] == "**":
@@ -222,8 +222,6 @@ def _pattern_matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
 
 def _overlap(out: Path, spec: str, planned: list[Path]) -> Optional[str]:
     """Why the output folder ``out`` cannot serve the input folder or pattern ``spec`` (None when it can)."""
-    import glob
-
     from .inputs import glob_root
 
     path = Path(os.path.realpath(os.path.expanduser(spec)))
@@ -246,7 +244,6 @@ def _overlap(out: Path, spec: str, planned: list[Path]) -> Optional[str]:
 def check_output_folder(out: Path, specs: Sequence[str], inputs: Sequence[tuple[Path, str]]) -> None:
     """Refuse an output folder that is, holds or lies inside an input folder, or whose outputs an input pattern
     would match, or where an output would replace a file xpsr did not write. Changes nothing."""
-    from ..errors import UserError
     from ..io.images import readable_name
     from ..io.outputs import Ownership, read_record
     from .inputs import output_stems

@@ -20,9 +20,12 @@ from typing import Any, Literal, Optional
 from pydantic import Field, create_model, model_validator
 
 from ..caption.settings import CONTENT_INSTRUCTION, QUALITY_INSTRUCTION, prefixed_serving_fields
-from ..compiling import SR_COMPILE_MODES, compile_cache_field
+from ..compiling import SR_COMPILE_MODES, compile_cache_field, inductor_cache_dir, use_inductor_cache
 from ..config import COMMAND_LINE, DeviceName, StageConfig, device_field, recipe_field, runtime_field
+from ..dist import rank_device
 from ..errors import UserError
+from ..io.pipeline_folder import XPSR_SUBFOLDER
+from .presets import PRESETS, layered_settings, preset_values
 from .settings import SRSettings
 
 SEED_STAGE = "sr"  # the stage name in every image's derived seed (sr and evaluate draw alike)
@@ -105,8 +108,6 @@ class SRModelConfig(_SRModelWithSampling):
     def _preset_notes(layers, preset: Any) -> list[str]:
         """A line per params-file layer stating sampling values that differ from ``preset``'s and that no higher
         layer replaces: the params file wins, as the documented precedence says."""
-        from .presets import PRESETS, preset_values
-
         if preset not in PRESETS:
             return []
         recipe, notes = preset_values(preset), []
@@ -132,7 +133,6 @@ class SRModelConfig(_SRModelWithSampling):
         """Fill the sampling values not given explicitly from the preset, then the pipeline folder."""
         if not isinstance(data, dict) or not (data.get("preset") or data.get("pipeline")):
             return data
-        from .presets import PRESETS, layered_settings
 
         preset = data.get("preset") if data.get("preset") in PRESETS else None  # an unknown name fails field validation
         return layered_settings(dict(data), preset=preset, pipeline=data.get("pipeline"), fields=set(SAMPLING_FIELDS))
@@ -153,7 +153,6 @@ class SRModelConfig(_SRModelWithSampling):
 
 def load_pipeline(config: SRModelConfig):
     """The XPSR pipeline the config names, with its sampling values as the pipeline's settings."""
-    from ..dist import rank_device
     from .pipeline import XPSRPipeline
 
     device = rank_device(config.device)  # auto: this rank's GPU when there is one, else the CPU
@@ -172,8 +171,6 @@ def load_pipeline(config: SRModelConfig):
         pipe = XPSRPipeline.from_pretrained(base_model=config.base_model, xpsr=config.xpsr, dtype=config.dtype,
                                             device=device, settings=config.sr_settings())
     if config.compile != "none":
-        from ..compiling import inductor_cache_dir, use_inductor_cache
-
         use_inductor_cache(inductor_cache_dir(config.compile_cache, Path(getattr(config, "out", "outputs/sr"))))
         pipe.compile(config.compile)
     return pipe
@@ -186,7 +183,6 @@ def check_model_paths(config: SRModelConfig) -> None:
     if config.pipeline:
         if not Path(config.pipeline).is_dir():
             raise UserError(f"The pipeline folder {config.pipeline} does not exist.")
-        from ..io.pipeline_folder import XPSR_SUBFOLDER
         from ..models.xpsr import check_trainable_folder
 
         check_base_model(config.pipeline)  # every SD component, then the XPSR parts, before any captioning

@@ -8,20 +8,29 @@ or key), or are given once for every image.
 
 from __future__ import annotations
 
+import base64
+import gc
 import glob
+import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..caption.served import CaptionFailure
+import pyarrow.parquet as pq
+import torch
+
+from ..caption import captioner as captioner_module
+from ..caption.served import CaptionFailure, Endpoint, ServedCaptioner
+from ..caption.settings import GenerationSettings
+from ..dist import rank_device
 from ..errors import UserError
+from ..io.images import IMAGE_SUFFIXES, find_images, readable_name
 from .config import SRModelConfig
 
 
 def collect_inputs(specs: list[str]) -> list[tuple[Path, str]]:
     """(path, relative name) of every image named by files, folders or globs; names are unique."""
-    from ..io.images import IMAGE_SUFFIXES, find_images, readable_name
-
     found: list[tuple[Path, str]] = []
     for spec in specs:
         path = Path(os.path.expanduser(spec))
@@ -67,10 +76,6 @@ def output_stems(names: list[str]) -> list[str]:
     systems do: ``x.png`` and ``X.jpg``) or it is reserved (``config``): then each of them keeps its suffix
     (``x.png.png``, ``X.jpg.png``). A function of the names alone, so reruns and resumes find the same files;
     names that clash even so are a UserError listing them."""
-    from collections import Counter
-
-    from ..io.images import readable_name
-
     plain = [str(Path(name).with_suffix("")) for name in names]
     sharing = Counter(stem.casefold() for stem in plain)
     stems = [name if sharing[stem.casefold()] > 1 or stem in RESERVED_STEMS else stem
@@ -89,8 +94,6 @@ class CaptionLookup:
     """Captions from Parquet manifests, looked up by source path, file name, stem or key."""
 
     def __init__(self, manifest: Path):
-        import pyarrow.parquet as pq
-
         manifest = Path(manifest)
         files = sorted(manifest.glob("*.parquet")) if manifest.is_dir() else [manifest]
         if not files or not all(f.is_file() for f in files):
@@ -142,7 +145,6 @@ def caption_images(
             else:
                 item["content"], item["quality"] = found
         return
-    from ..caption.settings import GenerationSettings
 
     generation = GenerationSettings(max_new_tokens=config.caption_max_new_tokens)
     served = config.caption_engine == "openai"
@@ -165,9 +167,6 @@ def caption_images(
     if served:
         return
     del captioner  # its weights go before the SR model loads
-    import gc
-
-    import torch
 
     gc.collect()
     if torch.cuda.is_available():
@@ -175,16 +174,13 @@ def caption_images(
 
 
 def _local_captioner(config: SRModelConfig, generation):
-    from ..caption.captioner import Captioner
-    from ..dist import rank_device
-
-    return Captioner(config.captioner, dtype=config.dtype, device=rank_device(config.device), settings=generation)
+    # looked up when called, so that a replaced captioner_module.Captioner takes effect
+    return captioner_module.Captioner(config.captioner, dtype=config.dtype, device=rank_device(config.device),
+                                      settings=generation)
 
 
 def _served_captioner(config: SRModelConfig, generation):
     """The captioner behind ``caption_endpoint``; a one-line UserError when that server is down or serves others."""
-    from ..caption.served import Endpoint, ServedCaptioner
-
     if not config.caption_endpoint:
         raise UserError("caption_engine=openai needs the server's base URL: set caption_endpoint "
                         "(e.g. http://127.0.0.1:8000/v1).")
@@ -195,23 +191,15 @@ def _served_captioner(config: SRModelConfig, generation):
 
 def generator_state(generator) -> str:
     """A torch.Generator's state as text (base64), for a sidecar."""
-    import base64
-
     return base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
 
 
 def set_generator_state(generator, text: str) -> None:
-    import base64
-
-    import torch
-
     generator.set_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
 
 
 def saved_generator_state(path: Path) -> Optional[str]:
     """The generator state recorded in a finished image's sidecar (None when absent or unreadable)."""
-    import json
-
     try:
         state = json.loads(Path(path).read_text()).get("generator_state")
     except (OSError, ValueError, AttributeError):

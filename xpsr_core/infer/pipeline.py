@@ -41,16 +41,22 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from pydantic import ValidationError
 
+from ..compiling import CompileClock, raise_recompile_limit
 from ..conditioning import prepare_condition, resize_output, to_uint8
 from ..encoding import encode_prompts, truncation_notices
 from ..errors import UserError
 from ..io.pipeline_folder import PIPELINE_FILE, XPSR_SUBFOLDER, write_pipeline_folder
+from ..models.loading import load_base_sd
+from ..models.xpsr import TRAINABLE_FILE, XPSRModel
 from .color import UINT8_COLOR_FIXES, adain_color_fix_uint8, color_fix
+from .grid import make_grid, stack_rows
 from .settings import SCHEDULERS, SRSettings
 from .tiling import tile_boxes, tiled_apply
 
@@ -84,8 +90,6 @@ def _dtype(value: Any) -> torch.dtype:
 
 
 def make_scheduler(name: str, config) -> Any:
-    import diffusers
-
     if name not in SCHEDULERS:
         raise UserError(f"Unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}.")
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
@@ -152,8 +156,6 @@ class XPSRPipeline:
         """Compiles the denoiser (ControlNet + UNet, called once per tile and step with both guidance branches as
         one batch) and the VAE decoder in place, for static shapes: equal tiles share one graph. ``mode``:
         default or reduce-overhead (CUDA graphs). The clock counts the compile time of the images that follow."""
-        from ..compiling import CompileClock, raise_recompile_limit
-
         raise_recompile_limit()
         options = dict(dynamic=False, fullgraph=True, **({} if mode == "default" else {"mode": mode}))
         self.compile_clock = CompileClock()
@@ -189,9 +191,6 @@ class XPSRPipeline:
         ``xpsr`` may be the folder written by ``XPSRModel.save_trainable`` or a training run
         folder holding one as ``final/``.
         """
-        from ..models.loading import load_base_sd
-        from ..models.xpsr import TRAINABLE_FILE, XPSRModel
-
         torch_dtype = _dtype(dtype)
         if torch_dtype == torch.float16 and not str(device).startswith("cuda"):
             raise UserError("float16 inference needs a CUDA GPU; use float32 (or bfloat16) on the CPU.")
@@ -344,8 +343,6 @@ class XPSRPipeline:
         Then noise to ``timesteps[0]`` (a draw) and, with ``added_noise_level``, ``add_noise`` once
         more at that timestep (another draw), as the authors' pipeline does. The steps draw next.
         """
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
         settings = settings or self.settings
         scaling = float(self.vae.config.scaling_factor)
         if settings.start_latent == "sample":
@@ -581,8 +578,6 @@ def validation_grid(pipe: XPSRPipeline, samples: Sequence[dict], **overrides):
     ``samples``: dicts with ``lr`` (PIL or uint8 array), optional ``hr``, ``content`` and
     ``quality`` captions and ``seed``. ``overrides`` are :class:`SRSettings` fields (e.g. ``steps``).
     """
-    from .grid import make_grid, stack_rows
-
     rows = []
     for index, sample in enumerate(samples):
         extra = dict(overrides)

@@ -17,10 +17,14 @@ Every preset defines every field, so naming one replaces a folder's recorded rec
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import UserError
+from ..io.pipeline_folder import PIPELINE_FILE
 from ..text_conditioning import NEGATIVE_PROMPT
+from .settings import SRSettings
 
 # the authors' prompts (configs/xpsr_test.yaml and pipelines/pipeline_xpsr.py)
 OFFICIAL_ADDED_PROMPT = "clean, high-resolution, 8k, high quality, clear text."
@@ -64,11 +68,6 @@ PRESETS = tuple(_CHANGES)
 
 def preset_values(name: str) -> dict[str, Any]:
     """Every :class:`SRSettings` field under preset ``name`` (a plain dict)."""
-    from dataclasses import asdict
-
-    from ..errors import UserError
-    from .settings import SRSettings
-
     if name not in _CHANGES:
         raise UserError(f"Unknown preset {name!r}; choose from {', '.join(PRESETS)}.")
     return asdict(SRSettings(**_CHANGES[name]))
@@ -76,16 +75,11 @@ def preset_values(name: str) -> dict[str, Any]:
 
 def preset_settings(name: str, **overrides):
     """:class:`SRSettings` of preset ``name`` with ``overrides`` on top (validated as SRSettings are)."""
-    from .settings import SRSettings
-
     return SRSettings(**{**preset_values(name), **overrides})
 
 
 def saved_defaults(folder: str | Path) -> dict[str, Any]:
     """The SRSettings recorded in a saved pipeline folder (``{}`` when it records none or is not one)."""
-    from ..io.pipeline_folder import PIPELINE_FILE
-    from .settings import SRSettings
-
     path = Path(folder) / PIPELINE_FILE
     if not path.is_file():
         return {}

@@ -24,6 +24,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import UserError
+
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 # an LR image to super-resolve needs this many pixels on its shorter side: below it there is no picture to
 # enlarge (a 1x1 pixel, a tracking dot) and x4 gives less than one 32 px output tile of the VAE's 8 px latent grid
@@ -129,8 +131,6 @@ def walk_inputs(root: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> tuple
 def walk_folder(root: Path, what: str, detail: str = "") -> tuple[list[WalkEntry], Counter]:
     """``walk_inputs`` of a folder the user named as the ``what`` (e.g. "HR folder"; ``detail`` follows its path):
     a ``UserError`` when it is missing, cannot be listed or holds no images."""
-    from ..errors import UserError
-
     named = f"the {what} {readable_name(str(root))}{detail}"
     if not Path(root).is_dir():
         raise UserError(f"{named[0].upper()}{named[1:]} does not exist or is not a folder.")

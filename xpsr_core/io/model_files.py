@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from safetensors import SafetensorError
+
 from ..errors import UserError
 
 
@@ -30,8 +32,6 @@ def is_local_source(path_or_id: str | os.PathLike) -> bool:
 
 def _weight_errors() -> tuple[type[BaseException], ...]:
     """What loaders raise on a broken model folder: unreadable or truncated files, bad JSON, wrong shapes."""
-    from safetensors import SafetensorError
-
     # OSError: missing files, and the hub libraries' wrapper for unreadable weights; ValueError: JSON decode errors
     # and mismatched configs; RuntimeError, EOFError, UnpicklingError and LookupError (KeyError, IndexError): what
     # torch.load's unpickler raises on truncated or garbage .bin/.pth files, and a config naming an unknown class
@@ -55,7 +55,6 @@ def describe_load_error(error: BaseException, path: str | os.PathLike) -> str:
         return f"there is no such local folder, and the hub could not serve it ({text.rstrip('.')})"
     if isinstance(error, json.JSONDecodeError):
         return f"one of its JSON files is not valid JSON ({text})"
-    from safetensors import SafetensorError
 
     place = Path(os.path.expanduser(os.fspath(path)))
     if place.is_file():  # one weight file: whatever its reader raised (torch.load's KeyError is a bare number)

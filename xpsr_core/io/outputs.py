@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import StageConfig
+from ..dist import rank_and_world
 from ..errors import UserError
+from ..fingerprint import describe_changes, stage_fingerprint
 from .atomic import TMP_MARK, atomic_write_json, remove_temporaries
 from .images import readable_name
 from .ledger import CONFIG_FILE, LEDGER_FILE, RECORD_FILES, append_to_ledger, owning_folder, record_write  # noqa: F401
@@ -253,9 +255,6 @@ def prepare_output_dir(
     Under a multi-process launcher only rank 0 checks, clears and records the folder; the other
     ranks wait until the record shows this config, so no rank deletes another's fresh work.
     """
-    from ..dist import rank_and_world
-    from ..fingerprint import stage_fingerprint
-
     folder = ensure_writable_dir(folder)
     fingerprint = stage_fingerprint(stage)
     rank, world = ranks or rank_and_world()
@@ -302,8 +301,6 @@ def _wait_for_rank_zero(folder: Path, config: StageConfig, fingerprint: dict, ra
 
 def _how_outputs_differ(previous: dict, stage: str, config: StageConfig, fingerprint: dict) -> str:
     """What made the recorded outputs, when not this stage, config and code ("" when they match)."""
-    from ..fingerprint import describe_changes
-
     same_config = previous.get("stage") == stage and previous.get("config_hash") == config.output_hash()
     same_code = (previous.get("fingerprint") or {}).get("code") == fingerprint["code"]
     if not same_config:

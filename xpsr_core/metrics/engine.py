@@ -74,7 +74,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 from unittest import mock
 
+import huggingface_hub.constants
 import numpy as np
+import torch
+import torch.hub
 
 from xpsr_core.errors import UserError
 
@@ -164,10 +167,8 @@ def local_weights_only(weights_dir: Optional[Path]) -> Iterator[None]:
     folder stays flat. The download functions raise :class:`WeightDownloadBlocked` and the Hugging
     Face hub is offline. Everything is restored on exit. It patches modules, so use it from one thread.
     """
-    import huggingface_hub.constants
     import pyiqa.archs.clip_model
     import pyiqa.utils.download_util
-    import torch.hub
 
     with tempfile.TemporaryDirectory(prefix="xpsr-metric-hub-") as hub:
         source = Path(hub) / "no-weights-folder"  # an absent folder is never created
@@ -202,7 +203,7 @@ def local_weights_only(weights_dir: Optional[Path]) -> Iterator[None]:
 @contextlib.contextmanager
 def _timm_backbones_unpretrained() -> Iterator[None]:
     """MANIQA's checkpoint replaces every backbone weight (strict load), so timm need not fetch ImageNet weights."""
-    import timm
+    import timm  # not a dependency of ours: it comes with pyiqa's MANIQA
 
     create_model = timm.create_model
 
@@ -245,8 +246,6 @@ def _import_pyiqa():
 
 def _authors_y(image: np.ndarray):
     """(1, 1, H, W) float64 Y in [16/255, 235/255], computed as the authors' ``rgb2ycbcr_pt(..., y_only=True)``."""
-    import torch
-
     rgb = torch.from_numpy((np.asarray(image) / 255.0).astype(np.float32)).permute(2, 0, 1)[None]
     weights = torch.tensor([[65.481], [128.553], [24.966]])
     y = (torch.matmul(rgb.permute(0, 2, 3, 1), weights).permute(0, 3, 1, 2) + 16.0) / 255.0
@@ -255,8 +254,6 @@ def _authors_y(image: np.ndarray):
 
 def _rgb_tensor(image: np.ndarray):
     """(1, 3, H, W) float32 in [0, 1]: what pyiqa reads from an 8-bit RGB image file."""
-    import torch
-
     return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None].div(255.0)
 
 

@@ -13,6 +13,7 @@ rounds Y to integers first (see ``engine``'s docstring for the size of both diff
 from __future__ import annotations
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 _BGR_TO_Y = np.array([24.966, 128.553, 65.481])  # basicsr's coefficient order (B, G, R) on [0, 1]
 
@@ -52,8 +53,6 @@ def _gaussian_kernel(size: int = 11, sigma: float = 1.5) -> np.ndarray:
 
 def _filter_valid(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Valid-mode separable correlation of a 2-D array with ``outer(kernel, kernel)``."""
-    from numpy.lib.stride_tricks import sliding_window_view
-
     size = kernel.size
     rows = sliding_window_view(x, size, axis=0) @ kernel  # (H - size + 1, W)
     return sliding_window_view(rows, size, axis=1) @ kernel

@@ -24,6 +24,7 @@ reads (``return_features=True``):
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -365,8 +366,6 @@ class XPSRControlNet(ModelMixin, ConfigMixin):
 
     @classmethod
     def _init_keys(cls) -> list[str]:
-        import inspect
-
         return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
 
     def new_output_projections(self) -> list[nn.Module]:

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
 from ..errors import UserError
 from ..io.model_files import is_local_source, loading_model
 
@@ -50,8 +54,6 @@ def channels_last_on_cpu(module):
     call: on our 2-core machine the tiny VAE encoder runs 1.35-1.74x and a training step 1.12-1.16x
     faster (benchmarks/bench_layout.py). On CUDA the default layout stays: not measured there yet.
     """
-    import torch
-
     first = next(module.parameters(), None)
     if first is not None and first.device.type == "cpu":
         module.to(memory_format=torch.channels_last)
@@ -91,9 +93,6 @@ def check_base_model(path_or_id: str | Path, components: Sequence[str] = COMPONE
 
 
 def _component_loaders():
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     return {
         "unet": UNet2DConditionModel,
         "vae": AutoencoderKL,
@@ -115,8 +114,6 @@ def load_base_sd(
     ``dtype`` (a torch dtype, default float32) applies to unet, vae and text encoder. Errors a
     user can cause (missing or malformed folder, unreachable hub id) raise ``UserError``.
     """
-    import torch
-
     dtype = dtype or torch.float32
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:

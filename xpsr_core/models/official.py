@@ -35,13 +35,18 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 import torch
+from diffusers import UNet2DConditionModel
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..io.atomic import share_per_umask
 from ..io.model_files import loading_model
 from ..io.pipeline_folder import SD_COMPONENTS, write_pipeline_folder
-from .loading import load_base_sd
-from .xpsr import XPSRModel, write_trainable_record
+from .controlnet import XPSRControlNet
+from .loading import check_base_model, load_base_sd
+from .xpsr import XPSRModel, XPSRSettings, write_trainable_record
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 AUTHORS_DIFFUSERS_VERSION = "0.21.4"
@@ -97,8 +102,6 @@ def load_tensors(path: Path) -> dict:
     """A ``save_pretrained`` weights file (safetensors or a torch pickle) as a CPU state dict."""
     with loading_model("the weights", path, "Copy the authors' checkpoint again: the file is incomplete."):
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path), device="cpu")
         return torch.load(str(path), map_location="cpu", weights_only=True)
 
@@ -114,8 +117,6 @@ class LazyTensors(Mapping):
         self._tensors: dict = {}
         with loading_model("the weights", self.path, "Copy the authors' checkpoint again: the file is incomplete."):
             if self.path.suffix == ".safetensors":
-                from safetensors import safe_open
-
                 self._file = safe_open(str(self.path), framework="pt", device="cpu")
                 self._names = list(self._file.keys())
             else:
@@ -209,8 +210,6 @@ def read_checkpoint(folder: str | Path) -> OfficialCheckpoint:
 
 
 def _known_controlnet_keys() -> set[str]:
-    from .controlnet import XPSRControlNet
-
     ours = {p for p in inspect.signature(XPSRControlNet.__init__).parameters if p != "self"}
     # addition_embed_type_num_heads is read only when addition_embed_type is set (never, here)
     return (ours - {"sfa_mode", "fusion_heads", "fusion_type"}) | set(CONTROLNET_FLAGS) | set(CONTROLNET_FIXED) | {
@@ -218,8 +217,6 @@ def _known_controlnet_keys() -> set[str]:
 
 
 def _known_unet_keys() -> set[str]:
-    from diffusers import UNet2DConditionModel
-
     keys = {p for p in inspect.signature(UNet2DConditionModel.__init__).parameters if p != "self"}
     # options of diffusers 0.21's UNet that later versions dropped or renamed
     return keys | set(UNET_FLAGS) | {"dual_cross_attention", "attention_type", "cross_attention_norm"}
@@ -268,8 +265,6 @@ def validate_configs(controlnet_config: dict, unet_config: dict) -> None:
 
 def settings_for(controlnet_config: dict):
     """Our architecture settings for a checkpoint of theirs."""
-    from .xpsr import XPSRSettings
-
     return XPSRSettings.official(
         sfa_mode="parallel" if controlnet_config.get("use_lowlevel_prompt", True) else "high",
         dfc_pixel=bool(controlnet_config.get("return_rgbs", True)),
@@ -445,10 +440,6 @@ def _base_unet(base_model: str | Path):
 
     A local folder with one safetensors UNet file gives a module on the meta device (no memory) and the file read
     tensor by tensor; anything else (a hub id, sharded weights) is loaded whole in float32."""
-    from diffusers import UNet2DConditionModel
-
-    from .loading import check_base_model, load_base_sd
-
     weights = Path(base_model) / "unet" / WEIGHT_FILES[0]
     if not weights.is_file():
         unet = load_base_sd(base_model, components=("unet",)).unet
@@ -564,9 +555,6 @@ def save_part(folder: Path, module, tensors: dict, max_shard_size: int | str = M
     """Writes ``module``'s config and the tensors of its state dict's names (``tensors``: name -> reference, see
     map_checkpoint) as diffusers' ``save_pretrained`` does (file names, shards above ``max_shard_size`` with their
     index, metadata), reading only one shard's tensors at a time. ``module`` may be on the meta device."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     module.save_config(folder)
     names = list(module.state_dict())
@@ -632,8 +620,6 @@ def export_official(model, out: str | Path, safe_serialization: bool = True) -> 
         target.mkdir(parents=True, exist_ok=True)
         (target / "config.json").write_text(json.dumps(configs[folder], indent=2, sort_keys=True))
         if safe_serialization:
-            from safetensors.torch import save_file
-
             save_file(tensors[folder], str(target / WEIGHT_FILES[0]), metadata={"format": "pt"})
         else:
             torch.save(tensors[folder], str(target / WEIGHT_FILES[1]))

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models import Transformer2DModel
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
@@ -85,8 +86,6 @@ class XPSRConditionalAttention(ModelMixin, ConfigMixin):
         if layer_type not in LAYER_TYPES:
             raise ValueError(f"layer_type must be one of {LAYER_TYPES}, got {layer_type!r}")
         if layer_type == "transformer":
-            from diffusers.models import Transformer2DModel
-
             self.layers = nn.ModuleList(
                 Transformer2DModel(h, q // h, in_channels=q, cross_attention_dim=c, norm_num_groups=norm_num_groups,
                                    use_linear_projection=use_linear_projection, upcast_attention=upcast_attention)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+import webdataset as wds
 
 from ..conditioning import upsample
 from ..encoding import npy_load
@@ -225,8 +226,6 @@ class TrainingStream(torch.utils.data.IterableDataset):
 
     def _raw_samples(self, worker: int, workers: int, bad: BadSamples) -> Iterator[dict]:
         """The endless raw samples of one worker: its shards in seeded order, through the seeded shuffle buffer."""
-        import webdataset as wds
-
         mine = shard_partition(self.shards, self.rank, self.world, worker, workers)
         tag = f"{self.rank}-{worker}-{workers}"
         urls = _shard_urls(mine, random.Random(derive_seed(self.seed, "train-shards", tag)), self.resampled)

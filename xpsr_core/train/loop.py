@@ -25,21 +25,41 @@ hard or hangs elsewhere is caught by the collective timeout (``collective_timeou
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
 import shutil
 import time
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file
 
+from ..compiling import CompileClock, compile_training_model, eager, inductor_cache_dir, use_inductor_cache
+from ..encoding import encode_latent_moments, encode_prompts, sample_latent
 from ..errors import UserError
+from ..fingerprint import describe_changes, stage_fingerprint
+from ..infer.pipeline import XPSRPipeline, validation_grid
 from ..io.atomic import atomic_write_json
+from ..io.images import decode_png
 from ..io.outputs import claim
+from ..io.shards import read_shard
+from ..models import xpsr as xpsr_models
+from ..models.loading import load_base_sd
+from ..models.xpsr import TRAINABLE_FILE, XPSRModel, dfc_heads_for
+from ..progress import StepReporter, format_duration
 from ..seeding import torch_generator
-from .data import TrainingStream
+from ..training_shards import caption_memory, check_embedding_length
+from .data import TrainingStream, hr_condition_draw, images_on_device, missing_hr_quality
 from .settings import TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -101,8 +121,6 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
 def checkpoint_stamp(config: TrainConfig) -> dict:
     """What a checkpoint records of what made it: the output-shaping settings (max_train_steps is a runtime
     field, so extending a run still continues it), their hash, and the code fingerprint of the train stage."""
-    from ..fingerprint import stage_fingerprint
-
     return {
         "config_hash": config.output_hash(),
         "settings": config.output_settings(),
@@ -112,8 +130,6 @@ def checkpoint_stamp(config: TrainConfig) -> dict:
 
 def resume_mismatch(checkpoint: Path, config: TrainConfig) -> str | None:
     """Why ``checkpoint`` cannot be continued under ``config`` and this code, in words; None when it can."""
-    from ..fingerprint import describe_changes
-
     state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
     stamp = checkpoint_stamp(config)
     reasons = []
@@ -137,8 +153,6 @@ def rotate_checkpoints(run_dir: Path, keep: int | None) -> None:
 def trainable_folder(path: str | Path) -> Path:
     """The trained-parts folder (``xpsr.json``) inside what a user passes to ``init``: that folder itself,
     a pipeline folder (``xpsr/``, as ``xpsr import-official`` writes) or a training run (``final/``)."""
-    from ..models.xpsr import TRAINABLE_FILE
-
     folder = Path(path)
     for candidate in (folder, folder / "xpsr", folder / "final"):
         if (candidate / TRAINABLE_FILE).is_file():
@@ -168,11 +182,6 @@ def parameter_digest(model) -> str:
 class Trainer:
     def __init__(self, config: TrainConfig, prepare_run_dir=None):
         """``prepare_run_dir(config)`` runs on the main process only, before the others go on."""
-        from datetime import timedelta
-
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
-
         self.config = config
         self.config_hash = config.output_hash()
         self.run_dir = Path(config.out)
@@ -201,10 +210,6 @@ class Trainer:
     def _stop_flag_group(self):
         """The process group of the per-micro-batch stop flags: gloo, so that they never wait for a GPU
         (the default group where it is gloo already); None with one process."""
-        from datetime import timedelta
-
-        import torch.distributed as dist
-
         if self.accelerator.num_processes == 1:
             return None
         if dist.get_backend() == "gloo":
@@ -215,8 +220,6 @@ class Trainer:
 
     def _initial_model(self, unet):
         """Fresh parts (``init`` zero or official), or the trained parts of a folder to fine-tune."""
-        from ..models.xpsr import XPSRModel, dfc_heads_for
-
         config = self.config
         if config.init in ("zero", "official"):
             return XPSRModel.build(unet, config.xpsr_settings())
@@ -231,16 +234,9 @@ class Trainer:
         return model
 
     def _build(self) -> None:
-        from accelerate.utils import set_seed
-        from diffusers.optimization import get_scheduler
-
-        from ..models.loading import load_base_sd
-
         config, accelerator = self.config, self.accelerator
         self._check_hr_quality()
         if not config.online_encoding:
-            from ..training_shards import check_embedding_length
-
             check_embedding_length(config.input_dir, config.max_caption_tokens)
         self.weight_dtype = frozen_weight_dtype(config.mixed_precision)
         needs_vae = config.online_encoding or config.validation_steps > 0 or self._needs_vae()
@@ -289,7 +285,6 @@ class Trainer:
         if not config.use_high_prompt:
             self.empty_prompt = self.encode_texts([""])[0].to(accelerator.device)
         if accelerator.is_main_process:  # grows linearly with max_caption_tokens
-            from ..training_shards import caption_memory
 
             width = int(base.unet.config.cross_attention_dim)
             print(f"Caption embeddings: {caption_memory(config.max_caption_tokens, width)}", flush=True)
@@ -297,8 +292,6 @@ class Trainer:
     def _compile(self, model) -> None:
         """``compile``: the model compiled in place (before DDP wraps it), its kernels cached where
         ``compile_cache`` says; the clock counts the compile time of the whole run."""
-        from ..compiling import CompileClock, compile_training_model, inductor_cache_dir, use_inductor_cache
-
         self.compile_clock = None
         if self.config.compile == "none":
             return
@@ -310,7 +303,6 @@ class Trainer:
         first = sorted(Path(self.config.input_dir).glob("*.tar"))[:1]
         if not first:
             return False
-        from ..io.shards import read_shard
 
         return "latent.npy" not in next(read_shard(first[0]), {})
 
@@ -321,8 +313,6 @@ class Trainer:
         """
         if self.config.hr_condition_probability <= 0:
             return
-        from ..io.shards import read_shard
-        from .data import missing_hr_quality
 
         for shard in sorted(Path(self.config.input_dir).glob("*.tar"))[:1]:
             sample = next(read_shard(shard), None)
@@ -347,8 +337,6 @@ class Trainer:
         weights.clear()
 
     def _load_hook(self, models, input_dir) -> None:
-        from safetensors.torch import load_file
-
         while models:
             model = self.accelerator.unwrap_model(models.pop())
             for name, module in model.trainable_modules().items():
@@ -362,8 +350,6 @@ class Trainer:
                                device=self.accelerator.device)
 
     def _latents(self, batch: dict, hr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        from ..encoding import encode_latent_moments, sample_latent
-
         moments = batch.get("latent_moments")
         if moments is None:  # online: the VAE runs every step
             moments = encode_latent_moments(self.base.vae, hr)
@@ -373,8 +359,6 @@ class Trainer:
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """CLIP embeddings [N, max_caption_tokens, D] of ``texts``, as the embed stage stores them."""
-        from ..encoding import encode_prompts
-
         return encode_prompts(self.base.text_encoder, self.base.tokenizer, texts, self.config.max_caption_tokens)
 
     def _embeddings(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,8 +375,6 @@ class Trainer:
 
     def hr_condition_mask(self, batch: dict, step: int) -> torch.Tensor | None:
         """bool [B]: the samples conditioned on their HR image at this step (None when the recipe is off)."""
-        from .data import hr_condition_draw
-
         probability = self.config.hr_condition_probability
         if probability <= 0:
             return None
@@ -409,9 +391,6 @@ class Trainer:
     def loss(self, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict]:
         """The loss of one micro-batch and its logs: detached device tensors (the share of HR-conditioned samples,
         drawn on the host, is a float)."""
-        from ..models.xpsr import training_loss
-        from .data import images_on_device
-
         device = self.accelerator.device
         generator = self._generator(step, micro)
         hr_mask = self.hr_condition_mask(batch, step)
@@ -440,7 +419,10 @@ class Trainer:
                 hr_latent=latents,
                 return_dfc=self.use_dfc,
             )
-        loss, logs = training_loss(output.sample, target, output.dfc if self.use_dfc else None, self.config.dfc_weight)
+        # looked up when called, so that a replaced xpsr_models.training_loss takes effect
+        loss, logs = xpsr_models.training_loss(
+            output.sample, target, output.dfc if self.use_dfc else None, self.config.dfc_weight
+        )
         if hr_mask is not None:
             logs["hr_condition_share"] = float(hr_mask.float().mean())
         return loss, logs
@@ -547,7 +529,6 @@ class Trainer:
         history: list[dict] = []
         samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
         self.model.train()
-        from ..progress import StepReporter
 
         # plain progress lines on rank 0 (any log): every progress_steps steps, or every XPSR_PROGRESS_SECONDS seconds
         progress = StepReporter(every_steps=config.progress_steps) if accelerator.is_main_process else None
@@ -678,7 +659,6 @@ class Trainer:
             if failure is not None:
                 raise failure
             return
-        import torch.distributed as dist
 
         flags = torch.zeros(self.accelerator.num_processes, dtype=torch.int32)
         flags[self.accelerator.process_index] = failure is not None
@@ -709,9 +689,6 @@ class Trainer:
 
     def validation_samples(self) -> list[dict]:
         """The first samples of the first training shard, with their captions (fixed across the run)."""
-        from ..io.images import decode_png
-        from ..io.shards import read_shard
-
         first = sorted(Path(self.config.input_dir).glob("*.tar"))[0]
         samples = []
         for sample in read_shard(first):
@@ -724,10 +701,6 @@ class Trainer:
 
     def validate(self, step: int) -> Path | None:
         """Super-resolve the validation samples with the current weights; save and log the grid."""
-        import numpy as np
-
-        from ..compiling import eager
-
         path = None
         if self.accelerator.is_main_process:
             with eager():  # compiled blocks run eagerly: the sampling shapes would only add graphs
@@ -743,12 +716,6 @@ class Trainer:
         return path
 
     def _validation_grid(self):
-        import dataclasses
-
-        from diffusers import DDPMScheduler
-
-        from ..infer.pipeline import XPSRPipeline, validation_grid
-
         # a scheduler of its own: sampling sets timesteps that training must not see
         base = dataclasses.replace(self.base, scheduler=DDPMScheduler.from_config(self.scheduler.config))
         pipe = XPSRPipeline.from_model(self._trainable(), base)
@@ -756,8 +723,6 @@ class Trainer:
                                negative_prompt=self.config.negative_prompt)
 
     def _progress_line(self, done: int, start_step: int, loss: float, elapsed: float, samples_per_step: int) -> str:
-        from ..progress import format_duration
-
         total = self.config.max_train_steps
         rate = (done - start_step) / elapsed if elapsed > 0 else 0.0
         eta = format_duration((total - done) / rate if rate else None)
