@@ -65,7 +65,7 @@ def prepare(bundle: Path, smoke: bool) -> None:
     shard.run(shard.ShardConfig(inputs=[{"path": str(photos), "dataset": "demo"}], out=bundle / "hr", crop_size=crop,
                                 images_per_shard=4, overwrite=True))
     degrade.run(degrade.DegradeConfig(input_dir=bundle / "hr", out=bundle / "pairs", batch_size=4, overwrite=True))
-    caption.run(caption.CaptionConfig(input_dir=bundle / "pairs", out=bundle / "captions", model=str(zoo.captioner),
+    caption.run(caption.CaptionConfig(input_dir=bundle / "pairs", out=bundle / "captions", captioner=str(zoo.captioner),
                                       base_model=str(zoo.sd), max_new_tokens=8, batch_size=4, overwrite=True))
     lr = bundle / "lr"
     lr.mkdir(exist_ok=True)
@@ -127,7 +127,7 @@ def built_models(work: Path, bundle: Path, smoke: bool) -> dict:
     sd = bundle / "zoo" / "sd15"
     if not smoke:
         sd = write_sd(work / "sd15", SD15_SHAPED, device=device, tokenizer_from=bundle / "zoo" / "sd15" / "tokenizer")
-    embed.run(embed.EmbedConfig(pairs_dir=bundle / "pairs", captions_dir=bundle / "captions", out=work / "train",
+    embed.run(embed.EmbedConfig(input_dir=bundle / "pairs", captions_dir=bundle / "captions", out=work / "train",
                                 base_model=str(sd), batch_size=8, device=device))
     torch.manual_seed(0)
     XPSRModel.build(load_base_sd(sd, components=("unet",)).unet).save_trainable(work / "xpsr")
@@ -148,7 +148,7 @@ def case_train(models: dict, mode: str, batch: int, steps: int, smoke: bool, cac
 
     cuda = torch.cuda.is_available()
     torch._inductor.config.cpp.enable_kernel_profile = True  # CPU kernels show in the profile by name
-    config = TrainConfig(train_dir=models["train"], base_model=models["sd"], out=Path(tempfile.mkdtemp()),
+    config = TrainConfig(input_dir=models["train"], base_model=models["sd"], out=Path(tempfile.mkdtemp()),
                          batch_size=batch, max_train_steps=10**6, checkpointing_steps=10**9, tensorboard=False,
                          metrics_file=None, mixed_precision="bf16" if (cuda or not smoke) else "no", shuffle_buffer=8,
                          num_workers=0 if smoke else 4, compile=mode, compile_cache=cache, log_every=10**6)
