@@ -143,6 +143,7 @@ def case_train(models: dict, mode: str, batch: int, steps: int, smoke: bool, cac
     import torch._inductor.config
     from torch.utils.flop_counter import FlopCounterMode
 
+    from xpsr_core.compiling import eager
     from xpsr_core.train.loop import Trainer
     from xpsr_core.train.settings import TrainConfig
 
@@ -172,7 +173,8 @@ def case_train(models: dict, mode: str, batch: int, steps: int, smoke: bool, cac
         step(index)
     _sync()
     seconds = (time.perf_counter() - started) / steps
-    with FlopCounterMode(display=False) as counter:
+    # dynamo refuses to run compiled code under a dispatch mode: the FLOPs are counted on the same step run eagerly
+    with eager(), FlopCounterMode(display=False) as counter:
         step(2 + steps)
     flops = counter.get_total_flops()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -187,7 +189,8 @@ def case_train(models: dict, mode: str, batch: int, steps: int, smoke: bool, cac
     compiled = trainer.compile_clock.report() if trainer.compile_clock is not None else {}
     return {"figure": "train", "mode": mode, "batch": batch, "step_ms": round(seconds * 1e3, 2),
             "aten_ops": sum(name.startswith("aten::") for name in names),
-            "compiled_kernels": sum(name.startswith(("cpp_fused", "triton_")) for name in names),
+            # inductor's CPU kernels record as graph_<id>_cpp_fused_..., its GPU kernels as triton_...
+            "compiled_kernels": sum(name.startswith("triton_") or "cpp_fused" in name for name in names),
             "compile_s": compiled.get("compile_seconds"),
             "samples_per_s": round(batch / seconds, 3), "tflop_per_step": round(flops / 1e12, 4),
             "mfu": round(flops / seconds / (peak * 1e12), 4) if peak else None,
