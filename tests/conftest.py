@@ -378,6 +378,12 @@ class CliResult:
         return [line for line in self.stderr.splitlines() if line.startswith("Error:")]
 
 
+def cli_arguments(args) -> list[str]:
+    """Command-line arguments as a process receives them: paths as text, bytes (names that are not UTF-8) decoded the
+    way Python decodes ``sys.argv``."""
+    return [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args]
+
+
 def run_xpsr(*args, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> CliResult:
     """Run the real ``xpsr`` command in a fresh process (output piped, as in a log), from ``cwd``."""
     import subprocess
@@ -387,7 +393,7 @@ def run_xpsr(*args, cwd: Path | None = None, env: dict | None = None, timeout: f
     environment = {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "80", **(env or {})}
     environment.pop("XPSR_DEBUG", None)
     process = subprocess.run(
-        [sys.executable, "-m", "stages.cli", *[os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args]],
+        [sys.executable, "-m", "stages.cli", *cli_arguments(args)],
         cwd=cwd, env=environment, capture_output=True, timeout=timeout,
     )
     decode = lambda raw: raw.decode("utf-8", errors="backslashreplace")  # noqa: E731
@@ -414,8 +420,7 @@ def xpsr_here(*args, cwd: Path | None = None, env: dict | None = None) -> CliRes
     try:
         if cwd is not None:
             os.chdir(cwd)
-        result = CliRunner().invoke(app, [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args],
-                                    env=environment)
+        result = CliRunner().invoke(app, cli_arguments(args), env=environment)
     finally:
         os.chdir(before_cwd)
         os.environ.clear()  # a command may set variables for the libraries it loads (quiet.py): not for later tests
