@@ -47,7 +47,7 @@ def run(config: DegradeConfig) -> dict:
 
     in_dir = Path(config.input_dir)
     sizes = require_finished(in_dir, "HR shard",
-                             "Run `xpsr shard` to completion first, or point --in at its output folder.")
+                             "Run `xpsr shard` to completion first, or point --input-dir at its output folder.")
     device = rank_device(config.device)  # fail before any work when no GPU is there
     _check_crop_size(config, in_dir)
     out = prepare_output_dir(config.out, STAGE, config, overwrite=config.overwrite)

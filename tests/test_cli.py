@@ -94,6 +94,7 @@ def test_degrade_needs_finished_shards(tmp_path, flag):
     (tmp_path / "empty").mkdir()
     result = invoke("degrade", flag, str(tmp_path / "empty"), "--out", str(tmp_path / "pairs"))
     assert_user_error(result, "xpsr shard")
+    assert "point --input-dir at" in result.output, "the hint names the option as it is now"
     assert ("--in is deprecated and will be removed: use --input-dir" in result.output) == (flag == "--in")
 
 
